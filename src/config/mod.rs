@@ -1,0 +1,725 @@
+//! Typed, validated configuration.
+//!
+//! `raw` holds the file as written; [`load`] and [`Config::parse`] expand `${VAR}`,
+//! check every key and build the settings the rest of the proxy uses. Every error
+//! names the file, the key and the problem.
+
+mod raw;
+mod values;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use ipnet::IpNet;
+use url::Url;
+
+use crate::secret::Secret;
+use raw::{RawConfig, RawProvider, RawRoute, RawServer};
+pub use values::{duration as parse_duration, size as parse_size};
+
+/// A configuration problem, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{}: {key}: {problem}", path.display())]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, for messages.
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    /// Providers by name.
+    pub providers: BTreeMap<String, Arc<ProviderConfig>>,
+    pub routes: Vec<RouteConfig>,
+    /// Internal knobs not in the file (tests shorten them).
+    pub tuning: Tuning,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub allow_non_loopback: bool,
+    pub allowed_clients: Vec<IpNet>,
+    pub token_cache_dir: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub token_timeout: Duration,
+    pub token_wait: Duration,
+    pub max_replay_body: u64,
+    pub shutdown_grace: Duration,
+    pub extra_ca_file: Option<PathBuf>,
+    pub allow_insecure_token_url: bool,
+}
+
+/// Timing knobs of the token store that are not user settings.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// First retry delay after a failed fetch; doubles per failure.
+    pub backoff_base: Duration,
+    /// Longest delay between failed fetches.
+    pub backoff_max: Duration,
+    /// Refresh is moved earlier by up to this fraction of the token's lifetime.
+    pub refresh_jitter: f64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            refresh_jitter: 0.05,
+        }
+    }
+}
+
+/// How the token request body is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFormat {
+    /// `application/x-www-form-urlencoded`, RFC 6749.
+    Form,
+    /// `application/json`, the Auth0 dialect.
+    Json,
+}
+
+/// Where the client credentials go in the token request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the body.
+    Body,
+    /// HTTP Basic, RFC 6749 §2.3.1.
+    Basic,
+}
+
+/// How long before expiry a token is refreshed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RefreshBefore {
+    /// A fraction (0..1) of the token's lifetime.
+    Fraction(f64),
+    Duration(Duration),
+}
+
+impl RefreshBefore {
+    /// The lead time for a token of `lifetime`, never more than 90 % of it.
+    pub fn lead(&self, lifetime: Duration) -> Duration {
+        let lead = match *self {
+            Self::Fraction(f) => lifetime.mul_f64(f),
+            Self::Duration(d) => d,
+        };
+        lead.min(lifetime.mul_f64(0.9))
+    }
+}
+
+/// A dotted path into a JSON document, e.g. `results.token`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldPath(Vec<String>);
+
+impl FieldPath {
+    fn parse(value: &str) -> Result<Self, String> {
+        let parts: Vec<String> = value.split('.').map(str::to_owned).collect();
+        if parts.iter().any(String::is_empty) {
+            return Err(format!("`{value}` is not a dotted field path like \"results.token\""));
+        }
+        Ok(Self(parts))
+    }
+
+    /// Looks the path up in `doc`.
+    pub fn get<'a>(&self, doc: &'a serde_json::Value) -> Option<&'a serde_json::Value> {
+        self.0.iter().try_fold(doc, |v, key| v.get(key))
+    }
+}
+
+impl std::fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// `[providers.NAME]`.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub audience: Option<String>,
+    pub scope: Option<String>,
+    pub extra_params: Vec<(String, String)>,
+    pub request_format: RequestFormat,
+    pub client_auth: ClientAuth,
+    pub token_field: FieldPath,
+    pub expires_in_field: FieldPath,
+    pub expires_at_field: Option<FieldPath>,
+    pub refresh_before: RefreshBefore,
+    pub default_lifetime: Duration,
+    pub header: HeaderName,
+    pub header_prefix: String,
+    pub invalidate_on: Vec<StatusCode>,
+    pub prefetch: bool,
+}
+
+/// The parts of an upstream URL a request is forwarded to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub url: Url,
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// The URL's path without a trailing `/`; empty for the root.
+    pub base_path: String,
+    /// The `Host` value sent upstream.
+    pub host_header: HeaderValue,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// A label for logs and metrics: `[listen]host/prefix`.
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Lower-case host name without port.
+    pub host: Option<String>,
+    /// Starts with `/`, no trailing `/` except for the root.
+    pub path_prefix: String,
+    pub strip_prefix: bool,
+    pub preserve_host: bool,
+    pub pass_client_authorization: bool,
+    pub upstream: Upstream,
+    pub provider: Option<String>,
+}
+
+impl Config {
+    /// Parses and validates `text`, reading variables through `env`.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        Validator { path, env }.config(raw)
+    }
+
+    /// Every listener address, the default one first.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![self.server.listen];
+        for route in &self.routes {
+            if !addrs.contains(&route.listen) {
+                addrs.push(route.listen);
+            }
+        }
+        addrs
+    }
+}
+
+/// Reads and validates the config file at `path`, with the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    Config::parse(&text, path, &|name| std::env::var(name).ok())
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+type VResult<T> = std::result::Result<T, ConfigError>;
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn string(&self, key: &str, raw: &str) -> VResult<String> {
+        values::interpolate(raw, self.env).map_err(|p| self.err(key, p))
+    }
+
+    fn opt_string(&self, key: &str, raw: Option<&String>) -> VResult<Option<String>> {
+        raw.map(|r| self.string(key, r)).transpose()
+    }
+
+    fn parsed<T>(
+        &self,
+        key: &str,
+        raw: Option<&String>,
+        default: T,
+        parse: impl Fn(&str) -> std::result::Result<T, String>,
+    ) -> VResult<T> {
+        match raw {
+            None => Ok(default),
+            Some(r) => parse(&self.string(key, r)?).map_err(|p| self.err(key, p)),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> VResult<Config> {
+        let server = self.server(&raw.server)?;
+        if let Some(store) = &raw.store {
+            let backend = self.opt_string("store.backend", store.backend.as_ref())?;
+            match backend.as_deref() {
+                None | Some("memory") => {}
+                Some("redis") => {
+                    return Err(self.err(
+                        "store.backend",
+                        "\"redis\" is not supported by this version yet; remove [store] to keep tokens in memory",
+                    ))
+                }
+                Some(other) => {
+                    return Err(self.err(
+                        "store.backend",
+                        format!("`{other}` is not a store backend (expected \"memory\" or \"redis\")"),
+                    ))
+                }
+            }
+        }
+        let mut providers = BTreeMap::new();
+        for (name, p) in &raw.providers {
+            let provider = self.provider(name, p, &server)?;
+            providers.insert(name.clone(), Arc::new(provider));
+        }
+        if raw.routes.is_empty() {
+            return Err(self.err("routes", "no [[routes]] defined: nothing to proxy"));
+        }
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        let mut seen: HashSet<(SocketAddr, Option<String>, String)> = HashSet::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let route = self.route(i, r, &server, &providers)?;
+            let key = (route.listen, route.host.clone(), route.path_prefix.clone());
+            if !seen.insert(key) {
+                return Err(self.err(
+                    format!("routes[{i}]"),
+                    format!(
+                        "cannot be told apart from an earlier route: same listener {}, host {} and path_prefix {}",
+                        route.listen,
+                        route.host.as_deref().unwrap_or("(any)"),
+                        route.path_prefix
+                    ),
+                ));
+            }
+            routes.push(route);
+        }
+        Ok(Config {
+            source: self.path.to_owned(),
+            server,
+            providers,
+            routes,
+            tuning: Tuning::default(),
+        })
+    }
+
+    fn listen_addr(&self, key: &str, raw: &str, allow_non_loopback: bool) -> VResult<SocketAddr> {
+        let addr = values::socket_addr(&self.string(key, raw)?).map_err(|p| self.err(key, p))?;
+        if !addr.ip().is_loopback() && !allow_non_loopback {
+            return Err(self.err(
+                key,
+                format!(
+                    "{addr} is not a loopback address; anyone who can reach it uses your credentials. \
+                     Set server.allow_non_loopback = true (and server.allowed_clients) if you mean it"
+                ),
+            ));
+        }
+        Ok(addr)
+    }
+
+    fn server(&self, s: &RawServer) -> VResult<ServerConfig> {
+        let allow_non_loopback = s.allow_non_loopback.unwrap_or(false);
+        let listen = match &s.listen {
+            Some(raw) => self.listen_addr("server.listen", raw, allow_non_loopback)?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let admin_listen = s
+            .admin_listen
+            .as_ref()
+            .map(|raw| self.listen_addr("server.admin_listen", raw, allow_non_loopback))
+            .transpose()?;
+        let allowed_clients = match &s.allowed_clients {
+            None => vec![
+                "127.0.0.0/8".parse().expect("static CIDR"),
+                "::1/128".parse().expect("static CIDR"),
+            ],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| {
+                    let key = format!("server.allowed_clients[{i}]");
+                    let v = self.string(&key, raw)?;
+                    parse_cidr(&v).map_err(|p| self.err(&key, p))
+                })
+                .collect::<VResult<_>>()?,
+        };
+        let dur = |key: &str, raw: &Option<String>, default: u64| -> VResult<Duration> {
+            let d = self.parsed(key, raw.as_ref(), Duration::from_secs(default), values::duration)?;
+            if d.is_zero() {
+                return Err(self.err(key, "must be more than zero"));
+            }
+            Ok(d)
+        };
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            allow_non_loopback,
+            allowed_clients,
+            token_cache_dir: self
+                .opt_string("server.token_cache_dir", s.token_cache_dir.as_ref())?
+                .map(|p| expand_home(&p)),
+            connect_timeout: dur("server.connect_timeout", &s.connect_timeout, 10)?,
+            upstream_timeout: dur("server.upstream_timeout", &s.upstream_timeout, 60)?,
+            token_timeout: dur("server.token_timeout", &s.token_timeout, 10)?,
+            token_wait: dur("server.token_wait", &s.token_wait, 10)?,
+            max_replay_body: self.parsed(
+                "server.max_replay_body",
+                s.max_replay_body.as_ref(),
+                1024 * 1024,
+                values::size,
+            )?,
+            shutdown_grace: dur("server.shutdown_grace", &s.shutdown_grace, 10)?,
+            extra_ca_file: self
+                .opt_string("server.extra_ca_file", s.extra_ca_file.as_ref())?
+                .map(|p| self.relative(&p)),
+            allow_insecure_token_url: s.allow_insecure_token_url.unwrap_or(false),
+        })
+    }
+
+    /// Resolves a path in the config relative to the config file's directory.
+    fn relative(&self, p: &str) -> PathBuf {
+        let p = expand_home(p);
+        if p.is_absolute() {
+            p
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    fn provider(&self, name: &str, p: &RawProvider, server: &ServerConfig) -> VResult<ProviderConfig> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let token_url_raw = p
+            .token_url
+            .as_ref()
+            .ok_or_else(|| self.err(key("token_url"), "is required"))?;
+        let token_url = self.url(&key("token_url"), token_url_raw)?;
+        if token_url.scheme() == "http"
+            && !is_loopback_host(&token_url)
+            && !server.allow_insecure_token_url
+        {
+            return Err(self.err(
+                key("token_url"),
+                "is http:// to a non-loopback host, which would send the client secret in clear text; \
+                 use https:// or set server.allow_insecure_token_url = true",
+            ));
+        }
+        let client_id = self.string(
+            &key("client_id"),
+            p.client_id
+                .as_ref()
+                .ok_or_else(|| self.err(key("client_id"), "is required"))?,
+        )?;
+        let client_secret = match (&p.client_secret, &p.client_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    key("client_secret"),
+                    "client_secret and client_secret_file are both set; keep exactly one",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(
+                    key("client_secret"),
+                    "is required (or client_secret_file)",
+                ))
+            }
+            (Some(raw), None) => Secret::new(self.string(&key("client_secret"), raw)?),
+            (None, Some(raw)) => {
+                let file = self.relative(&self.string(&key("client_secret_file"), raw)?);
+                let text = std::fs::read_to_string(&file).map_err(|e| {
+                    self.err(key("client_secret_file"), format!("cannot read {}: {e}", file.display()))
+                })?;
+                Secret::new(text.trim_end_matches(['\r', '\n']).to_owned())
+            }
+        };
+        if client_secret.is_empty() {
+            return Err(self.err(key("client_secret"), "is empty"));
+        }
+        let mut extra_params = Vec::new();
+        for (k, v) in p.extra_params.iter().flatten() {
+            let pkey = key(&format!("extra_params.{k}"));
+            if matches!(k.as_str(), "grant_type" | "client_id" | "client_secret") {
+                return Err(self.err(pkey, "is set by the proxy itself and cannot be overridden"));
+            }
+            extra_params.push((k.clone(), self.string(&pkey, v)?));
+        }
+        let request_format = match self.opt_string(&key("request_format"), p.request_format.as_ref())?.as_deref() {
+            None | Some("form") => RequestFormat::Form,
+            Some("json") => RequestFormat::Json,
+            Some(other) => {
+                return Err(self.err(key("request_format"), format!("`{other}` is not \"form\" or \"json\"")))
+            }
+        };
+        let client_auth = match self.opt_string(&key("client_auth"), p.client_auth.as_ref())?.as_deref() {
+            None | Some("body") => ClientAuth::Body,
+            Some("basic") => ClientAuth::Basic,
+            Some(other) => {
+                return Err(self.err(key("client_auth"), format!("`{other}` is not \"body\" or \"basic\"")))
+            }
+        };
+        let field = |k: &str, raw: Option<&String>, default: &str| -> VResult<FieldPath> {
+            let v = match raw {
+                Some(r) => self.string(&key(k), r)?,
+                None => default.to_owned(),
+            };
+            FieldPath::parse(&v).map_err(|p| self.err(key(k), p))
+        };
+        let header_raw = self
+            .opt_string(&key("header"), p.header.as_ref())?
+            .unwrap_or_else(|| "Authorization".to_owned());
+        let header = HeaderName::from_bytes(header_raw.as_bytes())
+            .map_err(|_| self.err(key("header"), format!("`{header_raw}` is not a valid header name")))?;
+        if is_hop_by_hop_name(&header) || header == http::header::HOST {
+            return Err(self.err(key("header"), format!("`{header}` cannot carry a token")));
+        }
+        let header_prefix = self
+            .opt_string(&key("header_prefix"), p.header_prefix.as_ref())?
+            .unwrap_or_else(|| "Bearer ".to_owned());
+        if HeaderValue::from_str(&header_prefix).is_err() {
+            return Err(self.err(key("header_prefix"), "holds characters not allowed in a header"));
+        }
+        let invalidate_on = match &p.invalidate_on {
+            None => vec![StatusCode::UNAUTHORIZED],
+            Some(list) => list
+                .iter()
+                .map(|&code| {
+                    u16::try_from(code)
+                        .ok()
+                        .filter(|c| (400..=599).contains(c))
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                        .ok_or_else(|| {
+                            self.err(key("invalidate_on"), format!("{code} is not an HTTP error status (400-599)"))
+                        })
+                })
+                .collect::<VResult<_>>()?,
+        };
+        let refresh_before = self.parsed(
+            &key("refresh_before"),
+            p.refresh_before.as_ref(),
+            RefreshBefore::Fraction(0.1),
+            parse_refresh_before,
+        )?;
+        let default_lifetime = self.parsed(
+            &key("default_lifetime"),
+            p.default_lifetime.as_ref(),
+            Duration::from_secs(300),
+            values::duration,
+        )?;
+        if default_lifetime < Duration::from_secs(1) {
+            return Err(self.err(key("default_lifetime"), "must be at least 1s"));
+        }
+        Ok(ProviderConfig {
+            name: name.to_owned(),
+            token_url,
+            client_id,
+            client_secret,
+            audience: self.opt_string(&key("audience"), p.audience.as_ref())?,
+            scope: self.opt_string(&key("scope"), p.scope.as_ref())?,
+            extra_params,
+            request_format,
+            client_auth,
+            token_field: field("token_field", p.token_field.as_ref(), "access_token")?,
+            expires_in_field: field("expires_in_field", p.expires_in_field.as_ref(), "expires_in")?,
+            expires_at_field: p
+                .expires_at_field
+                .as_ref()
+                .map(|r| field("expires_at_field", Some(r), ""))
+                .transpose()?,
+            refresh_before,
+            default_lifetime,
+            header,
+            header_prefix,
+            invalidate_on,
+            prefetch: p.prefetch.unwrap_or(true),
+        })
+    }
+
+    fn url(&self, key: &str, raw: &str) -> VResult<Url> {
+        let value = self.string(key, raw)?;
+        let url = Url::parse(&value).map_err(|e| self.err(key, format!("`{value}` is not a valid URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(self.err(key, format!("`{value}` must be an http:// or https:// URL")));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(self.err(key, format!("`{value}` has no host")));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.err(key, "must not carry credentials in the URL"));
+        }
+        if url.fragment().is_some() {
+            return Err(self.err(key, format!("`{value}` must not have a #fragment")));
+        }
+        Ok(url)
+    }
+
+    fn route(
+        &self,
+        i: usize,
+        r: &RawRoute,
+        server: &ServerConfig,
+        providers: &BTreeMap<String, Arc<ProviderConfig>>,
+    ) -> VResult<RouteConfig> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let upstream_raw = r
+            .upstream
+            .as_ref()
+            .ok_or_else(|| self.err(key("upstream"), "is required"))?;
+        let url = self.url(&key("upstream"), upstream_raw)?;
+        if url.query().is_some() {
+            return Err(self.err(key("upstream"), "must not have a ?query (the request's query is appended)"));
+        }
+        let upstream = upstream_parts(url).map_err(|p| self.err(key("upstream"), p))?;
+        let listen = match &r.listen {
+            Some(raw) => self.listen_addr(&key("listen"), raw, server.allow_non_loopback)?,
+            None => server.listen,
+        };
+        let host = self
+            .opt_string(&key("host"), r.host.as_ref())?
+            .map(|h| {
+                let h = h.trim().to_ascii_lowercase();
+                if h.is_empty() || h.contains(['/', ':', ' ']) && !h.starts_with('[') {
+                    Err(self.err(key("host"), format!("`{h}` is not a host name (give it without scheme or port)")))
+                } else {
+                    Ok(h)
+                }
+            })
+            .transpose()?;
+        let prefix = self
+            .opt_string(&key("path_prefix"), r.path_prefix.as_ref())?
+            .unwrap_or_else(|| "/".to_owned());
+        if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
+            return Err(self.err(key("path_prefix"), format!("`{prefix}` must start with / and hold no ? or #")));
+        }
+        let path_prefix = match prefix.trim_end_matches('/') {
+            "" => "/".to_owned(),
+            p => p.to_owned(),
+        };
+        let provider = match self.opt_string(&key("provider"), r.provider.as_ref())? {
+            None => None,
+            Some(name) if providers.contains_key(&name) => Some(name),
+            Some(name) => {
+                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                return Err(self.err(
+                    key("provider"),
+                    format!("no provider named `{name}` (defined: {})", if known.is_empty() { "none".to_owned() } else { known.join(", ") }),
+                ));
+            }
+        };
+        let mut name = String::new();
+        if listen != server.listen {
+            name.push_str(&listen.to_string());
+        }
+        if let Some(h) = &host {
+            name.push_str(h);
+        }
+        name.push_str(&path_prefix);
+        Ok(RouteConfig {
+            name,
+            listen,
+            host,
+            path_prefix,
+            strip_prefix: r.strip_prefix.unwrap_or(true),
+            preserve_host: r.preserve_host.unwrap_or(false),
+            pass_client_authorization: r.pass_client_authorization.unwrap_or(false),
+            upstream,
+            provider,
+        })
+    }
+}
+
+fn upstream_parts(url: Url) -> std::result::Result<Upstream, String> {
+    let scheme: http::uri::Scheme = url
+        .scheme()
+        .parse()
+        .map_err(|_| "has an unusable scheme".to_owned())?;
+    let host = url.host_str().unwrap_or_default();
+    let authority_str = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    let authority: http::uri::Authority = authority_str
+        .parse()
+        .map_err(|_| format!("`{authority_str}` is not a valid authority"))?;
+    let host_header = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| "has a host that cannot be sent in a Host header".to_owned())?;
+    Ok(Upstream {
+        base_path: url.path().trim_end_matches('/').to_owned(),
+        scheme,
+        authority,
+        host_header,
+        url,
+    })
+}
+
+fn parse_refresh_before(value: &str) -> std::result::Result<RefreshBefore, String> {
+    if let Some(pct) = value.trim().strip_suffix('%') {
+        let pct: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{value}` is not a percentage like \"10%\""))?;
+        if !(0.0..=90.0).contains(&pct) {
+            return Err(format!("`{value}` must be between 0% and 90% of the lifetime"));
+        }
+        return Ok(RefreshBefore::Fraction(pct / 100.0));
+    }
+    values::duration(value).map(RefreshBefore::Duration)
+}
+
+fn parse_cidr(value: &str) -> std::result::Result<IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{value}` is not a CIDR like \"10.0.0.0/8\" or an IP address"))
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// Hop-by-hop header names (RFC 9110 §7.6.1 plus the legacy proxy ones).
+pub fn is_hop_by_hop_name(name: &HeaderName) -> bool {
+    crate::proxy::headers::HOP_BY_HOP.contains(name)
+}
+
+/// Expands a leading `~/` to `$HOME`.
+pub fn expand_home(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ if p == "~" => std::env::var_os("HOME").map_or_else(|| PathBuf::from(p), PathBuf::from),
+        _ => PathBuf::from(p),
+    }
+}

@@ -1,0 +1,23 @@
+//! bearer-proxy: a local reverse proxy that adds OAuth2 client-credentials tokens.
+//!
+//! - [`config`]: the TOML file, validated into typed settings
+//! - [`secret`]: a type that keeps secrets and tokens out of logs
+//! - [`provider`]: token-endpoint dialects (request and response)
+//! - [`token`]: the shared refresh-ahead token store
+//! - [`proxy`]: routing, header hygiene, forwarding, error answers
+//! - [`server`]: listeners and graceful shutdown
+//! - [`tls`]: the TLS client settings
+//! - [`demo`]: the self-contained loopback demo
+//! - [`cli`], [`logging`]: the command-line edge
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod logging;
+pub mod provider;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod token;

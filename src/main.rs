@@ -1,0 +1,137 @@
+//! The `bearer-proxy` binary: parses the command line and runs one command.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use bearer_proxy::cli::{Cli, Command};
+use bearer_proxy::config::{self, Config};
+use bearer_proxy::provider::TokenClient;
+use bearer_proxy::server::Server;
+use bearer_proxy::{demo, logging, tls};
+
+fn main() -> ExitCode {
+    // clap exits with 2 on usage errors and 0 for --help/--version.
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        None | Some(Command::Run) => serve(load(&cli)?).await,
+        Some(Command::Check) => {
+            let config = load(&cli)?;
+            print!("{}", describe(&config));
+            Ok(())
+        }
+        Some(Command::Token { provider }) => token(&load(&cli)?, provider).await,
+        Some(Command::Demo { listen }) => demo::run(*listen, shutdown_signal()).await,
+    }
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    Ok(config::load(&cli.config_path())?)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let server = Server::bind(config).await.context("cannot start")?;
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
+    let provider = config.providers.get(name).with_context(|| {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        format!(
+            "{}: no provider named `{name}` (defined: {})",
+            config.source.display(),
+            known.join(", ")
+        )
+    })?;
+    let tls = tls::client_config(config.server.extra_ca_file.as_deref())?;
+    let client = TokenClient::new(tls, config.server.connect_timeout)?;
+    let fetched = client
+        .fetch(provider, config.server.token_timeout)
+        .await
+        .with_context(|| format!("provider {name}"))?;
+    println!("{}", fetched.value.expose());
+    Ok(())
+}
+
+/// What `check` prints: listeners, routes and providers, never a secret.
+fn describe(config: &Config) -> String {
+    use std::fmt::Write;
+    let mut out = format!("{}: OK\n", config.source.display());
+    for addr in config.listen_addrs() {
+        let _ = writeln!(out, "listener http://{addr}");
+        for r in config.routes.iter().filter(|r| r.listen == addr) {
+            let _ = writeln!(
+                out,
+                "  route {:<24} -> {}  provider: {}",
+                format!("{}{}", r.host.as_deref().unwrap_or(""), r.path_prefix),
+                r.upstream.url,
+                r.provider.as_deref().unwrap_or("(none, no token)")
+            );
+        }
+    }
+    for p in config.providers.values() {
+        let _ = writeln!(
+            out,
+            "provider {}: {} ({:?} body, {:?} auth{})",
+            p.name,
+            p.token_url,
+            p.request_format,
+            p.client_auth,
+            p.audience
+                .as_ref()
+                .map(|a| format!(", audience {a}"))
+                .unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

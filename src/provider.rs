@@ -1,0 +1,461 @@
+//! Token-endpoint dialects: build the client-credentials request, parse the answer.
+//!
+//! One [`TokenClient`] (a pooled reqwest client) serves every provider. Errors
+//! quote the provider's own message but never its raw body, and any echo of the
+//! client secret is cut out first.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use http::StatusCode;
+use serde_json::Value;
+
+use crate::config::{ClientAuth, ProviderConfig, RequestFormat};
+use crate::secret::{redact, Secret};
+
+/// Token-endpoint bodies above this size are refused.
+pub const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
+
+/// A token as the provider returned it.
+#[derive(Debug)]
+pub struct FetchedToken {
+    pub value: Secret,
+    pub expiry: Expiry,
+}
+
+/// When a fetched token stops being valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// A lifetime relative to the moment the answer arrived (`expires_in`, default).
+    In(Duration),
+    /// An absolute wall-clock time (`expires_at_field`, JWT `exp`).
+    At(SystemTime),
+}
+
+/// Why a token fetch failed. Messages never hold a secret or a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("token endpoint unreachable: {0}")]
+    Network(String),
+    #[error("token endpoint did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("token endpoint answered {status}{}", message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Status {
+        status: StatusCode,
+        message: Option<String>,
+        retry_after: Option<Duration>,
+    },
+    #[error("token endpoint answer is larger than 1 MiB")]
+    TooLarge,
+    #[error("token endpoint answer is not JSON (content-type {content_type:?}, {len} bytes)")]
+    NotJson { content_type: String, len: usize },
+    #[error("token endpoint answer has no `{field}`{}", message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    NoToken {
+        field: String,
+        message: Option<String>,
+    },
+    #[error("token endpoint answer is unusable: {0}")]
+    Invalid(String),
+}
+
+impl FetchError {
+    /// How long the provider asked us to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The HTTP client for token endpoints.
+#[derive(Clone)]
+pub struct TokenClient {
+    http: reqwest::Client,
+}
+
+impl TokenClient {
+    /// Builds the client with the proxy's TLS settings.
+    pub fn new(
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+    ) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(connect_timeout)
+            // A token endpoint that redirects is misconfigured; following it would
+            // send the credentials somewhere the operator did not name.
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http })
+    }
+
+    /// Runs one client-credentials request, bounded by `timeout` start to end.
+    pub async fn fetch(
+        &self,
+        provider: &ProviderConfig,
+        timeout: Duration,
+    ) -> Result<FetchedToken, FetchError> {
+        match tokio::time::timeout(timeout, self.fetch_inner(provider)).await {
+            Ok(result) => result,
+            Err(_) => Err(FetchError::Timeout(timeout)),
+        }
+    }
+
+    async fn fetch_inner(&self, provider: &ProviderConfig) -> Result<FetchedToken, FetchError> {
+        let mut response = self
+            .request(provider)
+            .send()
+            .await
+            .map_err(|e| FetchError::Network(describe_reqwest(&e)))?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if response
+            .content_length()
+            .is_some_and(|len| len > MAX_TOKEN_RESPONSE as u64)
+        {
+            return Err(FetchError::TooLarge);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| FetchError::Network(describe_reqwest(&e)))?
+        {
+            if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
+                return Err(FetchError::TooLarge);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        parse_response(provider, status, retry_after, &content_type, &body)
+    }
+
+    fn request(&self, p: &ProviderConfig) -> reqwest::RequestBuilder {
+        let mut fields: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+        if p.client_auth == ClientAuth::Body {
+            fields.push(("client_id", &p.client_id));
+            fields.push(("client_secret", p.client_secret.expose()));
+        }
+        if let Some(a) = &p.audience {
+            fields.push(("audience", a));
+        }
+        if let Some(s) = &p.scope {
+            fields.push(("scope", s));
+        }
+        for (k, v) in &p.extra_params {
+            fields.push((k, v));
+        }
+        let mut req = self
+            .http
+            .post(p.token_url.clone())
+            .header(http::header::ACCEPT, "application/json");
+        if p.client_auth == ClientAuth::Basic {
+            req = req.header(http::header::AUTHORIZATION, basic_auth(p));
+        }
+        match p.request_format {
+            RequestFormat::Json => {
+                let map: serde_json::Map<String, Value> = fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+                    .collect();
+                req.header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Value::Object(map).to_string())
+            }
+            RequestFormat::Form => {
+                let body = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(fields)
+                    .finish();
+                req.header(
+                    http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body)
+            }
+        }
+    }
+}
+
+/// RFC 6749 §2.3.1: id and secret are form-encoded, then joined and base64'd.
+fn basic_auth(p: &ProviderConfig) -> http::HeaderValue {
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let raw = format!("{}:{}", enc(&p.client_id), enc(p.client_secret.expose()));
+    let value = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    );
+    let mut header =
+        http::HeaderValue::from_str(&value).unwrap_or(http::HeaderValue::from_static(""));
+    header.set_sensitive(true);
+    header
+}
+
+/// reqwest errors print their source chain only with `{:#}`-like walking.
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Parses `Retry-After` as delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs.min(24 * 3600)));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Turns a token-endpoint answer into a token or a typed error.
+pub fn parse_response(
+    p: &ProviderConfig,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    content_type: &str,
+    body: &[u8],
+) -> Result<FetchedToken, FetchError> {
+    let doc: Option<Value> = serde_json::from_slice(body).ok();
+    let message = doc.as_ref().and_then(|d| provider_message(d, &p.client_secret));
+    if !status.is_success() {
+        return Err(FetchError::Status {
+            status,
+            message,
+            retry_after,
+        });
+    }
+    let Some(doc) = doc else {
+        return Err(FetchError::NotJson {
+            content_type: content_type.chars().take(80).collect(),
+            len: body.len(),
+        });
+    };
+    let token = match p.token_field.get(&doc) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => {
+            return Err(FetchError::NoToken {
+                field: p.token_field.to_string(),
+                message,
+            })
+        }
+    };
+    if http::HeaderValue::from_str(&format!("{}{}", p.header_prefix, token)).is_err() {
+        return Err(FetchError::Invalid(
+            "the token holds characters not allowed in a header".to_owned(),
+        ));
+    }
+    let expiry = expiry(p, &doc, &token)?;
+    Ok(FetchedToken {
+        value: Secret::new(token),
+        expiry,
+    })
+}
+
+fn expiry(p: &ProviderConfig, doc: &Value, token: &str) -> Result<Expiry, FetchError> {
+    if let Some(field) = &p.expires_at_field {
+        return match field.get(doc) {
+            Some(Value::String(s)) => {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .map(|t| Expiry::At(SystemTime::from(t)))
+                    .map_err(|_| {
+                        FetchError::Invalid(format!("`{field}` is not an RFC 3339 time"))
+                    })
+            }
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(|secs| Expiry::At(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+                .ok_or_else(|| FetchError::Invalid(format!("`{field}` is not a time"))),
+            _ => jwt_or_default(p, token),
+        };
+    }
+    let seconds = match p.expires_in_field.get(doc) {
+        None | Some(Value::Null) => return jwt_or_default(p, token),
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.trim().parse::<f64>().ok(),
+        Some(_) => None,
+    };
+    match seconds {
+        Some(s) if s.is_finite() && s >= 1.0 => {
+            Ok(Expiry::In(Duration::from_secs_f64(s.min(10.0 * 365.0 * 86400.0))))
+        }
+        _ => Err(FetchError::Invalid(format!(
+            "`{}` is not a positive number of seconds",
+            p.expires_in_field
+        ))),
+    }
+}
+
+fn jwt_or_default(p: &ProviderConfig, token: &str) -> Result<Expiry, FetchError> {
+    Ok(jwt_exp(token).map_or(Expiry::In(p.default_lifetime), Expiry::At))
+}
+
+/// The `exp` claim of a JWT, read without verifying the signature.
+pub fn jwt_exp(token: &str) -> Option<SystemTime> {
+    let mut parts = token.split('.');
+    let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?.as_f64()?;
+    (exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
+}
+
+/// The provider's own explanation, from the fields the seed dialects use.
+fn provider_message(doc: &Value, secret: &Secret) -> Option<String> {
+    const FIELDS: [&str; 7] = [
+        "error",
+        "error_description",
+        "ExceptionMessage",
+        "ErrorCode",
+        "message",
+        "detail",
+        "title",
+    ];
+    let mut parts: Vec<String> = Vec::new();
+    let mut scopes = vec![doc];
+    scopes.extend(doc.as_object().into_iter().flat_map(|o| o.values()).filter(|v| v.is_object()));
+    for scope in scopes {
+        for field in FIELDS {
+            match scope.get(field) {
+                Some(Value::String(s)) if !s.is_empty() => parts.push(s.clone()),
+                Some(Value::Number(n)) => parts.push(n.to_string()),
+                _ => {}
+            }
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    parts.dedup();
+    let joined = parts.join(": ");
+    let clean: String = joined
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    Some(redact(&clean, &[secret]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn provider(extra: &str) -> ProviderConfig {
+        let text = format!(
+            "[providers.p]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\nclient_secret = \"s3cret-value\"\n{extra}\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n"
+        );
+        let cfg = Config::parse(&text, Path::new("t.toml"), &|_| None).unwrap();
+        (*cfg.providers["p"]).clone()
+    }
+
+    fn parse(p: &ProviderConfig, status: u16, body: &str) -> Result<FetchedToken, FetchError> {
+        parse_response(
+            p,
+            StatusCode::from_u16(status).unwrap(),
+            None,
+            "application/json",
+            body.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn oauth2_expires_in_number_or_string() {
+        let p = provider("");
+        let t = parse(&p, 200, r#"{"access_token":"abc","expires_in":86400}"#).unwrap();
+        assert_eq!(t.value.expose(), "abc");
+        assert_eq!(t.expiry, Expiry::In(Duration::from_secs(86400)));
+        let t = parse(&p, 200, r#"{"access_token":"abc","expires_in":"60"}"#).unwrap();
+        assert_eq!(t.expiry, Expiry::In(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn loyalife_dialect_and_its_error_shape() {
+        let p = provider(
+            "token_field = \"results.token\"\nexpires_at_field = \"results.tokenExpiresOn\"",
+        );
+        let t = parse(
+            &p,
+            200,
+            r#"{"results":{"token":"tok","tokenExpiresOn":"2030-03-16T15:15:02Z"}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.value.expose(), "tok");
+        assert!(matches!(t.expiry, Expiry::At(_)));
+        let e = parse(
+            &p,
+            200,
+            r#"{"results":{"IsSucessful":false,"ErrorCode":"AUTH01","ExceptionMessage":"Invalid client s3cret-value"}}"#,
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("results.token"), "{msg}");
+        assert!(msg.contains("Invalid client ***"), "{msg}");
+        assert!(!msg.contains("s3cret-value"));
+    }
+
+    #[test]
+    fn oauth2_error_quotes_provider() {
+        let p = provider("");
+        let e = parse(
+            &p,
+            401,
+            r#"{"error":"invalid_client","error_description":"Unknown client"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered 401 Unauthorized: invalid_client: Unknown client"
+        );
+        let e = parse(&p, 200, "<html>oops</html>").unwrap_err();
+        assert!(matches!(e, FetchError::NotJson { .. }));
+    }
+
+    #[test]
+    fn jwt_exp_fallback_then_default() {
+        let p = provider("default_lifetime = \"2m\"");
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1900000000}"#);
+        let jwt = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
+        let t = parse(&p, 200, &format!(r#"{{"access_token":"{jwt}"}}"#)).unwrap();
+        assert_eq!(
+            t.expiry,
+            Expiry::At(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000))
+        );
+        let t = parse(&p, 200, r#"{"access_token":"opaque"}"#).unwrap();
+        assert_eq!(t.expiry, Expiry::In(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,75 @@
+//! The proxy's own answers: the one place an error becomes an HTTP response.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::token::TokenUnavailable;
+
+/// What went wrong, and whose fault it was: the client's (4xx), the token
+/// endpoint's (503) or the upstream's (502/504).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("{0}")]
+    TokenUnavailable(#[from] TokenUnavailable),
+    #[error("cannot reach the upstream: {0}")]
+    UpstreamUnreachable(String),
+    #[error("the upstream sent no response headers within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("this address is not in server.allowed_clients")]
+    ForbiddenClient,
+}
+
+impl ProxyError {
+    /// The status and error code of the SPEC's table.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::TokenUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
+            Self::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            Self::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::ForbiddenClient => (StatusCode::FORBIDDEN, "forbidden_client"),
+        }
+    }
+
+    /// The JSON answer, naming the route and provider when known.
+    pub fn to_response(&self, route: Option<&str>, provider: Option<&str>) -> Response<Full<Bytes>> {
+        let (status, code) = self.status_and_code();
+        let mut body = serde_json::json!({ "error": code, "message": self.to_string() });
+        if let Some(route) = route {
+            body["route"] = route.into();
+        }
+        if let Some(provider) = provider {
+            body["provider"] = provider.into();
+        }
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// An error and its source chain on one line (hyper's top-level messages are vague).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,283 @@
+//! The forwarding service: route, attach the token, send upstream, replay once.
+
+pub mod body;
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod routing;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::token::{Token, TokenStore};
+use body::{keep_for_replay, Kept, OutBody};
+use client::UpstreamClient;
+use error::{chain, ProxyError};
+use routing::{Route, Router};
+
+/// What the proxy answers: the upstream's streamed body, or one of its own.
+pub type ResBody = Either<Incoming, Full<Bytes>>;
+
+/// Every listener's routes, swapped whole on reload.
+pub struct RoutingTable {
+    routers: HashMap<SocketAddr, Router>,
+}
+
+impl RoutingTable {
+    /// Builds the routers, resolving each route's provider slot once.
+    pub fn new(config: &Config, store: &TokenStore) -> Self {
+        let mut by_listener: HashMap<SocketAddr, Vec<Route>> = HashMap::new();
+        for rc in &config.routes {
+            let slot = rc.provider.as_ref().and_then(|p| store.slot(p).cloned());
+            by_listener.entry(rc.listen).or_default().push(Route {
+                config: rc.clone(),
+                slot,
+            });
+        }
+        let routers = by_listener
+            .into_iter()
+            .map(|(addr, routes)| (addr, Router::new(routes)))
+            .collect();
+        Self { routers }
+    }
+
+    /// The router of the listener configured as `listen`.
+    pub fn router(&self, listen: &SocketAddr) -> Option<&Router> {
+        self.routers.get(listen)
+    }
+}
+
+/// The service shared by every connection of every listener.
+pub struct Proxy {
+    table: ArcSwap<RoutingTable>,
+    client: UpstreamClient,
+    upstream_timeout: Duration,
+    max_replay_body: u64,
+}
+
+/// The upstream's answer and whether it took a replay.
+struct Forwarded {
+    response: Response<Incoming>,
+    replayed: bool,
+}
+
+impl Proxy {
+    /// A proxy over `table`, forwarding through `client`.
+    pub fn new(config: &Config, table: RoutingTable, client: UpstreamClient) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table),
+            client,
+            upstream_timeout: config.server.upstream_timeout,
+            max_replay_body: config.server.max_replay_body,
+        }
+    }
+
+    /// Replaces the routing table; requests in flight finish on the old one.
+    pub fn swap_table(&self, table: RoutingTable) {
+        self.table.store(Arc::new(table));
+    }
+
+    /// Handles one request arriving on the listener configured as `listen`.
+    pub async fn handle(
+        &self,
+        listen: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResBody>, Infallible> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let table = self.table.load_full();
+        let route = table.router(&listen).and_then(|router| {
+            let host = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+                .and_then(routing::host_without_port);
+            router.find(host.as_deref(), &path)
+        });
+        let route_name = route.map(|r| r.config.name.as_str());
+        let provider = route.and_then(|r| r.config.provider.as_deref());
+        let result = match route {
+            Some(route) => self.forward(route, req).await,
+            None => Err(ProxyError::NoRoute),
+        };
+        let (response, replayed) = match result {
+            Ok(f) => {
+                let (mut parts, body) = f.response.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                (Response::from_parts(parts, Either::Left(body)), f.replayed)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "request failed");
+                (e.to_response(route_name, provider).map(Either::Right), false)
+            }
+        };
+        tracing::info!(
+            method = %method,
+            route = route_name.unwrap_or("-"),
+            path = %path,
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            replayed,
+            "request"
+        );
+        Ok(response)
+    }
+
+    async fn forward(&self, route: &Route, req: Request<Incoming>) -> Result<Forwarded, ProxyError> {
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            // CONNECT would tunnel past the route; TRACE would echo the token back.
+            return Err(ProxyError::BadRequest("this method is not forwarded"));
+        }
+        let path = req.uri().path();
+        if !path.starts_with('/') || routing::has_dot_segments(path) {
+            return Err(ProxyError::BadRequest(
+                "the request path must be absolute, without . or .. segments",
+            ));
+        }
+        let rc = &route.config;
+        let (parts, body) = req.into_parts();
+        let uri = upstream_uri(route, &parts.uri)?;
+        let mut headers = parts.headers;
+        headers::strip_hop_by_hop(&mut headers);
+        if rc.preserve_host {
+            if !headers.contains_key(header::HOST) {
+                if let Some(host) = parts.uri.authority().and_then(|a| a.as_str().parse().ok()) {
+                    headers.insert(header::HOST, host);
+                }
+            }
+        } else {
+            headers.insert(header::HOST, rc.upstream.host_header.clone());
+        }
+
+        let Some(slot) = &route.slot else {
+            let request = build(&parts.method, uri, headers, OutBody::Stream(body));
+            return Ok(Forwarded {
+                response: self.send(request).await?,
+                replayed: false,
+            });
+        };
+        let token_header = &slot.config.header;
+        if rc.pass_client_authorization && headers.contains_key(token_header) {
+            let request = build(&parts.method, uri, headers, OutBody::Stream(body));
+            return Ok(Forwarded {
+                response: self.send(request).await?,
+                replayed: false,
+            });
+        }
+        let token = slot.get().await?;
+        let (first_body, kept) = if slot.config.invalidate_on.is_empty() {
+            (OutBody::Stream(body), None)
+        } else {
+            match keep_for_replay(body, self.max_replay_body).await {
+                Ok(Kept::Whole(bytes)) => (OutBody::Full(Some(bytes.clone())), Some(bytes)),
+                Ok(Kept::TooLarge(stream)) => (stream, None),
+                Err(_) => return Err(ProxyError::BadRequest("the request body could not be read")),
+            }
+        };
+        let replay_headers = kept.as_ref().map(|_| headers.clone());
+        let request = build(
+            &parts.method,
+            uri.clone(),
+            with_token(headers, token_header, &token),
+            first_body,
+        );
+        let response = self.send(request).await?;
+        if !slot.config.invalidate_on.contains(&response.status()) {
+            return Ok(Forwarded {
+                response,
+                replayed: false,
+            });
+        }
+        slot.invalidate(token.generation);
+        let (Some(bytes), Some(headers)) = (kept, replay_headers) else {
+            return Ok(Forwarded {
+                response,
+                replayed: false,
+            });
+        };
+        // At most one replay, and only with a token newer than the rejected one.
+        let fresh = match slot.get().await {
+            Ok(fresh) if fresh.generation != token.generation => fresh,
+            _ => {
+                return Ok(Forwarded {
+                    response,
+                    replayed: false,
+                })
+            }
+        };
+        drop(response);
+        let request = build(
+            &parts.method,
+            uri,
+            with_token(headers, token_header, &fresh),
+            OutBody::Full(Some(bytes)),
+        );
+        let response = self.send(request).await?;
+        if slot.config.invalidate_on.contains(&response.status()) {
+            slot.invalidate(fresh.generation);
+        }
+        Ok(Forwarded {
+            response,
+            replayed: true,
+        })
+    }
+
+    async fn send(&self, request: Request<OutBody>) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.upstream_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
+            Err(_) => Err(ProxyError::UpstreamTimeout(self.upstream_timeout)),
+        }
+    }
+}
+
+/// The absolute upstream URI: route's scheme, authority and base path, then the
+/// request's path and its query byte for byte. Nothing of the client's authority
+/// is used, so no request can steer the token elsewhere.
+fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
+    let rc = &route.config;
+    let mut pq = routing::upstream_path(
+        &rc.upstream.base_path,
+        &rc.path_prefix,
+        uri.path(),
+        rc.strip_prefix,
+    );
+    if let Some(query) = uri.query() {
+        pq.push('?');
+        pq.push_str(query);
+    }
+    Uri::builder()
+        .scheme(rc.upstream.scheme.clone())
+        .authority(rc.upstream.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
+}
+
+fn with_token(mut headers: HeaderMap, name: &header::HeaderName, token: &Token) -> HeaderMap {
+    headers.insert(name, token.header_value().clone());
+    headers
+}
+
+fn build(method: &Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Request<OutBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    // HTTP/1.1 on the way out; the pool upgrades to HTTP/2 when ALPN agrees.
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    request
+}

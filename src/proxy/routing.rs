@@ -1,0 +1,136 @@
+//! Picks the route for a request on one listener: host, then longest path prefix.
+
+use std::sync::Arc;
+
+use crate::config::RouteConfig;
+use crate::token::ProviderSlot;
+
+/// A route with its provider's slot resolved once, at build time.
+pub struct Route {
+    pub config: RouteConfig,
+    pub slot: Option<Arc<ProviderSlot>>,
+}
+
+/// The routes of one listener, most specific first.
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Orders routes so the first match is the right one: longest prefix, and at equal
+    /// length a route with a `host` before one without.
+    pub fn new(mut routes: Vec<Route>) -> Self {
+        routes.sort_by(|a, b| {
+            b.config
+                .path_prefix
+                .len()
+                .cmp(&a.config.path_prefix.len())
+                .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
+        });
+        Self { routes }
+    }
+
+    /// The route for `host` (lower-case, no port) and `path`.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            r.config
+                .host
+                .as_deref()
+                .is_none_or(|h| host.is_some_and(|rh| rh.eq_ignore_ascii_case(h)))
+                && prefix_matches(&r.config.path_prefix, path)
+        })
+    }
+
+    /// The routes, most specific first.
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+/// True when `path` is `prefix` or continues it at a `/`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The path sent upstream: base path + request path (with the prefix cut when `strip`).
+pub fn upstream_path(base: &str, prefix: &str, path: &str, strip: bool) -> String {
+    let rest = if strip && prefix != "/" {
+        &path[prefix.len().min(path.len())..]
+    } else {
+        path
+    };
+    let mut out = String::with_capacity(base.len() + rest.len() + 1);
+    out.push_str(base);
+    out.push_str(rest);
+    if !out.starts_with('/') {
+        out.insert(0, '/');
+    }
+    out
+}
+
+/// The request's host without port, lower-cased; `None` when absent or unparsable.
+pub fn host_without_port(authority: &str) -> Option<String> {
+    let authority = authority.trim();
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        let end = rest.find(']')?;
+        &authority[..end + 2]
+    } else {
+        authority.split(':').next()?
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// True when the path has `.` or `..` segments, raw or percent-encoded, which an
+/// upstream would resolve to escape the route's base path.
+pub fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        let lower = seg.to_ascii_lowercase();
+        matches!(
+            lower.as_str(),
+            "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_at_segment_boundary() {
+        assert!(prefix_matches("/wll", "/wll"));
+        assert!(prefix_matches("/wll", "/wll/"));
+        assert!(prefix_matches("/wll", "/wll/x"));
+        assert!(!prefix_matches("/wll", "/wllx"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn joins_base_and_rest() {
+        assert_eq!(upstream_path("/api/v1", "/wll", "/wll/users", true), "/api/v1/users");
+        assert_eq!(upstream_path("/api/v1", "/wll", "/wll", true), "/api/v1");
+        assert_eq!(upstream_path("", "/wll", "/wll", true), "/");
+        assert_eq!(upstream_path("", "/wll", "/wll/a", false), "/wll/a");
+        assert_eq!(upstream_path("/base", "/", "/x", true), "/base/x");
+        assert_eq!(upstream_path("", "/", "/", true), "/");
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_without_port("API.example.com:8080").as_deref(), Some("api.example.com"));
+        assert_eq!(host_without_port("[::1]:80").as_deref(), Some("[::1]"));
+        assert_eq!(host_without_port(""), None);
+    }
+
+    #[test]
+    fn dot_segments() {
+        assert!(has_dot_segments("/a/../b"));
+        assert!(has_dot_segments("/a/%2E%2e/b"));
+        assert!(has_dot_segments("/a/."));
+        assert!(!has_dot_segments("/a/..b/c.d"));
+    }
+}

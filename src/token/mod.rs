@@ -1,0 +1,248 @@
+//! The shared token store: one slot per provider, read lock-free on the hot path.
+//!
+//! Each slot is filled and refreshed by its own background task (`refresh`), which
+//! is the only code that calls the token endpoint: single flight by construction.
+//! Requests read the current token with an `ArcSwap` load; only a request that finds
+//! no valid token waits, at most `token_wait`, for the task to publish one.
+
+mod refresh;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ProviderConfig, Tuning};
+use crate::provider::TokenClient;
+
+/// A token ready to be sent: the whole header value, with its timing.
+pub struct Token {
+    /// `header_prefix` + token, marked sensitive so hyper and h2 never print it.
+    header_value: HeaderValue,
+    /// Increases with every token a slot publishes; used to invalidate only the
+    /// token a failed request actually carried.
+    pub generation: u64,
+    pub expires_at: Instant,
+    pub refresh_at: Instant,
+    pub fetched_at: SystemTime,
+    pub expires_at_wall: SystemTime,
+}
+
+impl Token {
+    /// The value for the provider's header.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.header_value
+    }
+
+    /// True while the token may still be sent.
+    pub fn is_valid_at(&self, now: Instant) -> bool {
+        now < self.expires_at
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &"***")
+            .field("generation", &self.generation)
+            .field("expires_at_wall", &self.expires_at_wall)
+            .finish()
+    }
+}
+
+/// Why a request got no token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no valid token for provider {provider}: {reason}")]
+pub struct TokenUnavailable {
+    pub provider: String,
+    pub reason: String,
+}
+
+/// What a slot reports about itself (for logs, `/tokens` and `/readyz`).
+#[derive(Debug, Clone, Default)]
+pub struct SlotStatus {
+    pub fetches: u64,
+    pub failures: u64,
+    pub last_error: Option<String>,
+    /// When the task will try again after a failure.
+    pub next_attempt: Option<Instant>,
+    pub fetching: bool,
+}
+
+/// Settings every slot shares.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub token_timeout: Duration,
+    pub token_wait: Duration,
+    pub tuning: Tuning,
+}
+
+/// One provider's token and the state of its refresher.
+pub struct ProviderSlot {
+    pub config: Arc<ProviderConfig>,
+    current: ArcSwapOption<Token>,
+    /// Bumped whenever a fetch ends, so waiters look again.
+    changed: watch::Sender<u64>,
+    wake: Notify,
+    /// A request needs a token (matters for `prefetch = false` and after invalidation).
+    wanted: AtomicBool,
+    generation: AtomicU64,
+    status: Mutex<SlotStatus>,
+    settings: StoreSettings,
+}
+
+impl ProviderSlot {
+    fn new(config: Arc<ProviderConfig>, settings: StoreSettings) -> Self {
+        Self {
+            config,
+            current: ArcSwapOption::empty(),
+            changed: watch::channel(0).0,
+            wake: Notify::new(),
+            wanted: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            status: Mutex::new(SlotStatus::default()),
+            settings,
+        }
+    }
+
+    /// The provider's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The current token if it is still valid, without waiting or locking.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        let token = self.current.load_full()?;
+        token.is_valid_at(Instant::now()).then_some(token)
+    }
+
+    /// A copy of the slot's status.
+    pub fn status(&self) -> SlotStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A valid token, waiting at most `token_wait` for the refresher to get one.
+    pub async fn get(&self) -> Result<Arc<Token>, TokenUnavailable> {
+        if let Some(token) = self.current() {
+            return Ok(token);
+        }
+        let deadline = Instant::now() + self.settings.token_wait;
+        let mut changed = self.changed.subscribe();
+        self.wanted.store(true, Ordering::Release);
+        self.wake.notify_one();
+        loop {
+            if let Some(token) = self.current() {
+                return Ok(token);
+            }
+            let status = self.status();
+            // In backoff past our deadline: answer now instead of holding the client.
+            if !status.fetching && status.next_attempt.is_some_and(|at| at >= deadline) {
+                return Err(self.unavailable(status));
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(self.unavailable(self.status())),
+            }
+        }
+    }
+
+    fn unavailable(&self, status: SlotStatus) -> TokenUnavailable {
+        let reason = match status.last_error {
+            Some(e) => format!("last fetch failed: {e}"),
+            None if status.fetching => format!(
+                "the token endpoint did not answer within token_wait ({:?})",
+                self.settings.token_wait
+            ),
+            None => "no token fetched yet".to_owned(),
+        };
+        TokenUnavailable {
+            provider: self.config.name.clone(),
+            reason,
+        }
+    }
+
+    /// Drops the token of `generation` if it is still the current one and asks for a
+    /// new one. Returns true when this call did the drop (so N rejections of one
+    /// token cause one fetch).
+    pub fn invalidate(&self, generation: u64) -> bool {
+        let current = self.current.load();
+        let Some(token) = current.as_ref() else {
+            return false;
+        };
+        if token.generation != generation {
+            return false;
+        }
+        let previous = self.current.compare_and_swap(&*current, None);
+        let dropped = previous
+            .as_ref()
+            .is_some_and(|t| t.generation == generation);
+        if dropped {
+            tracing::info!(provider = %self.config.name, generation, "token rejected by upstream; fetching a new one");
+            self.wanted.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
+        dropped
+    }
+
+    fn update_status(&self, f: impl FnOnce(&mut SlotStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// Every provider's slot, shared by all routes and listeners.
+pub struct TokenStore {
+    slots: BTreeMap<String, Arc<ProviderSlot>>,
+    client: TokenClient,
+}
+
+impl TokenStore {
+    /// Creates one slot per provider; nothing is fetched until [`TokenStore::start`].
+    pub fn new(config: &Config, client: TokenClient) -> Self {
+        let settings = StoreSettings {
+            token_timeout: config.server.token_timeout,
+            token_wait: config.server.token_wait,
+            tuning: config.tuning.clone(),
+        };
+        let slots = config
+            .providers
+            .iter()
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    Arc::new(ProviderSlot::new(p.clone(), settings.clone())),
+                )
+            })
+            .collect();
+        Self { slots, client }
+    }
+
+    /// Spawns each slot's refresher; they stop when `cancel` fires.
+    pub fn start(&self, cancel: &CancellationToken) {
+        for slot in self.slots.values() {
+            tokio::spawn(refresh::run(
+                slot.clone(),
+                self.client.clone(),
+                cancel.child_token(),
+            ));
+        }
+    }
+
+    /// The slot of provider `name`.
+    pub fn slot(&self, name: &str) -> Option<&Arc<ProviderSlot>> {
+        self.slots.get(name)
+    }
+
+    /// All slots, by provider name.
+    pub fn slots(&self) -> impl Iterator<Item = &Arc<ProviderSlot>> {
+        self.slots.values()
+    }
+}
