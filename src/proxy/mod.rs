@@ -109,9 +109,14 @@ impl Proxy {
         });
         let route_name = route.map(|r| r.config.name.as_str());
         let provider = route.and_then(|r| r.config.provider.as_deref());
-        let result = match route {
-            Some(route) => self.forward(route, req).await,
-            None => Err(ProxyError::NoRoute),
+        let result = if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            // CONNECT would tunnel past the route; TRACE would echo the token back.
+            Err(ProxyError::BadRequest("this method is not forwarded"))
+        } else {
+            match route {
+                Some(route) => self.forward(route, req).await,
+                None => Err(ProxyError::NoRoute),
+            }
         };
         let (response, replayed) = match result {
             Ok(f) => {
@@ -137,10 +142,6 @@ impl Proxy {
     }
 
     async fn forward(&self, route: &Route, req: Request<Incoming>) -> Result<Forwarded, ProxyError> {
-        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
-            // CONNECT would tunnel past the route; TRACE would echo the token back.
-            return Err(ProxyError::BadRequest("this method is not forwarded"));
-        }
         let path = req.uri().path();
         if !path.starts_with('/') || routing::has_dot_segments(path) {
             return Err(ProxyError::BadRequest(

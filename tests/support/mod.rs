@@ -1,0 +1,591 @@
+//! Test servers on 127.0.0.1:0: a mock token issuer (counting, with switchable
+//! delay and faults), an echo upstream, and a running proxy.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bearer_proxy::config::Config;
+use bearer_proxy::server::Server;
+use bearer_proxy::token::TokenStore;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).boxed()
+}
+
+/// Serves `handler` on 127.0.0.1:0 (HTTP/1.1 and h2c) until the test ends.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// === Issuer ===
+
+/// How the issuer answers.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    None,
+    /// This status with this JSON body.
+    Status(u16, String),
+    /// 429 with `Retry-After: <value>`.
+    RateLimited(String),
+    /// 200 with an HTML body.
+    Html,
+    /// 200 with a body that is not JSON.
+    Garbage,
+    /// 200 with a body over 1 MiB.
+    Huge,
+    /// 200 JSON without the token field.
+    NoToken,
+    /// Never answers.
+    Hang,
+    /// Closes the connection without answering.
+    Close,
+}
+
+/// The token response shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Dialect {
+    /// `access_token` + `expires_in`.
+    OAuth2,
+    /// `expires_in` as a numeric string.
+    OAuth2StringExpiry,
+    /// Loyalife: `results.token` + `results.tokenExpiresOn`; errors as 200 + IsSucessful=false.
+    Loyalife,
+}
+
+/// One request the issuer received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub content_type: String,
+    pub authorization: Option<String>,
+    pub body: String,
+}
+
+pub struct IssuerState {
+    pub hits: AtomicUsize,
+    pub delay: Mutex<Duration>,
+    pub fault: Mutex<Fault>,
+    /// Lifetime of issued tokens in seconds.
+    pub lifetime: Mutex<f64>,
+    pub dialect: Dialect,
+    pub requests: Mutex<Vec<Recorded>>,
+    /// Token prefix, so tests can tell issuers apart.
+    pub prefix: String,
+}
+
+#[derive(Clone)]
+pub struct Issuer {
+    pub addr: SocketAddr,
+    pub state: Arc<IssuerState>,
+}
+
+impl Issuer {
+    pub async fn start(dialect: Dialect) -> Self {
+        Self::start_named(dialect, "tok").await
+    }
+
+    pub async fn start_named(dialect: Dialect, prefix: &str) -> Self {
+        let state = Arc::new(IssuerState {
+            hits: AtomicUsize::new(0),
+            delay: Mutex::new(Duration::ZERO),
+            fault: Mutex::new(Fault::None),
+            lifetime: Mutex::new(3600.0),
+            dialect,
+            requests: Mutex::new(Vec::new()),
+            prefix: prefix.to_owned(),
+        });
+        let s = state.clone();
+        let addr = serve(move |req| issue(req, s.clone())).await;
+        Self { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/oauth/token", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+
+    pub fn set_fault(&self, f: Fault) {
+        *self.state.fault.lock().unwrap() = f;
+    }
+
+    pub fn set_lifetime(&self, secs: f64) {
+        *self.state.lifetime.lock().unwrap() = secs;
+    }
+
+    pub fn last_request(&self) -> Recorded {
+        self.state.requests.lock().unwrap().last().cloned().expect("issuer got no request")
+    }
+
+    /// The token the issuer handed out as its `n`th (1-based) answer.
+    pub fn token(&self, n: usize) -> String {
+        format!("{}-{n}", self.state.prefix)
+    }
+}
+
+async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<TestBody> {
+    let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let content_type = header("content-type").unwrap_or_default();
+    let authorization = header("authorization");
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    state.requests.lock().unwrap().push(Recorded {
+        content_type,
+        authorization,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    });
+    let delay = *state.delay.lock().unwrap();
+    let fault = state.fault.lock().unwrap().clone();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let lifetime = *state.lifetime.lock().unwrap();
+    let token = format!("{}-{n}", state.prefix);
+    let json = |status: u16, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap()
+    };
+    match fault {
+        Fault::None => {}
+        Fault::Status(code, body) => return json(code, body),
+        Fault::RateLimited(after) => {
+            return Response::builder()
+                .status(429)
+                .header("retry-after", after)
+                .header("content-type", "application/json")
+                .body(full(r#"{"error":"rate_limited","error_description":"slow down"}"#))
+                .unwrap()
+        }
+        Fault::Html => {
+            return Response::builder()
+                .header("content-type", "text/html")
+                .body(full("<html><body>Gateway maintenance</body></html>"))
+                .unwrap()
+        }
+        Fault::Garbage => return json(200, "{not json".to_owned()),
+        Fault::Huge => {
+            let padding = "x".repeat(1024 * 1024 + 10);
+            return json(200, format!(r#"{{"access_token":"{token}","pad":"{padding}"}}"#));
+        }
+        Fault::NoToken => {
+            return match state.dialect {
+                Dialect::Loyalife => json(
+                    200,
+                    r#"{"results":{"IsSucessful":false,"ErrorCode":"E401","ExceptionMessage":"Invalid client credentials"}}"#.to_owned(),
+                ),
+                _ => json(200, r#"{"token_type":"Bearer"}"#.to_owned()),
+            }
+        }
+        Fault::Hang => {
+            std::future::pending::<()>().await;
+        }
+        Fault::Close => {
+            // A response the client cannot parse as HTTP is close enough to a reset.
+            return Response::builder()
+                .status(200)
+                .header("content-length", "100")
+                .body(full("short"))
+                .unwrap();
+        }
+    }
+    match state.dialect {
+        Dialect::OAuth2 => json(
+            200,
+            serde_json::json!({"access_token": token, "token_type": "Bearer", "expires_in": lifetime})
+                .to_string(),
+        ),
+        Dialect::OAuth2StringExpiry => json(
+            200,
+            serde_json::json!({"access_token": token, "expires_in": format!("{}", lifetime as u64)})
+                .to_string(),
+        ),
+        Dialect::Loyalife => {
+            let expires = time::OffsetDateTime::now_utc()
+                + time::Duration::milliseconds((lifetime * 1000.0) as i64);
+            let expires = expires
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            json(
+                200,
+                serde_json::json!({"results": {"token": token, "tokenExpiresOn": expires}})
+                    .to_string(),
+            )
+        }
+    }
+}
+
+// === Upstream ===
+
+pub struct UpstreamState {
+    pub hits: AtomicUsize,
+    /// Requests carrying one of these header values are answered with `reject_status`.
+    pub reject: Mutex<HashSet<String>>,
+    pub reject_status: Mutex<u16>,
+    pub delay: Mutex<Duration>,
+    /// Authorization headers seen, in order.
+    pub seen_auth: Mutex<Vec<Option<String>>>,
+}
+
+/// An upstream that echoes what it received as JSON:
+/// `{method, uri, version, headers: [[name, value]...], body_len, body_sha256}`.
+/// `GET /download/N` streams N bytes instead.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(UpstreamState {
+            hits: AtomicUsize::new(0),
+            reject: Mutex::new(HashSet::new()),
+            reject_status: Mutex::new(401),
+            delay: Mutex::new(Duration::ZERO),
+            seen_auth: Mutex::new(Vec::new()),
+        });
+        let s = state.clone();
+        let addr = serve(move |req| echo(req, s.clone())).await;
+        Self { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Answer `status` to requests whose Authorization is `Bearer <token>`.
+    pub fn reject(&self, token: &str, status: u16) {
+        *self.state.reject_status.lock().unwrap() = status;
+        self.state.reject.lock().unwrap().insert(format!("Bearer {token}"));
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+
+    pub fn seen_auth(&self) -> Vec<Option<String>> {
+        self.state.seen_auth.lock().unwrap().clone()
+    }
+}
+
+async fn echo(req: Request<Incoming>, state: Arc<UpstreamState>) -> Response<TestBody> {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    let delay = *state.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let auth = req
+        .headers()
+        .get("authorization")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    state.seen_auth.lock().unwrap().push(auth.clone());
+    if let Some(n) = req.uri().path().strip_prefix("/download/") {
+        let n: u64 = n.parse().unwrap_or(0);
+        return Response::new(stream_bytes(n));
+    }
+    let method = req.method().to_string();
+    let uri = req.uri().to_string();
+    let version = format!("{:?}", req.version());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let mut body = req.into_body();
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(data) = frame.into_data() {
+            len += data.len() as u64;
+            hasher.update(&data);
+        }
+    }
+    let rejected = auth
+        .as_ref()
+        .is_some_and(|a| state.reject.lock().unwrap().contains(a));
+    let status = if rejected {
+        *state.reject_status.lock().unwrap()
+    } else {
+        200
+    };
+    let doc = serde_json::json!({
+        "method": method,
+        "uri": uri,
+        "version": version,
+        "headers": headers,
+        "body_len": len,
+        "body_sha256": hex(&hasher.finalize()),
+    });
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("connection", "x-upstream-hop")
+        .header("x-upstream-hop", "should-be-dropped")
+        .body(full(doc.to_string()))
+        .unwrap()
+}
+
+/// A body of `n` pseudo-random bytes in 64 KiB frames, generated as it is read.
+pub fn stream_bytes(n: u64) -> TestBody {
+    let chunk = Bytes::from((0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+    let frames = (0..n.div_ceil(chunk.len() as u64)).map(move |i| {
+        let start = i * chunk.len() as u64;
+        let len = (n - start).min(chunk.len() as u64) as usize;
+        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+    });
+    StreamBody::new(futures_iter(frames)).boxed()
+}
+
+fn futures_iter<I: Iterator + Unpin>(iter: I) -> IterStream<I> {
+    IterStream(iter)
+}
+
+/// A `Stream` over an iterator, without pulling in the futures crate.
+pub struct IterStream<I>(I);
+
+impl<I: Iterator + Unpin> futures_core::Stream for IterStream<I> {
+    type Item = I::Item;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(self.0.next())
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of what `stream_bytes(n)` produces.
+pub fn stream_sha256(n: u64) -> String {
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let mut hasher = Sha256::new();
+    let mut left = n;
+    while left > 0 {
+        let len = left.min(chunk.len() as u64) as usize;
+        hasher.update(&chunk[..len]);
+        left -= len as u64;
+    }
+    hex(&hasher.finalize())
+}
+
+// === Proxy ===
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub store: Arc<TokenStore>,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    server_addrs: Vec<(SocketAddr, SocketAddr)>,
+}
+
+impl Proxy {
+    /// Parses `toml` (no env vars), shortens backoff for tests, binds and serves.
+    pub async fn start(toml: &str) -> Self {
+        let config = Config::parse(toml, Path::new("test.toml"), &|_| None).expect("test config");
+        Self::start_config(config).await
+    }
+
+    pub async fn start_config(mut config: Config) -> Self {
+        config.tuning.backoff_base = Duration::from_millis(100);
+        config.tuning.backoff_max = Duration::from_secs(2);
+        let server = Server::bind(config.clone()).await.expect("bind");
+        let addr = server.local_addr(config.server.listen).expect("listener");
+        let server_addrs = config
+            .listen_addrs()
+            .into_iter()
+            .filter_map(|c| server.local_addr(c).map(|b| (c, b)))
+            .collect();
+        let store = server.store().clone();
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            store,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+            server_addrs,
+        }
+    }
+
+    /// The bound address of a listener configured as `configured`.
+    pub fn listener(&self, configured: &str) -> SocketAddr {
+        let configured: SocketAddr = configured.parse().unwrap();
+        self.server_addrs
+            .iter()
+            .find(|(c, _)| *c == configured)
+            .map(|(_, b)| *b)
+            .expect("no such listener")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Signals shutdown and waits for the server to finish draining.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("proxy did not stop in time")
+                .expect("proxy task panicked");
+        }
+    }
+}
+
+/// A minimal config: one provider `p` at `issuer`, a catch-all route to `upstream`.
+pub fn basic_config(issuer: &Issuer, upstream: &Upstream, provider_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+token_wait = "2s"
+
+[providers.p]
+token_url = "{}"
+client_id = "test-client"
+client_secret = "test-secret-value"
+{provider_extra}
+
+[[routes]]
+upstream = "{}"
+provider = "p"
+"#,
+        issuer.url(),
+        upstream.url()
+    )
+}
+
+// === Client ===
+
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    TestBody,
+>;
+
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http()
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The echoed request's headers named `name`, in order.
+    pub fn echoed(&self, name: &str) -> Vec<String> {
+        self.json()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|pair| pair[0].as_str() == Some(name))
+            .map(|pair| pair[1].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+pub async fn send(client: &Client, req: Request<TestBody>) -> Answer {
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(client: &Client, url: &str) -> Answer {
+    send(client, Request::get(url).body(full("")).unwrap()).await
+}
+
+/// Polls `check` every 10 ms until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

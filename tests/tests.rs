@@ -1,0 +1,8 @@
+//! One integration-test binary (faster to link than one per file).
+
+mod support;
+
+mod cli;
+mod config;
+mod forwarding;
+mod tokens;
