@@ -7,7 +7,10 @@ use clap::Parser;
 
 use bearer_proxy::cli::{Cli, Command};
 use bearer_proxy::config::{self, Config};
-use bearer_proxy::provider::TokenClient;
+use std::time::SystemTime;
+
+use bearer_proxy::provider::{Expiry, TokenClient};
+use bearer_proxy::token::cache::TokenCache;
 use bearer_proxy::server::Server;
 use bearer_proxy::{demo, logging, tls};
 
@@ -61,7 +64,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
-    let provider = config.providers.get(name).with_context(|| {
+    let provider = config.providers.get(name).cloned().with_context(|| {
         let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
         format!(
             "{}: no provider named `{name}` (defined: {})",
@@ -69,12 +72,42 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
             known.join(", ")
         )
     })?;
-    let tls = tls::client_config(config.server.extra_ca_file.as_deref())?;
+    let server = config.server.clone();
+    let (tls, cache) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let tls = tls::client_config(server.extra_ca_file.as_deref())?;
+        let cache = server.token_cache_dir.as_deref().map(TokenCache::open).transpose()?;
+        Ok((tls, cache))
+    })
+    .await??;
+    if let Some(cache) = &cache {
+        let (cache, p) = (cache.clone(), provider.clone());
+        if let Some(cached) = tokio::task::spawn_blocking(move || cache.load(&p)).await? {
+            // Reuse it unless the proxy itself would already be refreshing it.
+            let lifetime = cached.expires_at.duration_since(cached.fetched_at).unwrap_or_default();
+            let lead = provider.refresh_before.lead(lifetime);
+            if SystemTime::now() + lead < cached.expires_at {
+                println!("{}", cached.value.expose());
+                return Ok(());
+            }
+        }
+    }
     let client = TokenClient::new(tls, config.server.connect_timeout)?;
     let fetched = client
-        .fetch(provider, config.server.token_timeout)
+        .fetch(&provider, config.server.token_timeout)
         .await
         .with_context(|| format!("provider {name}"))?;
+    if let Some(cache) = cache {
+        let now = SystemTime::now();
+        let expires_at = match fetched.expiry {
+            Expiry::In(d) => now + d,
+            Expiry::At(at) => at,
+        };
+        let value = fetched.value.clone();
+        let written = tokio::task::spawn_blocking(move || cache.store(&provider, &value, now, expires_at)).await?;
+        if let Err(error) = written {
+            tracing::warn!(%error, "cannot write the token cache");
+        }
+    }
     println!("{}", fetched.value.expose());
     Ok(())
 }

@@ -19,6 +19,7 @@ use crate::proxy::client::upstream_client;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{Proxy, RoutingTable};
 use crate::tls::{self, TlsError};
+use crate::token::cache::{CacheError, TokenCache};
 use crate::token::TokenStore;
 
 /// Why the server could not start.
@@ -28,6 +29,10 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error("cannot build the token-endpoint client: {0}")]
     TokenClient(#[from] reqwest::Error),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("startup task failed: {0}")]
+    Internal(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,10 +49,18 @@ pub struct Shared {
 
 impl Shared {
     /// Builds the TLS settings, clients, token store and routing table for `config`.
+    /// Reads files (CA bundle, token cache): run it off the async runtime.
     pub fn build(config: Config) -> Result<Self, StartError> {
         let tls = tls::client_config(config.server.extra_ca_file.as_deref())?;
         let token_client = TokenClient::new(tls.clone(), config.server.connect_timeout)?;
-        let store = Arc::new(TokenStore::new(&config, token_client));
+        let cache = config
+            .server
+            .token_cache_dir
+            .as_deref()
+            .map(TokenCache::open)
+            .transpose()?;
+        let store = Arc::new(TokenStore::new(&config, token_client, cache));
+        store.load_cache();
         let table = RoutingTable::new(&config, &store);
         let client = upstream_client(tls, config.server.connect_timeout);
         let proxy = Arc::new(Proxy::new(&config, table, client));
@@ -69,7 +82,9 @@ pub struct Server {
 impl Server {
     /// Builds everything and binds every listener; fails before serving anything.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let shared = Shared::build(config)?;
+        let shared = tokio::task::spawn_blocking(move || Shared::build(config))
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))??;
         let mut listeners = Vec::new();
         for addr in shared.config.listen_addrs() {
             let listener = TcpListener::bind(addr)

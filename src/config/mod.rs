@@ -219,9 +219,10 @@ impl Config {
         Validator { path, env }.config(raw)
     }
 
-    /// Every listener address, the default one first.
+    /// Every listener address that has routes, in the order routes name them.
+    /// `server.listen` is not bound when every route has a listener of its own.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        let mut addrs = vec![self.server.listen];
+        let mut addrs = Vec::new();
         for route in &self.routes {
             if !addrs.contains(&route.listen) {
                 addrs.push(route.listen);
@@ -281,6 +282,8 @@ impl Validator<'_> {
         let server = self.server(&raw.server)?;
         if let Some(store) = &raw.store {
             let backend = self.opt_string("store.backend", store.backend.as_ref())?;
+            self.opt_string("store.redis_url", store.redis_url.as_ref())?;
+            self.opt_string("store.key_prefix", store.key_prefix.as_ref())?;
             match backend.as_deref() {
                 None | Some("memory") => {}
                 Some("redis") => {

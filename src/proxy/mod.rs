@@ -226,10 +226,9 @@ impl Proxy {
             with_token(headers, token_header, &fresh),
             OutBody::Full(Some(bytes)),
         );
+        // A fresh token rejected again is left alone here: the next request that
+        // sees it rejected invalidates it, so one request never causes two fetches.
         let response = self.send(request).await?;
-        if slot.config.invalidate_on.contains(&response.status()) {
-            slot.invalidate(fresh.generation);
-        }
         Ok(Forwarded {
             response,
             replayed: true,

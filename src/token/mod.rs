@@ -5,6 +5,7 @@
 //! Requests read the current token with an `ArcSwap` load; only a request that finds
 //! no valid token waits, at most `token_wait`, for the task to publish one.
 
+pub mod cache;
 mod refresh;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProviderConfig, Tuning};
 use crate::provider::TokenClient;
+use crate::secret::Secret;
+use cache::TokenCache;
 
 /// A token ready to be sent: the whole header value, with its timing.
 pub struct Token {
@@ -92,6 +95,8 @@ pub struct ProviderSlot {
     wake: Notify,
     /// A request needs a token (matters for `prefetch = false` and after invalidation).
     wanted: AtomicBool,
+    /// Set by `invalidate`, read by the refresher to slow down repeated rejections.
+    invalidated: AtomicBool,
     generation: AtomicU64,
     status: Mutex<SlotStatus>,
     settings: StoreSettings,
@@ -105,6 +110,7 @@ impl ProviderSlot {
             changed: watch::channel(0).0,
             wake: Notify::new(),
             wanted: AtomicBool::new(false),
+            invalidated: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             status: Mutex::new(SlotStatus::default()),
             settings,
@@ -185,9 +191,77 @@ impl ProviderSlot {
         if dropped {
             tracing::info!(provider = %self.config.name, generation, "token rejected by upstream; fetching a new one");
             self.wanted.store(true, Ordering::Release);
+            self.invalidated.store(true, Ordering::Release);
             self.wake.notify_one();
         }
         dropped
+    }
+
+    /// Builds a token whose whole lifetime is `lifetime` and of which `remaining` is
+    /// left at monotonic instant `now` (wall clock `now_wall`). `None` when the value
+    /// cannot be sent in a header.
+    fn make_token(
+        &self,
+        value: &Secret,
+        lifetime: Duration,
+        remaining: Duration,
+        now: Instant,
+        now_wall: SystemTime,
+    ) -> Option<Token> {
+        let mut header_value =
+            HeaderValue::from_str(&format!("{}{}", self.config.header_prefix, value.expose()))
+                .ok()?;
+        header_value.set_sensitive(true);
+        let lead = self.config.refresh_before.lead(lifetime);
+        // Jitter spreads a fleet started together over a little window.
+        let jitter =
+            lifetime.mul_f64(self.settings.tuning.refresh_jitter * rand::random::<f64>());
+        // Never refresh sooner than this after a fetch, whatever the settings say.
+        let earliest = if remaining == lifetime {
+            (lifetime / 2).min(Duration::from_secs(1))
+        } else {
+            Duration::ZERO
+        };
+        let refresh_in = remaining
+            .saturating_sub(lead)
+            .saturating_sub(jitter)
+            .max(earliest);
+        Some(Token {
+            header_value,
+            generation: self.generation.fetch_add(1, Ordering::AcqRel) + 1,
+            expires_at: now + remaining,
+            refresh_at: now + refresh_in,
+            fetched_at: now_wall - (lifetime - remaining),
+            expires_at_wall: now_wall + remaining,
+        })
+    }
+
+    /// Publishes a token read from the on-disk cache.
+    fn publish_cached(&self, cached: cache::CachedToken) -> bool {
+        let now_wall = SystemTime::now();
+        let (Ok(remaining), Ok(lifetime)) = (
+            cached.expires_at.duration_since(now_wall),
+            cached.expires_at.duration_since(cached.fetched_at),
+        ) else {
+            return false;
+        };
+        let Some(token) = self.make_token(
+            &cached.value,
+            lifetime.max(remaining),
+            remaining,
+            Instant::now(),
+            now_wall,
+        ) else {
+            return false;
+        };
+        tracing::info!(
+            provider = %self.config.name,
+            outcome = "cached",
+            expires_in_s = remaining.as_secs(),
+            "token loaded from the token cache"
+        );
+        self.current.store(Some(Arc::new(token)));
+        true
     }
 
     fn update_status(&self, f: impl FnOnce(&mut SlotStatus)) {
@@ -202,11 +276,12 @@ impl ProviderSlot {
 pub struct TokenStore {
     slots: BTreeMap<String, Arc<ProviderSlot>>,
     client: TokenClient,
+    cache: Option<TokenCache>,
 }
 
 impl TokenStore {
     /// Creates one slot per provider; nothing is fetched until [`TokenStore::start`].
-    pub fn new(config: &Config, client: TokenClient) -> Self {
+    pub fn new(config: &Config, client: TokenClient, cache: Option<TokenCache>) -> Self {
         let settings = StoreSettings {
             token_timeout: config.server.token_timeout,
             token_wait: config.server.token_wait,
@@ -222,7 +297,22 @@ impl TokenStore {
                 )
             })
             .collect();
-        Self { slots, client }
+        Self {
+            slots,
+            client,
+            cache,
+        }
+    }
+
+    /// Fills slots from the token cache. Blocks on file reads: call before serving,
+    /// off the async runtime.
+    pub fn load_cache(&self) {
+        let Some(cache) = &self.cache else { return };
+        for slot in self.slots.values() {
+            if let Some(cached) = cache.load(&slot.config) {
+                slot.publish_cached(cached);
+            }
+        }
     }
 
     /// Spawns each slot's refresher; they stop when `cancel` fires.
@@ -231,6 +321,7 @@ impl TokenStore {
             tokio::spawn(refresh::run(
                 slot.clone(),
                 self.client.clone(),
+                self.cache.clone(),
                 cancel.child_token(),
             ));
         }

@@ -8,26 +8,52 @@ use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cache::TokenCache;
 use super::{ProviderSlot, Token};
 use crate::provider::{Expiry, FetchError, FetchedToken, TokenClient};
 
 /// Runs until `cancel`: the only caller of `slot`'s token endpoint.
-pub(super) async fn run(slot: Arc<ProviderSlot>, client: TokenClient, cancel: CancellationToken) {
+pub(super) async fn run(
+    slot: Arc<ProviderSlot>,
+    client: TokenClient,
+    cache: Option<TokenCache>,
+    cancel: CancellationToken,
+) {
     let mut failures: u32 = 0;
+    // Tokens the upstream rejected soon after we fetched them, in a row: bad
+    // credentials or a confused API must not turn every request into a fetch.
+    let mut quick_rejections: u32 = 0;
     let mut not_before: Option<Instant> = None;
+    let mut last_fetch: Option<Instant> = None;
     loop {
         let now = Instant::now();
+        if slot.invalidated.swap(false, Ordering::AcqRel) {
+            let quick = last_fetch.is_some_and(|at| now.duration_since(at) < QUICK_REJECTION);
+            quick_rejections = if quick { quick_rejections + 1 } else { 0 };
+            if quick_rejections >= 2 {
+                let delay = backoff(&slot, quick_rejections - 1);
+                not_before = Some(now + delay);
+                slot.update_status(|s| {
+                    s.last_error = Some(format!(
+                        "the upstream rejected {quick_rejections} fresh tokens in a row; next fetch in {delay:?}"
+                    ));
+                    s.next_attempt = not_before;
+                });
+            }
+        }
         let due = next_due(&slot, now).map(|due| not_before.map_or(due, |nb| due.max(nb)));
         if due.is_some_and(|due| due <= now) {
-            match fetch_once(&slot, &client).await {
+            last_fetch = Some(now);
+            match fetch_once(&slot, &client, cache.as_ref()).await {
                 Ok(()) => {
                     failures = 0;
                     not_before = None;
                 }
-                Err(delay) => {
+                Err(asked) => {
                     failures = failures.saturating_add(1);
-                    let delay = delay.max(backoff(&slot, failures));
+                    let delay = asked.max(backoff(&slot, failures));
                     not_before = Some(Instant::now() + delay);
+                    tracing::info!(provider = %slot.config.name, failures, retry_in_ms = delay.as_millis() as u64, "next token fetch scheduled");
                     slot.update_status(|s| s.next_attempt = not_before);
                 }
             }
@@ -47,6 +73,9 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, client: TokenClient, cancel: Ca
     }
 }
 
+/// A token rejected within this long of its fetch counts as a quick rejection.
+const QUICK_REJECTION: Duration = Duration::from_secs(30);
+
 /// When the slot next needs a fetch, ignoring backoff; `None`: not until asked.
 fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
     match slot.current.load().as_ref() {
@@ -56,29 +85,49 @@ fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
     }
 }
 
-/// Full-jitter exponential backoff: uniform in [base/2, min(max, base * 2^(n-1))].
+/// Exponential backoff with "equal jitter": uniform in [c/2, c] where
+/// c = min(max, base * 2^(n-1)). Unlike full jitter (uniform in [0, c]) the gaps
+/// never shrink, so a run of unlucky draws cannot hammer the endpoint, and a fleet
+/// still spreads out over half of each interval.
 fn backoff(slot: &ProviderSlot, failures: u32) -> Duration {
     let tuning = &slot.settings.tuning;
     let ceiling = tuning
         .backoff_base
         .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
         .min(tuning.backoff_max);
-    // A floor of half the base keeps a run of unlucky draws from hammering the endpoint.
-    let floor = (tuning.backoff_base / 2).min(ceiling);
-    rand::rng().random_range(floor..=ceiling)
+    rand::rng().random_range(ceiling / 2..=ceiling)
 }
 
 /// One fetch; on failure returns the least delay the provider asked for.
-async fn fetch_once(slot: &ProviderSlot, client: &TokenClient) -> Result<(), Duration> {
+async fn fetch_once(
+    slot: &ProviderSlot,
+    client: &TokenClient,
+    cache: Option<&TokenCache>,
+) -> Result<(), Duration> {
     slot.update_status(|s| s.fetching = true);
     let started = Instant::now();
     let result = client
         .fetch(&slot.config, slot.settings.token_timeout)
         .await
-        .and_then(|fetched| build_token(slot, fetched, started));
+        .and_then(|fetched| {
+            let token = build_token(slot, &fetched, started)?;
+            Ok((token, fetched.value))
+        });
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match result {
-        Ok(token) => {
+        Ok((token, value)) => {
+            if let Some(cache) = cache {
+                let (cache, config) = (cache.clone(), slot.config.clone());
+                let (fetched_at, expires_at) = (token.fetched_at, token.expires_at_wall);
+                // Awaited so a restart right after sees the file; off the runtime threads.
+                let written = tokio::task::spawn_blocking(move || {
+                    cache.store(&config, &value, fetched_at, expires_at)
+                })
+                .await;
+                if let Ok(Err(error)) = written {
+                    tracing::warn!(provider = %slot.config.name, %error, "cannot write the token cache");
+                }
+            }
             let expires_in = token.expires_at.saturating_duration_since(Instant::now());
             tracing::info!(
                 provider = %slot.config.name,
@@ -122,7 +171,7 @@ async fn fetch_once(slot: &ProviderSlot, client: &TokenClient) -> Result<(), Dur
 /// `received` on the monotonic clock.
 fn build_token(
     slot: &ProviderSlot,
-    fetched: FetchedToken,
+    fetched: &FetchedToken,
     received: Instant,
 ) -> Result<Token, FetchError> {
     let now_wall = SystemTime::now();
@@ -139,27 +188,6 @@ fn build_token(
             "the token expires in less than a second".to_owned(),
         ));
     }
-    let mut header_value = http::HeaderValue::from_str(&format!(
-        "{}{}",
-        slot.config.header_prefix,
-        fetched.value.expose()
-    ))
-    .map_err(|_| FetchError::Invalid("the token is not a valid header value".to_owned()))?;
-    header_value.set_sensitive(true);
-    let lead = slot.config.refresh_before.lead(lifetime);
-    let jitter = lifetime.mul_f64(slot.settings.tuning.refresh_jitter * rand::rng().random::<f64>());
-    // Never refresh sooner than this after a fetch, whatever the settings say.
-    let earliest = (lifetime / 2).min(Duration::from_secs(1));
-    let refresh_in = lifetime
-        .saturating_sub(lead)
-        .saturating_sub(jitter)
-        .max(earliest);
-    Ok(Token {
-        header_value,
-        generation: slot.generation.fetch_add(1, Ordering::AcqRel) + 1,
-        expires_at: received + lifetime,
-        refresh_at: received + refresh_in,
-        fetched_at: now_wall,
-        expires_at_wall: now_wall + lifetime,
-    })
+    slot.make_token(&fetched.value, lifetime, lifetime, received, now_wall)
+        .ok_or_else(|| FetchError::Invalid("the token is not a valid header value".to_owned()))
 }

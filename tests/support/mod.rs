@@ -108,6 +108,8 @@ pub struct IssuerState {
     pub lifetime: Mutex<f64>,
     pub dialect: Dialect,
     pub requests: Mutex<Vec<Recorded>>,
+    /// When each request arrived.
+    pub times: Mutex<Vec<tokio::time::Instant>>,
     /// Token prefix, so tests can tell issuers apart.
     pub prefix: String,
 }
@@ -131,6 +133,7 @@ impl Issuer {
             lifetime: Mutex::new(3600.0),
             dialect,
             requests: Mutex::new(Vec::new()),
+            times: Mutex::new(Vec::new()),
             prefix: prefix.to_owned(),
         });
         let s = state.clone();
@@ -162,6 +165,12 @@ impl Issuer {
         self.state.requests.lock().unwrap().last().cloned().expect("issuer got no request")
     }
 
+    /// Gaps between consecutive requests.
+    pub fn intervals(&self) -> Vec<Duration> {
+        let times = self.state.times.lock().unwrap();
+        times.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
     /// The token the issuer handed out as its `n`th (1-based) answer.
     pub fn token(&self, n: usize) -> String {
         format!("{}-{n}", self.state.prefix)
@@ -169,6 +178,7 @@ impl Issuer {
 }
 
 async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<TestBody> {
+    state.times.lock().unwrap().push(tokio::time::Instant::now());
     let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
     let header = |name: &str| {
         req.headers()
@@ -445,9 +455,23 @@ impl Proxy {
         Self::start_config(config).await
     }
 
+    /// Like `start`, with backoff from `base` doubling up to `max`.
+    pub async fn start_tuned(toml: &str, base: Duration, max: Duration) -> Self {
+        let mut config = Config::parse(toml, Path::new("test.toml"), &|_| None).expect("test config");
+        config.tuning.backoff_base = base;
+        config.tuning.backoff_max = max;
+        Self::start_exact(config).await
+    }
+
+    /// Starts `config` with test backoff (100 ms doubling to 2 s).
     pub async fn start_config(mut config: Config) -> Self {
         config.tuning.backoff_base = Duration::from_millis(100);
         config.tuning.backoff_max = Duration::from_secs(2);
+        Self::start_exact(config).await
+    }
+
+    /// Starts `config` as given.
+    pub async fn start_exact(config: Config) -> Self {
         let server = Server::bind(config.clone()).await.expect("bind");
         let addr = server.local_addr(config.server.listen).expect("listener");
         let server_addrs = config

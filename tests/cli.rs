@@ -1,0 +1,398 @@
+//! The real binary: `check`, `token`, `demo`, exit codes, `BEARER_PROXY_CONFIG`.
+//!
+//! Children run through `std::process` (the crate's tokio has no `process` feature);
+//! every child is killed when its guard drops and every wait is bounded.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{timeout, Instant};
+
+use crate::support;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bearer-proxy");
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Kills and reaps the child when dropped, whatever path the test takes.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The binary with a clean environment for what it reads.
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_remove("BEARER_PROXY_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Reads a pipe to its end on a thread; the receiver gets the text.
+fn drain(mut pipe: impl Read + Send + 'static) -> oneshot::Receiver<String> {
+    let (tx, rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+/// Waits for the child to exit, polling so the runtime stays free, within `LIMIT`.
+async fn wait_exit(guard: &mut Guard, deadline: Instant) -> ExitStatus {
+    loop {
+        if let Some(status) = guard.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "bearer-proxy did not exit in time");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion within `LIMIT`, without blocking the runtime.
+async fn run(mut cmd: Command) -> Output {
+    let deadline = Instant::now() + LIMIT;
+    let mut guard = Guard(cmd.spawn().expect("spawn bearer-proxy"));
+    let stdout = drain(guard.0.stdout.take().unwrap());
+    let stderr = drain(guard.0.stderr.take().unwrap());
+    let status = wait_exit(&mut guard, deadline).await;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let (stdout, stderr) = timeout(left, async { (stdout.await.unwrap(), stderr.await.unwrap()) })
+        .await
+        .expect("output pipes did not close in time");
+    Output { status, stdout, stderr }
+}
+
+async fn bin(args: &[&str]) -> Output {
+    run(command(args)).await
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:18080"
+
+[providers.wll]
+token_url = "https://auth.wlloyalty.net/oauth/token"
+client_id = "wll-client"
+client_secret = "${CLI_TEST_SECRET}"
+audience = "staging.wlloyalty.net"
+request_format = "json"
+
+[providers.lonewolf]
+token_url = "https://gateway.lwolf.com/oauth/token"
+client_id = "lw-client"
+client_secret = "literal-lonewolf-secret"
+
+[[routes]]
+path_prefix = "/wll"
+upstream = "https://api.staging.wlloyalty.net/api/v1"
+provider = "wll"
+
+[[routes]]
+listen = "127.0.0.1:18082"
+upstream = "https://backoffice.api.dev.lwolf.com"
+provider = "lonewolf"
+
+[[routes]]
+path_prefix = "/public"
+upstream = "https://public.example.com"
+"#;
+
+const ENV_SECRET: &str = "env-secret-for-check";
+
+fn assert_no_secret(out: &Output) {
+    for secret in [ENV_SECRET, "literal-lonewolf-secret"] {
+        assert!(!out.stdout.contains(secret), "stdout leaks a secret: {out:?}");
+        assert!(!out.stderr.contains(secret), "stderr leaks a secret: {out:?}");
+    }
+}
+
+// === check ===
+
+#[tokio::test]
+async fn check_prints_routes_and_providers_and_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "good.toml", GOOD);
+    let mut cmd = command(&["check", "-c", &file]);
+    cmd.env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    for needle in [
+        "127.0.0.1:18080",
+        "127.0.0.1:18082",
+        "/wll",
+        "/public",
+        "https://api.staging.wlloyalty.net/api/v1",
+        "https://backoffice.api.dev.lwolf.com",
+        "wll",
+        "lonewolf",
+        "https://auth.wlloyalty.net/oauth/token",
+        "https://gateway.lwolf.com/oauth/token",
+    ] {
+        assert!(out.stdout.contains(needle), "stdout lacks {needle:?}: {out:?}");
+    }
+    assert_no_secret(&out);
+}
+
+#[tokio::test]
+async fn check_on_a_bad_config_exits_1_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "bad.toml",
+        &GOOD.replace("provider = \"lonewolf\"", "provider = \"lonewolff\""),
+    );
+    let mut cmd = command(&["check", "-c", &file]);
+    cmd.env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains(&file), "stderr does not name the file: {out:?}");
+    assert!(out.stderr.contains("routes[1].provider"), "stderr does not name the key: {out:?}");
+    assert!(out.stderr.contains("lonewolff"), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_no_secret(&out);
+}
+
+#[tokio::test]
+async fn check_with_a_missing_env_var_names_the_variable_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "good.toml", GOOD);
+    let out = bin(&["check", "-c", &file]).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    for needle in [file.as_str(), "CLI_TEST_SECRET", "providers.wll.client_secret"] {
+        assert!(out.stderr.contains(needle), "stderr lacks {needle:?}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn check_with_an_unknown_key_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "typo.toml",
+        &GOOD.replace("request_format = \"json\"", "request_fromat = \"json\""),
+    );
+    let mut cmd = command(&["check", "-c", &file]);
+    cmd.env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains(&file), "{out:?}");
+    assert!(out.stderr.contains("request_fromat"), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_on_a_missing_file_exits_1_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("absent.toml");
+    let out = bin(&["check", "-c", file.to_str().unwrap()]).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("absent.toml"), "{out:?}");
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2() {
+    let out = bin(&["check", "--no-such-flag"]).await;
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    let out = bin(&["no-such-command"]).await;
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    let out = bin(&["--log-format", "xml", "check"]).await;
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    let out = bin(&["token"]).await;
+    assert_eq!(out.code(), Some(2), "token without a provider: {out:?}");
+}
+
+// === BEARER_PROXY_CONFIG ===
+
+#[tokio::test]
+async fn check_without_c_uses_bearer_proxy_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "from-env.toml", GOOD);
+    let empty = tempfile::tempdir().unwrap();
+    let mut cmd = command(&["check"]);
+    cmd.current_dir(empty.path())
+        .env("BEARER_PROXY_CONFIG", &file)
+        .env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains("from-env.toml"), "{out:?}");
+    assert!(out.stdout.contains("lonewolf"), "{out:?}");
+}
+
+#[tokio::test]
+async fn c_overrides_bearer_proxy_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "good.toml", GOOD);
+    let bad = write(dir.path(), "bad.toml", "not toml at all [");
+    let mut cmd = command(&["check", "-c", &good]);
+    cmd.env("BEARER_PROXY_CONFIG", &bad).env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_without_any_config_looks_for_bearer_proxy_toml() {
+    let empty = tempfile::tempdir().unwrap();
+    let mut cmd = command(&["check"]);
+    cmd.current_dir(empty.path());
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("bearer-proxy.toml"), "{out:?}");
+}
+
+// === token ===
+
+fn token_config(issuer: &support::Issuer) -> String {
+    format!(
+        r#"
+[providers.p]
+token_url = "{}"
+client_id = "cli-client"
+client_secret = "cli-secret-value"
+
+[[routes]]
+upstream = "http://127.0.0.1:1"
+provider = "p"
+"#,
+        issuer.url()
+    )
+}
+
+#[tokio::test]
+async fn token_prints_only_the_token() {
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "token.toml", &token_config(&issuer));
+    let out = bin(&["token", "-c", &file, "p"]).await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, format!("{}\n", issuer.token(1)), "{out:?}");
+    assert_eq!(issuer.hits(), 1);
+    assert!(issuer.last_request().body.contains("cli-client"));
+    assert!(!out.stderr.contains("cli-secret-value"), "{out:?}");
+    assert!(!out.stderr.contains(&issuer.token(1)), "the token reached a log line: {out:?}");
+}
+
+#[tokio::test]
+async fn token_for_an_unknown_provider_exits_1() {
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "token.toml", &token_config(&issuer));
+    let out = bin(&["token", "-c", &file, "nope"]).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(out.stderr.contains("nope"), "{out:?}");
+    assert!(out.stderr.contains(&file), "{out:?}");
+    assert_eq!(issuer.hits(), 0);
+}
+
+#[tokio::test]
+async fn token_when_the_issuer_refuses_exits_1_with_nothing_on_stdout() {
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    issuer.set_fault(support::Fault::Status(
+        401,
+        r#"{"error":"invalid_client","error_description":"bad secret cli-secret-value"}"#.to_owned(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "token.toml", &token_config(&issuer));
+    let out = bin(&["token", "-c", &file, "p"]).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(out.stderr.contains("401") || out.stderr.contains("invalid_client"), "{out:?}");
+    assert!(!out.stderr.contains("cli-secret-value"), "stderr leaks the secret: {out:?}");
+}
+
+// === demo ===
+
+#[tokio::test]
+async fn demo_serves_and_adds_a_bearer_token() {
+    let deadline = Instant::now() + LIMIT;
+    let mut guard = Guard(
+        command(&["demo", "--listen", "127.0.0.1:0"])
+            .spawn()
+            .expect("spawn bearer-proxy demo"),
+    );
+    let stderr = drain(guard.0.stderr.take().unwrap());
+    let stdout = guard.0.stdout.take().unwrap();
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // The first curl line is the GET.
+    let mut seen = Vec::new();
+    let curl = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, lines.recv()).await {
+            Ok(Some(line)) if line.starts_with("curl -s http://") => break line,
+            Ok(Some(line)) => seen.push(line),
+            Ok(None) => panic!("demo exited before printing curl lines; stdout: {seen:?}"),
+            Err(_) => panic!("no curl line from the demo in time; stdout: {seen:?}"),
+        }
+    };
+    let url = curl
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL in the curl line")
+        .to_owned();
+
+    let left = deadline.saturating_duration_since(Instant::now());
+    let answer = timeout(left, support::get(&support::client(), &url))
+        .await
+        .expect("demo did not answer in time");
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let auth = answer.echoed("authorization");
+    assert!(
+        auth.iter().any(|v| v.starts_with("Bearer ")),
+        "no bearer token reached the echo upstream: {auth:?}"
+    );
+
+    // A clean shutdown on SIGTERM exits 0.
+    let pid = guard.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status();
+    if killed.is_ok_and(|s| s.success()) {
+        let status = wait_exit(&mut guard, deadline).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let log = timeout(left, stderr).await.ok().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "demo did not exit cleanly on SIGTERM; stderr:\n{log}");
+        assert!(!log.contains("demo-secret"), "the demo's secret reached a log line:\n{log}");
+    }
+}

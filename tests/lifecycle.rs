@@ -1,0 +1,410 @@
+//! Token lifecycle under faults: backoff, Retry-After, invalidation with replay, the cache.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use bearer_proxy::config::Config;
+use bearer_proxy::secret::Secret;
+use bearer_proxy::token::cache::TokenCache;
+use http::Request;
+
+use crate::support::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// Each failure kind: attempts are retried with growing gaps, a bounded number of
+/// times per window, and the store recovers by itself.
+#[tokio::test]
+async fn every_failure_kind_backs_off_and_recovers() {
+    let faults = [
+        ("500", Fault::Status(500, r#"{"error":"server_error","error_description":"boom"}"#.into())),
+        ("html", Fault::Html),
+        ("garbage", Fault::Garbage),
+        ("huge", Fault::Huge),
+        ("no token", Fault::NoToken),
+        ("timeout", Fault::Hang),
+        ("broken", Fault::Close),
+    ];
+    let mut tasks = Vec::new();
+    for (name, fault) in faults {
+        tasks.push(tokio::spawn(async move {
+            let issuer = Issuer::start(Dialect::OAuth2).await;
+            issuer.set_fault(fault);
+            let upstream = Upstream::start().await;
+            let toml = basic_config(&issuer, &upstream, "")
+                .replace("token_wait = \"2s\"", "token_wait = \"200ms\"\ntoken_timeout = \"100ms\"");
+            let proxy = Proxy::start_tuned(&toml, 100 * MS, Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_millis(1600)).await;
+            let attempts = issuer.hits();
+            // Gaps of at least 50, 100, 200, 400, 800 ms: at most 6 attempts in 1.6 s.
+            assert!((3..=6).contains(&attempts), "{name}: {attempts} attempts");
+            let gaps = issuer.intervals();
+            for pair in gaps.windows(2) {
+                assert!(pair[1] + 30 * MS >= pair[0], "{name}: gaps shrink: {gaps:?}");
+            }
+            let answer = get(&client(), &proxy.url("/x")).await;
+            assert_eq!(answer.status, 503, "{name}");
+            assert_eq!(answer.json()["error"], "token_unavailable");
+            issuer.set_fault(Fault::None);
+            assert!(
+                eventually(Duration::from_secs(5), || proxy.store.slot("p").unwrap().current().is_some()).await,
+                "{name}: no recovery"
+            );
+            assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
+            proxy.stop().await;
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn connection_refused_backs_off() {
+    let upstream = Upstream::start().await;
+    // Port 1 on loopback: nothing listens there.
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntoken_wait = \"100ms\"\n[providers.p]\ntoken_url = \"http://127.0.0.1:1/token\"\nclient_id = \"i\"\nclient_secret = \"secret-value\"\n[[routes]]\nupstream = \"{}\"\nprovider = \"p\"\n",
+        upstream.url()
+    );
+    let proxy = Proxy::start_tuned(&toml, 100 * MS, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let status = proxy.store.slot("p").unwrap().status();
+    assert!((3..=6).contains(&status.fetches), "{} attempts", status.fetches);
+    assert!(status.last_error.unwrap().contains("unreachable"));
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.status, 503);
+    assert!(answer.json()["message"].as_str().unwrap().contains("unreachable"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn backoff_is_capped() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_fault(Fault::Status(503, "{}".into()));
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start_tuned(&basic_config(&issuer, &upstream, ""), 50 * MS, 200 * MS).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let gaps = issuer.intervals();
+    assert!(gaps.len() >= 8, "kept retrying: {gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= 260 * MS), "capped at 200 ms: {gaps:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn current_token_served_while_refresh_fails_then_503_with_provider_words() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_lifetime(2.0);
+    let upstream = Upstream::start().await;
+    let toml = basic_config(&issuer, &upstream, "refresh_before = \"50%\"")
+        .replace("token_wait = \"2s\"", "token_wait = \"200ms\"");
+    let proxy = Proxy::start(&toml).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    issuer.set_fault(Fault::Status(
+        400,
+        r#"{"error":"invalid_client","error_description":"Client secret test-secret-value was revoked"}"#.into(),
+    ));
+    // Refresh starts at ~1 s and fails; the token stays valid until 2 s.
+    assert!(eventually(Duration::from_secs(3), || issuer.hits() >= 2).await);
+    let slot = proxy.store.slot("p").unwrap();
+    if slot.current().is_some() {
+        let a = get(&c, &proxy.url("/x")).await;
+        assert!(a.status == 200 || slot.current().is_none());
+    }
+    assert!(eventually(Duration::from_secs(3), || slot.current().is_none()).await);
+    let answer = get(&c, &proxy.url("/x")).await;
+    assert_eq!(answer.status, 503);
+    let message = answer.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("invalid_client"), "{message}");
+    assert!(message.contains("was revoked"), "{message}");
+    assert!(!message.contains("test-secret-value"), "secret echoed: {message}");
+    issuer.set_fault(Fault::None);
+    assert!(eventually(Duration::from_secs(5), || slot.current().is_some()).await);
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn served_token_survives_failing_refresh() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_lifetime(3.0);
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "refresh_before = \"80%\"")).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    issuer.set_fault(Fault::Html);
+    // Refresh is due at ~0.6 s and fails; until 3 s the first token keeps working.
+    assert!(eventually(Duration::from_secs(2), || issuer.hits() >= 2).await);
+    let answer = get(&c, &proxy.url("/x")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_seconds_is_honoured_and_requests_add_no_fetch() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_fault(Fault::RateLimited("3".into()));
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    assert!(eventually(Duration::from_secs(2), || issuer.hits() == 1).await);
+    issuer.set_fault(Fault::None);
+    let c = client();
+    // Requests during the wait fail fast (the next attempt is past token_wait) and
+    // do not cause a fetch.
+    for _ in 0..20 {
+        let t = tokio::time::Instant::now();
+        let answer = get(&c, &proxy.url("/x")).await;
+        assert_eq!(answer.status, 503);
+        assert!(answer.json()["message"].as_str().unwrap().contains("429"));
+        assert!(t.elapsed() < Duration::from_millis(500));
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(issuer.hits(), 1, "no attempt before Retry-After");
+    assert!(eventually(Duration::from_secs(3), || issuer.hits() == 2).await);
+    let gap = issuer.intervals()[0];
+    assert!(gap >= Duration::from_secs(3), "{gap:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_http_date_is_honoured() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let when = SystemTime::now() + Duration::from_secs(3);
+    issuer.set_fault(Fault::RateLimited(httpdate::fmt_http_date(when)));
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    assert!(eventually(Duration::from_secs(2), || issuer.hits() == 1).await);
+    issuer.set_fault(Fault::None);
+    // The date has one-second resolution, so at least 2 s remain.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    assert_eq!(issuer.hits(), 1);
+    assert!(eventually(Duration::from_secs(4), || issuer.hits() == 2).await);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn twenty_concurrent_401s_cause_one_fetch_and_all_replay() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_delay(Duration::from_millis(100));
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    upstream.reject(&issuer.token(1), 401);
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let c = c.clone();
+        let url = proxy.url("/orders");
+        tasks.push(tokio::spawn(async move {
+            let body = format!("order-{i}");
+            let answer = send(&c, Request::post(url).body(full(body.clone())).unwrap()).await;
+            (answer.status, answer.json()["body_len"].as_u64(), body.len() as u64)
+        }));
+    }
+    for task in tasks {
+        let (status, len, sent) = task.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(len, Some(sent), "body replayed intact");
+    }
+    assert_eq!(issuer.hits(), 2, "one fetch for twenty rejections");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn lone_wolf_403_replays_post_body_intact() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "invalidate_on = [401, 403]")).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    upstream.reject(&issuer.token(1), 403);
+    let body = "x".repeat(64 * 1024);
+    let answer = send(&c, Request::post(proxy.url("/v1/transactions")).body(full(body.clone())).unwrap()).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["body_len"], body.len());
+    use sha2::Digest;
+    assert_eq!(answer.json()["body_sha256"], hex(&sha2::Sha256::digest(body.as_bytes())));
+    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn body_over_max_replay_body_is_not_replayed() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let toml = basic_config(&issuer, &upstream, "").replace("[server]\n", "[server]\nmax_replay_body = \"1KiB\"\n");
+    let proxy = Proxy::start(&toml).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    upstream.reject(&issuer.token(1), 401);
+    let before = upstream.hits();
+    let answer = send(&c, Request::post(proxy.url("/big")).body(stream_bytes(4096)).unwrap()).await;
+    assert_eq!(answer.status, 401, "the upstream's answer, as it was");
+    assert_eq!(answer.json()["body_len"], 4096, "body streamed through whole");
+    assert_eq!(upstream.hits(), before + 1, "no replay");
+    // The rejected token was still dropped and replaced.
+    assert!(eventually(Duration::from_secs(2), || issuer.hits() == 2).await);
+    assert_eq!(get(&c, &proxy.url("/x")).await.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_token_rejected_again_is_not_fetched_a_third_time() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    upstream.reject(&issuer.token(1), 401);
+    upstream.reject(&issuer.token(2), 401);
+    let before = upstream.hits();
+    let answer = send(&c, Request::post(proxy.url("/y")).body(full("b")).unwrap()).await;
+    assert_eq!(answer.status, 401);
+    assert_eq!(upstream.hits(), before + 2, "exactly one replay");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(issuer.hits(), 2, "not fetched a third time for this request");
+    proxy.stop().await;
+}
+
+fn cache_config(issuer: &Issuer, upstream: &Upstream, dir: &std::path::Path, secret: &str) -> String {
+    basic_config(issuer, upstream, "")
+        .replace("[server]\n", &format!("[server]\ntoken_cache_dir = \"{}\"\n", dir.display()))
+        .replace("test-secret-value", secret)
+}
+
+#[tokio::test]
+async fn cache_survives_restart_with_safe_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let toml = cache_config(&issuer, &upstream, &dir, "secret-one");
+    let proxy = Proxy::start(&toml).await;
+    assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
+    proxy.stop().await;
+    assert_eq!(issuer.hits(), 1);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(mode(&files[0]), 0o600);
+
+    // Restart: no token request, the cached token is used.
+    let proxy = Proxy::start(&toml).await;
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    assert_eq!(issuer.hits(), 1);
+    proxy.stop().await;
+
+    // Changed credentials: a new fetch.
+    let proxy = Proxy::start(&cache_config(&issuer, &upstream, &dir, "secret-two")).await;
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_cache_file_is_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let toml = cache_config(&issuer, &upstream, &dir, "secret-one");
+    let proxy = Proxy::start(&toml).await;
+    assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
+    proxy.stop().await;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        std::fs::write(entry.unwrap().path(), "{ this is not json").unwrap();
+    }
+    let proxy = Proxy::start(&toml).await;
+    assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
+    assert_eq!(issuer.hits(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn insecure_cache_dir_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let config = Config::parse(
+        &cache_config(&issuer, &upstream, &dir, "s3cret"),
+        std::path::Path::new("t.toml"),
+        &|_| None,
+    )
+    .unwrap();
+    let error = bearer_proxy::server::Server::bind(config).await.err().expect("refused");
+    let message = error.to_string();
+    assert!(message.contains("writable by group or others"), "{message}");
+    assert!(message.contains("chmod 700"), "{message}");
+}
+
+#[tokio::test]
+async fn cached_token_near_expiry_is_refreshed_at_startup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let toml = cache_config(&issuer, &upstream, &dir, "secret-one");
+    let config = Config::parse(&toml, std::path::Path::new("t.toml"), &|_| None).unwrap();
+    let cache = TokenCache::open(&dir).unwrap();
+    let now = SystemTime::now();
+    // 100 s lifetime, 5 s left: inside the default 10 % refresh window.
+    cache
+        .store(&config.providers["p"], &Secret::new("old-token"), now - Duration::from_secs(95), now + Duration::from_secs(5))
+        .unwrap();
+    let proxy = Proxy::start(&toml).await;
+    // The old token is still valid, so it may serve while the refresh runs...
+    assert!(eventually(Duration::from_secs(2), || issuer.hits() == 1).await, "refreshed at once");
+    // ...and afterwards the new one is used.
+    assert!(eventually(Duration::from_secs(2), || {
+        proxy.store.slot("p").unwrap().current().is_some_and(|t| t.generation == 2)
+    })
+    .await);
+    proxy.stop().await;
+
+    // A cached token far from expiry: no fetch at all.
+    let issuer2 = Issuer::start(Dialect::OAuth2).await;
+    let toml2 = cache_config(&issuer2, &upstream, &dir, "secret-one");
+    let config2 = Config::parse(&toml2, std::path::Path::new("t.toml"), &|_| None).unwrap();
+    cache
+        .store(&config2.providers["p"], &Secret::new("cached-token"), now, now + Duration::from_secs(3600))
+        .unwrap();
+    let proxy = Proxy::start(&toml2).await;
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.echoed("authorization"), ["Bearer cached-token"]);
+    assert_eq!(issuer2.hits(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn token_command_uses_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let file = tmp.path().join("bp.toml");
+    std::fs::write(&file, cache_config(&issuer, &upstream, &dir, "secret-one")).unwrap();
+    for _ in 0..3 {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+                .args(["token", "-c"])
+                .arg(&file)
+                .arg("p")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", issuer.token(1)));
+    }
+    assert_eq!(issuer.hits(), 1, "one token request per lifetime");
+}
