@@ -50,7 +50,7 @@ upstream = "http://{upstream}/public"
     let config = Config::parse(&text, Path::new("(demo)"), &|_| None)?;
     let server = Server::bind(config)
         .await
-        .with_context(|| format!("try another address with `bearer-proxy demo --listen 127.0.0.1:0`"))?;
+        .context("try another address with `bearer-proxy demo --listen 127.0.0.1:0`")?;
     let addr = server
         .local_addr(listen)
         .context("the demo listener has no address")?;
@@ -109,7 +109,12 @@ fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     json(serde_json::json!({
         "method": req.method().as_str(),

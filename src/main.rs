@@ -10,8 +10,8 @@ use bearer_proxy::config::{self, Config};
 use std::time::SystemTime;
 
 use bearer_proxy::provider::{Expiry, TokenClient};
-use bearer_proxy::token::cache::TokenCache;
 use bearer_proxy::server::Server;
+use bearer_proxy::token::cache::TokenCache;
 use bearer_proxy::{demo, logging, tls};
 
 fn main() -> ExitCode {
@@ -75,7 +75,11 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
     let server = config.server.clone();
     let (tls, cache) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let tls = tls::client_config(server.extra_ca_file.as_deref())?;
-        let cache = server.token_cache_dir.as_deref().map(TokenCache::open).transpose()?;
+        let cache = server
+            .token_cache_dir
+            .as_deref()
+            .map(TokenCache::open)
+            .transpose()?;
         Ok((tls, cache))
     })
     .await??;
@@ -83,7 +87,10 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
         let (cache, p) = (cache.clone(), provider.clone());
         if let Some(cached) = tokio::task::spawn_blocking(move || cache.load(&p)).await? {
             // Reuse it unless the proxy itself would already be refreshing it.
-            let lifetime = cached.expires_at.duration_since(cached.fetched_at).unwrap_or_default();
+            let lifetime = cached
+                .expires_at
+                .duration_since(cached.fetched_at)
+                .unwrap_or_default();
             let lead = provider.refresh_before.lead(lifetime);
             if SystemTime::now() + lead < cached.expires_at {
                 println!("{}", cached.value.expose());
@@ -103,7 +110,9 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
             Expiry::At(at) => at,
         };
         let value = fetched.value.clone();
-        let written = tokio::task::spawn_blocking(move || cache.store(&provider, &value, now, expires_at)).await?;
+        let written =
+            tokio::task::spawn_blocking(move || cache.store(&provider, &value, now, expires_at))
+                .await?;
         if let Err(error) = written {
             tracing::warn!(%error, "cannot write the token cache");
         }

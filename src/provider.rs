@@ -235,7 +235,9 @@ pub fn parse_response(
     body: &[u8],
 ) -> Result<FetchedToken, FetchError> {
     let doc: Option<Value> = serde_json::from_slice(body).ok();
-    let message = doc.as_ref().and_then(|d| provider_message(d, &p.client_secret));
+    let message = doc
+        .as_ref()
+        .and_then(|d| provider_message(d, &p.client_secret));
     if !status.is_success() {
         return Err(FetchError::Status {
             status,
@@ -276,9 +278,7 @@ fn expiry(p: &ProviderConfig, doc: &Value, token: &str) -> Result<Expiry, FetchE
             Some(Value::String(s)) => {
                 time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
                     .map(|t| Expiry::At(SystemTime::from(t)))
-                    .map_err(|_| {
-                        FetchError::Invalid(format!("`{field}` is not an RFC 3339 time"))
-                    })
+                    .map_err(|_| FetchError::Invalid(format!("`{field}` is not an RFC 3339 time")))
             }
             Some(Value::Number(n)) => n
                 .as_u64()
@@ -294,9 +294,9 @@ fn expiry(p: &ProviderConfig, doc: &Value, token: &str) -> Result<Expiry, FetchE
         Some(_) => None,
     };
     match seconds {
-        Some(s) if s.is_finite() && s >= 1.0 => {
-            Ok(Expiry::In(Duration::from_secs_f64(s.min(10.0 * 365.0 * 86400.0))))
-        }
+        Some(s) if s.is_finite() && s >= 1.0 => Ok(Expiry::In(Duration::from_secs_f64(
+            s.min(10.0 * 365.0 * 86400.0),
+        ))),
         _ => Err(FetchError::Invalid(format!(
             "`{}` is not a positive number of seconds",
             p.expires_in_field
@@ -336,7 +336,12 @@ fn provider_message(doc: &Value, secret: &Secret) -> Option<String> {
     ];
     let mut parts: Vec<String> = Vec::new();
     let mut scopes = vec![doc];
-    scopes.extend(doc.as_object().into_iter().flat_map(|o| o.values()).filter(|v| v.is_object()));
+    scopes.extend(
+        doc.as_object()
+            .into_iter()
+            .flat_map(|o| o.values())
+            .filter(|v| v.is_object()),
+    );
     for scope in scopes {
         for field in FIELDS {
             match scope.get(field) {

@@ -179,7 +179,9 @@ async fn accept_loop(
         if !allowed.iter().any(|net| net.contains(&peer_ip)) {
             tracing::warn!(%peer, "client not in server.allowed_clients");
             let svc = service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(ProxyError::ForbiddenClient.to_response(None, None))
+                Ok::<_, std::convert::Infallible>(
+                    ProxyError::ForbiddenClient.to_response(None, None),
+                )
             });
             let conn = builder.serve_connection(io, svc).into_owned();
             tokio::spawn(graceful.watch(conn));
@@ -198,7 +200,10 @@ async fn accept_loop(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period over; closing remaining connections");
     }
 }

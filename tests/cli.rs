@@ -55,7 +55,10 @@ async fn wait_exit(guard: &mut Guard, deadline: Instant) -> ExitStatus {
         if let Some(status) = guard.0.try_wait().expect("try_wait") {
             return status;
         }
-        assert!(Instant::now() < deadline, "bearer-proxy did not exit in time");
+        assert!(
+            Instant::now() < deadline,
+            "bearer-proxy did not exit in time"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -74,7 +77,11 @@ impl Output {
 
 impl std::fmt::Debug for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr)
+        write!(
+            f,
+            "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
@@ -86,10 +93,16 @@ async fn run(mut cmd: Command) -> Output {
     let stderr = drain(guard.0.stderr.take().unwrap());
     let status = wait_exit(&mut guard, deadline).await;
     let left = deadline.saturating_duration_since(Instant::now());
-    let (stdout, stderr) = timeout(left, async { (stdout.await.unwrap(), stderr.await.unwrap()) })
-        .await
-        .expect("output pipes did not close in time");
-    Output { status, stdout, stderr }
+    let (stdout, stderr) = timeout(left, async {
+        (stdout.await.unwrap(), stderr.await.unwrap())
+    })
+    .await
+    .expect("output pipes did not close in time");
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 async fn bin(args: &[&str]) -> Output {
@@ -137,8 +150,14 @@ const ENV_SECRET: &str = "env-secret-for-check";
 
 fn assert_no_secret(out: &Output) {
     for secret in [ENV_SECRET, "literal-lonewolf-secret"] {
-        assert!(!out.stdout.contains(secret), "stdout leaks a secret: {out:?}");
-        assert!(!out.stderr.contains(secret), "stderr leaks a secret: {out:?}");
+        assert!(
+            !out.stdout.contains(secret),
+            "stdout leaks a secret: {out:?}"
+        );
+        assert!(
+            !out.stderr.contains(secret),
+            "stderr leaks a secret: {out:?}"
+        );
     }
 }
 
@@ -164,7 +183,10 @@ async fn check_prints_routes_and_providers_and_no_secret() {
         "https://auth.wlloyalty.net/oauth/token",
         "https://gateway.lwolf.com/oauth/token",
     ] {
-        assert!(out.stdout.contains(needle), "stdout lacks {needle:?}: {out:?}");
+        assert!(
+            out.stdout.contains(needle),
+            "stdout lacks {needle:?}: {out:?}"
+        );
     }
     assert_no_secret(&out);
 }
@@ -181,8 +203,14 @@ async fn check_on_a_bad_config_exits_1_naming_file_and_key() {
     cmd.env("CLI_TEST_SECRET", ENV_SECRET);
     let out = run(cmd).await;
     assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(out.stderr.contains(&file), "stderr does not name the file: {out:?}");
-    assert!(out.stderr.contains("routes[1].provider"), "stderr does not name the key: {out:?}");
+    assert!(
+        out.stderr.contains(&file),
+        "stderr does not name the file: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("routes[1].provider"),
+        "stderr does not name the key: {out:?}"
+    );
     assert!(out.stderr.contains("lonewolff"), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
     assert_no_secret(&out);
@@ -194,8 +222,15 @@ async fn check_with_a_missing_env_var_names_the_variable_and_key() {
     let file = write(dir.path(), "good.toml", GOOD);
     let out = bin(&["check", "-c", &file]).await;
     assert_eq!(out.code(), Some(1), "{out:?}");
-    for needle in [file.as_str(), "CLI_TEST_SECRET", "providers.wll.client_secret"] {
-        assert!(out.stderr.contains(needle), "stderr lacks {needle:?}: {out:?}");
+    for needle in [
+        file.as_str(),
+        "CLI_TEST_SECRET",
+        "providers.wll.client_secret",
+    ] {
+        assert!(
+            out.stderr.contains(needle),
+            "stderr lacks {needle:?}: {out:?}"
+        );
     }
 }
 
@@ -213,6 +248,28 @@ async fn check_with_an_unknown_key_exits_1() {
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains(&file), "{out:?}");
     assert!(out.stderr.contains("request_fromat"), "{out:?}");
+    assert!(out.stderr.contains("providers.wll"), "{out:?}");
+}
+
+#[tokio::test]
+async fn check_on_a_syntax_error_does_not_quote_a_literal_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    // The closing quote of the literal secret is missing.
+    let file = write(
+        dir.path(),
+        "broken.toml",
+        &GOOD.replace(
+            "\"literal-lonewolf-secret\"",
+            "\"literal-lonewolf-secret",
+        ),
+    );
+    let mut cmd = command(&["check", "-c", &file]);
+    cmd.env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains(&file), "{out:?}");
+    assert!(out.stderr.contains("line 15"), "{out:?}");
+    assert_no_secret(&out);
 }
 
 #[tokio::test]
@@ -259,7 +316,8 @@ async fn c_overrides_bearer_proxy_config() {
     let good = write(dir.path(), "good.toml", GOOD);
     let bad = write(dir.path(), "bad.toml", "not toml at all [");
     let mut cmd = command(&["check", "-c", &good]);
-    cmd.env("BEARER_PROXY_CONFIG", &bad).env("CLI_TEST_SECRET", ENV_SECRET);
+    cmd.env("BEARER_PROXY_CONFIG", &bad)
+        .env("CLI_TEST_SECRET", ENV_SECRET);
     let out = run(cmd).await;
     assert_eq!(out.code(), Some(0), "{out:?}");
 }
@@ -303,7 +361,10 @@ async fn token_prints_only_the_token() {
     assert_eq!(issuer.hits(), 1);
     assert!(issuer.last_request().body.contains("cli-client"));
     assert!(!out.stderr.contains("cli-secret-value"), "{out:?}");
-    assert!(!out.stderr.contains(&issuer.token(1)), "the token reached a log line: {out:?}");
+    assert!(
+        !out.stderr.contains(&issuer.token(1)),
+        "the token reached a log line: {out:?}"
+    );
 }
 
 #[tokio::test]
@@ -324,15 +385,22 @@ async fn token_when_the_issuer_refuses_exits_1_with_nothing_on_stdout() {
     let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
     issuer.set_fault(support::Fault::Status(
         401,
-        r#"{"error":"invalid_client","error_description":"bad secret cli-secret-value"}"#.to_owned(),
+        r#"{"error":"invalid_client","error_description":"bad secret cli-secret-value"}"#
+            .to_owned(),
     ));
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "token.toml", &token_config(&issuer));
     let out = bin(&["token", "-c", &file, "p"]).await;
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
-    assert!(out.stderr.contains("401") || out.stderr.contains("invalid_client"), "{out:?}");
-    assert!(!out.stderr.contains("cli-secret-value"), "stderr leaks the secret: {out:?}");
+    assert!(
+        out.stderr.contains("401") || out.stderr.contains("invalid_client"),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains("cli-secret-value"),
+        "stderr leaks the secret: {out:?}"
+    );
 }
 
 // === demo ===
@@ -378,7 +446,12 @@ async fn demo_serves_and_adds_a_bearer_token() {
     let answer = timeout(left, support::get(&support::client(), &url))
         .await
         .expect("demo did not answer in time");
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let auth = answer.echoed("authorization");
     assert!(
         auth.iter().any(|v| v.starts_with("Bearer ")),
@@ -388,11 +461,26 @@ async fn demo_serves_and_adds_a_bearer_token() {
     // A clean shutdown on SIGTERM exits 0.
     let pid = guard.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
-    if killed.is_ok_and(|s| s.success()) {
+    assert!(
+        killed.is_ok_and(|s| s.success()),
+        "cannot send SIGTERM to the demo"
+    );
+    {
         let status = wait_exit(&mut guard, deadline).await;
         let left = deadline.saturating_duration_since(Instant::now());
-        let log = timeout(left, stderr).await.ok().and_then(Result::ok).unwrap_or_default();
-        assert_eq!(status.code(), Some(0), "demo did not exit cleanly on SIGTERM; stderr:\n{log}");
-        assert!(!log.contains("demo-secret"), "the demo's secret reached a log line:\n{log}");
+        let log = timeout(left, stderr)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "demo did not exit cleanly on SIGTERM; stderr:\n{log}"
+        );
+        assert!(
+            !log.contains("demo-secret"),
+            "the demo's secret reached a log line:\n{log}"
+        );
     }
 }

@@ -38,7 +38,10 @@ fn fails(text: &str, needles: &[&str]) -> String {
         Ok(_) => panic!("expected a config error\n--- config ---\n{text}"),
         Err(e) => e.to_string(),
     };
-    assert!(msg.contains("x.toml"), "message does not name the file: {msg}");
+    assert!(
+        msg.contains("x.toml"),
+        "message does not name the file: {msg}"
+    );
     for needle in needles {
         assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
     }
@@ -109,23 +112,32 @@ fn unknown_top_level_table_is_an_error() {
 
 #[test]
 fn unknown_key_in_server_is_an_error() {
-    fails(&cfg(r#"upstream_timeot = "5s""#, "", ""), &["upstream_timeot", "unknown"]);
+    fails(
+        &cfg(r#"upstream_timeot = "5s""#, "", ""),
+        &["upstream_timeot", "unknown", "`server`"],
+    );
 }
 
 #[test]
 fn unknown_key_in_provider_is_an_error() {
-    fails(&cfg("", r#"audiance = "x""#, ""), &["audiance", "unknown"]);
+    fails(&cfg("", r#"audiance = "x""#, ""), &["audiance", "unknown", "providers.p"]);
 }
 
 #[test]
 fn unknown_key_in_route_is_an_error() {
-    fails(&cfg("", "", &route(r#"path-prefix = "/x""#)), &["path-prefix", "unknown"]);
+    fails(
+        &cfg("", "", &route(r#"path-prefix = "/x""#)),
+        &["path-prefix", "unknown", "routes"],
+    );
 }
 
 #[test]
 fn unknown_key_in_store_is_an_error() {
-    let text = format!("{}\n[store]\nbackend = \"memory\"\nredis_ur = \"x\"\n", cfg("", "", ""));
-    fails(&text, &["redis_ur", "unknown"]);
+    let text = format!(
+        "{}\n[store]\nbackend = \"memory\"\nredis_ur = \"x\"\n",
+        cfg("", "", "")
+    );
+    fails(&text, &["redis_ur", "unknown", "`store`"]);
 }
 
 #[test]
@@ -133,12 +145,31 @@ fn toml_syntax_error_names_the_file() {
     fails("[server\nlisten = 1", &[]);
 }
 
+#[test]
+fn syntax_errors_give_line_and_column_but_never_quote_a_secret() {
+    // An unterminated string on the secret's line.
+    let text = "[providers.p]\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"id\"\nclient_secret = \"literal-secret-123\n";
+    let msg = fails(text, &["line 4"]);
+    assert!(!msg.contains("literal-secret-123"), "syntax error quotes the secret: {msg}");
+    // A typo on the line after the secret.
+    let text = cfg("", "", "").replace("${SECRET}", "literal-secret-123") + "\n[server2]\n";
+    let msg = fails(&text, &["server2", "unknown"]);
+    assert!(!msg.contains("literal-secret-123"), "{msg}");
+    // A secret written without quotes.
+    let text = cfg("", "", "").replace("\"${SECRET}\"", "literal-secret-123");
+    let msg = fails(&text, &["line"]);
+    assert!(!msg.contains("literal-secret-123"), "syntax error quotes the secret: {msg}");
+}
+
 // === ${VAR} ===
 
 #[test]
 fn missing_env_var_names_the_variable_and_the_key() {
     let text = cfg("", "", "").replace("${SECRET}", "${NO_SUCH_SECRET}");
-    fails(&text, &["NO_SUCH_SECRET", "providers.p.client_secret", "not set"]);
+    fails(
+        &text,
+        &["NO_SUCH_SECRET", "providers.p.client_secret", "not set"],
+    );
 }
 
 #[test]
@@ -153,7 +184,10 @@ fn missing_env_var_in_a_route_names_the_route_key() {
 
 #[test]
 fn missing_env_var_in_server_names_the_key() {
-    fails(&cfg(r#"admin_listen = "${ADMIN_ADDR}""#, "", ""), &["ADMIN_ADDR", "server.admin_listen"]);
+    fails(
+        &cfg(r#"admin_listen = "${ADMIN_ADDR}""#, "", ""),
+        &["ADMIN_ADDR", "server.admin_listen"],
+    );
 }
 
 #[test]
@@ -166,7 +200,10 @@ scope = "$${SECRET} and ${API_HOST} cost $5""#,
     ));
     let p = &c.providers["p"];
     assert_eq!(p.audience.as_deref(), Some("a${B}c"));
-    assert_eq!(p.scope.as_deref(), Some("${SECRET} and api.example.com cost $5"));
+    assert_eq!(
+        p.scope.as_deref(),
+        Some("${SECRET} and api.example.com cost $5")
+    );
 }
 
 #[test]
@@ -199,12 +236,18 @@ fn both_client_secret_and_file_is_an_error() {
     let text = provider_only(&format!(
         "{NO_SECRET}client_secret = \"${{SECRET}}\"\nclient_secret_file = \"/nonexistent/secret\"\n"
     ));
-    fails(&text, &["providers.p.client_secret", "client_secret_file", "both"]);
+    fails(
+        &text,
+        &["providers.p.client_secret", "client_secret_file", "both"],
+    );
 }
 
 #[test]
 fn neither_client_secret_nor_file_is_an_error() {
-    fails(&provider_only(NO_SECRET), &["providers.p.client_secret", "required"]);
+    fails(
+        &provider_only(NO_SECRET),
+        &["providers.p.client_secret", "required"],
+    );
 }
 
 #[test]
@@ -234,7 +277,10 @@ fn client_secret_file_crlf_is_trimmed() {
         "{NO_SECRET}client_secret_file = \"{}\"\n",
         file.path().display()
     ));
-    assert_eq!(ok(&text).providers["p"].client_secret.expose(), "crlf-secret");
+    assert_eq!(
+        ok(&text).providers["p"].client_secret.expose(),
+        "crlf-secret"
+    );
 }
 
 #[test]
@@ -280,29 +326,40 @@ fn with_upstream(url: &str) -> String {
 
 #[test]
 fn token_url_that_is_not_a_url_is_an_error() {
-    fails(&with_token_url("not a url"), &["providers.p.token_url", "not a url", "not a valid URL"]);
+    fails(
+        &with_token_url("not a url"),
+        &["providers.p.token_url", "not a url", "not a valid URL"],
+    );
 }
 
 #[test]
 fn token_url_with_ftp_scheme_is_an_error() {
     fails(
         &with_token_url("ftp://auth.example.com/token"),
-        &["providers.p.token_url", "ftp://auth.example.com/token", "http"],
+        &[
+            "providers.p.token_url",
+            "ftp://auth.example.com/token",
+            "http",
+        ],
     );
 }
 
 #[test]
 fn token_url_without_host_is_an_error() {
-    fails(&with_token_url("https://"), &["providers.p.token_url", "host"]);
-    fails(&with_token_url("https://:443/token"), &["providers.p.token_url", "host"]);
+    fails(
+        &with_token_url("https://"),
+        &["providers.p.token_url", "host"],
+    );
+    fails(
+        &with_token_url("https://:443/token"),
+        &["providers.p.token_url", "host"],
+    );
 }
 
 #[test]
 fn token_url_is_required() {
-    let text = cfg("", "", "").replace(
-        "token_url = \"https://auth.example.com/oauth/token\"\n",
-        "",
-    );
+    let text =
+        cfg("", "", "").replace("token_url = \"https://auth.example.com/oauth/token\"\n", "");
     fails(&text, &["providers.p.token_url", "required"]);
 }
 
@@ -316,12 +373,18 @@ fn token_url_with_credentials_is_an_error() {
 
 #[test]
 fn upstream_that_is_not_a_url_is_an_error() {
-    fails(&with_upstream("api.example.com/v1"), &["routes[0].upstream", "not a valid URL"]);
+    fails(
+        &with_upstream("api.example.com/v1"),
+        &["routes[0].upstream", "not a valid URL"],
+    );
 }
 
 #[test]
 fn upstream_with_ftp_scheme_is_an_error() {
-    fails(&with_upstream("ftp://api.example.com/v1"), &["routes[0].upstream", "http"]);
+    fails(
+        &with_upstream("ftp://api.example.com/v1"),
+        &["routes[0].upstream", "http"],
+    );
 }
 
 #[test]
@@ -331,7 +394,10 @@ fn upstream_without_host_is_an_error() {
 
 #[test]
 fn upstream_with_query_is_an_error() {
-    fails(&with_upstream("https://api.example.com/v1?x=1"), &["routes[0].upstream", "query"]);
+    fails(
+        &with_upstream("https://api.example.com/v1?x=1"),
+        &["routes[0].upstream", "query"],
+    );
 }
 
 #[test]
@@ -350,7 +416,11 @@ fn no_routes_is_an_error() {
 fn http_token_url_to_a_remote_host_needs_allow_insecure_token_url() {
     fails(
         &with_token_url("http://auth.example.com/oauth/token"),
-        &["providers.p.token_url", "http://", "allow_insecure_token_url"],
+        &[
+            "providers.p.token_url",
+            "http://",
+            "allow_insecure_token_url",
+        ],
     );
     let text = with_token_url("http://auth.example.com/oauth/token")
         .replace("[server]\n", "[server]\nallow_insecure_token_url = true\n");
@@ -369,7 +439,15 @@ fn http_token_url_to_loopback_is_fine() {
 #[test]
 fn non_loopback_listen_needs_allow_non_loopback() {
     let text = cfg("", "", "").replace("127.0.0.1:8080", "0.0.0.0:8080");
-    fails(&text, &["server.listen", "0.0.0.0:8080", "loopback", "allow_non_loopback"]);
+    fails(
+        &text,
+        &[
+            "server.listen",
+            "0.0.0.0:8080",
+            "loopback",
+            "allow_non_loopback",
+        ],
+    );
     let text = text.replace("[server]\n", "[server]\nallow_non_loopback = true\n");
     let c = ok(&text);
     assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
@@ -382,8 +460,15 @@ fn non_loopback_admin_listen_needs_allow_non_loopback() {
         &cfg(r#"admin_listen = "192.168.1.5:9090""#, "", ""),
         &["server.admin_listen", "192.168.1.5:9090", "loopback"],
     );
-    let c = ok(&cfg("admin_listen = \"192.168.1.5:9090\"\nallow_non_loopback = true", "", ""));
-    assert_eq!(c.server.admin_listen, Some("192.168.1.5:9090".parse().unwrap()));
+    let c = ok(&cfg(
+        "admin_listen = \"192.168.1.5:9090\"\nallow_non_loopback = true",
+        "",
+        "",
+    ));
+    assert_eq!(
+        c.server.admin_listen,
+        Some("192.168.1.5:9090".parse().unwrap())
+    );
 }
 
 #[test]
@@ -392,8 +477,15 @@ fn non_loopback_route_listen_needs_allow_non_loopback() {
         &cfg("", "", &route(r#"listen = "10.0.0.1:8082""#)),
         &["routes[0].listen", "10.0.0.1:8082", "loopback"],
     );
-    fails(&cfg("", "", &route(r#"listen = "[::]:8082""#)), &["routes[0].listen", "loopback"]);
-    let c = ok(&cfg("allow_non_loopback = true", "", &route(r#"listen = "10.0.0.1:8082""#)));
+    fails(
+        &cfg("", "", &route(r#"listen = "[::]:8082""#)),
+        &["routes[0].listen", "loopback"],
+    );
+    let c = ok(&cfg(
+        "allow_non_loopback = true",
+        "",
+        &route(r#"listen = "10.0.0.1:8082""#),
+    ));
     assert_eq!(c.routes[0].listen, "10.0.0.1:8082".parse().unwrap());
 }
 
@@ -410,21 +502,35 @@ fn loopback_listeners_are_fine() {
 
 #[test]
 fn bad_listen_address_is_an_error() {
-    fails(&cfg("", "", "").replace("127.0.0.1:8080", "127.0.0.1"), &["server.listen", "127.0.0.1"]);
-    fails(&cfg("", "", &route(r#"listen = "nowhere:80""#)), &["routes[0].listen", "nowhere:80"]);
+    fails(
+        &cfg("", "", "").replace("127.0.0.1:8080", "127.0.0.1"),
+        &["server.listen", "127.0.0.1"],
+    );
+    fails(
+        &cfg("", "", &route(r#"listen = "nowhere:80""#)),
+        &["routes[0].listen", "nowhere:80"],
+    );
 }
 
 // === Routes that cannot be told apart ===
 
 #[test]
 fn two_routes_with_the_same_prefix_are_an_error() {
-    let routes = format!("{}{}", route(r#"path_prefix = "/wll""#), route(r#"path_prefix = "/wll""#));
+    let routes = format!(
+        "{}{}",
+        route(r#"path_prefix = "/wll""#),
+        route(r#"path_prefix = "/wll""#)
+    );
     fails(&cfg("", "", &routes), &["routes[1]", "/wll", "told apart"]);
 }
 
 #[test]
 fn a_trailing_slash_does_not_tell_routes_apart() {
-    let routes = format!("{}{}", route(r#"path_prefix = "/wll""#), route(r#"path_prefix = "/wll/""#));
+    let routes = format!(
+        "{}{}",
+        route(r#"path_prefix = "/wll""#),
+        route(r#"path_prefix = "/wll/""#)
+    );
     fails(&cfg("", "", &routes), &["routes[1]", "/wll"]);
 }
 
@@ -500,18 +606,29 @@ fn nested_prefixes_are_fine() {
 
 #[test]
 fn path_prefix_must_start_with_a_slash() {
-    fails(&cfg("", "", &route(r#"path_prefix = "wll""#)), &["routes[0].path_prefix", "wll"]);
+    fails(
+        &cfg("", "", &route(r#"path_prefix = "wll""#)),
+        &["routes[0].path_prefix", "wll"],
+    );
 }
 
 #[test]
 fn a_route_naming_an_unknown_provider_is_an_error() {
-    let text = cfg("", "", "[[routes]]\nupstream = \"https://api.example.com\"\nprovider = \"nope\"\n");
+    let text = cfg(
+        "",
+        "",
+        "[[routes]]\nupstream = \"https://api.example.com\"\nprovider = \"nope\"\n",
+    );
     fails(&text, &["routes[0].provider", "nope", "p"]);
 }
 
 #[test]
 fn a_route_without_provider_is_fine() {
-    let c = ok(&cfg("", "", "[[routes]]\nupstream = \"https://api.example.com\"\n"));
+    let c = ok(&cfg(
+        "",
+        "",
+        "[[routes]]\nupstream = \"https://api.example.com\"\n",
+    ));
     assert_eq!(c.routes[0].provider, None);
 }
 
@@ -535,24 +652,39 @@ fn durations_and_sizes_parse() {
 
 #[test]
 fn bad_duration_is_an_error() {
-    fails(&cfg(r#"token_wait = "soon""#, "", ""), &["server.token_wait", "soon", "duration"]);
-    fails(&cfg(r#"connect_timeout = "10""#, "", ""), &["server.connect_timeout", "duration"]);
-    fails(&cfg("", r#"default_lifetime = "forever""#, ""), &["providers.p.default_lifetime", "forever"]);
+    fails(
+        &cfg(r#"token_wait = "soon""#, "", ""),
+        &["server.token_wait", "soon", "duration"],
+    );
+    fails(
+        &cfg(r#"connect_timeout = "10""#, "", ""),
+        &["server.connect_timeout", "duration"],
+    );
+    fails(
+        &cfg("", r#"default_lifetime = "forever""#, ""),
+        &["providers.p.default_lifetime", "forever"],
+    );
 }
 
 #[test]
 fn zero_timeout_is_an_error() {
-    fails(&cfg(r#"upstream_timeout = "0s""#, "", ""), &["server.upstream_timeout", "zero"]);
+    fails(
+        &cfg(r#"upstream_timeout = "0s""#, "", ""),
+        &["server.upstream_timeout", "zero"],
+    );
 }
 
 #[test]
 fn bad_size_is_an_error() {
-    fails(&cfg(r#"max_replay_body = "lots""#, "", ""), &["server.max_replay_body", "lots", "size"]);
+    fails(
+        &cfg(r#"max_replay_body = "lots""#, "", ""),
+        &["server.max_replay_body", "lots", "size"],
+    );
 }
 
 #[test]
 fn a_duration_of_the_wrong_toml_type_is_an_error() {
-    fails(&cfg("token_wait = 10", "", ""), &["token_wait"]);
+    fails(&cfg("token_wait = 10", "", ""), &["server.token_wait", "line 4"]);
 }
 
 // === Provider settings ===
@@ -560,35 +692,75 @@ fn a_duration_of_the_wrong_toml_type_is_an_error() {
 #[test]
 fn refresh_before_takes_a_percentage_or_a_duration() {
     let c = ok(&cfg("", r#"refresh_before = "10%""#, ""));
-    assert_eq!(c.providers["p"].refresh_before, RefreshBefore::Fraction(0.1));
+    assert_eq!(
+        c.providers["p"].refresh_before,
+        RefreshBefore::Fraction(0.1)
+    );
     let c = ok(&cfg("", r#"refresh_before = "30s""#, ""));
-    assert_eq!(c.providers["p"].refresh_before, RefreshBefore::Duration(Duration::from_secs(30)));
+    assert_eq!(
+        c.providers["p"].refresh_before,
+        RefreshBefore::Duration(Duration::from_secs(30))
+    );
     let c = ok(&cfg("", "", ""));
-    assert_eq!(c.providers["p"].refresh_before, RefreshBefore::Fraction(0.1));
+    assert_eq!(
+        c.providers["p"].refresh_before,
+        RefreshBefore::Fraction(0.1)
+    );
 }
 
 #[test]
 fn refresh_before_over_the_lifetime_is_an_error() {
-    fails(&cfg("", r#"refresh_before = "150%""#, ""), &["providers.p.refresh_before", "150%"]);
-    fails(&cfg("", r#"refresh_before = "soon""#, ""), &["providers.p.refresh_before", "soon"]);
+    fails(
+        &cfg("", r#"refresh_before = "150%""#, ""),
+        &["providers.p.refresh_before", "150%"],
+    );
+    fails(
+        &cfg("", r#"refresh_before = "soon""#, ""),
+        &["providers.p.refresh_before", "soon"],
+    );
 }
 
 #[test]
 fn invalidate_on_a_success_status_is_an_error() {
-    fails(&cfg("", "invalidate_on = [401, 200]", ""), &["providers.p.invalidate_on", "200"]);
-    fails(&cfg("", "invalidate_on = [999]", ""), &["providers.p.invalidate_on", "999"]);
+    fails(
+        &cfg("", "invalidate_on = [401, 200]", ""),
+        &["providers.p.invalidate_on", "200"],
+    );
+    fails(
+        &cfg("", "invalidate_on = [999]", ""),
+        &["providers.p.invalidate_on", "999"],
+    );
     let c = ok(&cfg("", "invalidate_on = [401, 403]", ""));
-    let codes: Vec<u16> = c.providers["p"].invalidate_on.iter().map(|s| s.as_u16()).collect();
+    let codes: Vec<u16> = c.providers["p"]
+        .invalidate_on
+        .iter()
+        .map(|s| s.as_u16())
+        .collect();
     assert_eq!(codes, [401, 403]);
 }
 
 #[test]
 fn enumerated_settings_reject_other_values() {
-    fails(&cfg("", r#"request_format = "xml""#, ""), &["providers.p.request_format", "xml"]);
-    fails(&cfg("", r#"client_auth = "digest""#, ""), &["providers.p.client_auth", "digest"]);
-    fails(&cfg("", r#"token_field = "results..token""#, ""), &["providers.p.token_field"]);
-    fails(&cfg("", r#"header = "bad header""#, ""), &["providers.p.header"]);
-    fails(&cfg("", r#"extra_params = { client_secret = "x" }"#, ""), &["providers.p.extra_params.client_secret"]);
+    fails(
+        &cfg("", r#"request_format = "xml""#, ""),
+        &["providers.p.request_format", "xml"],
+    );
+    fails(
+        &cfg("", r#"client_auth = "digest""#, ""),
+        &["providers.p.client_auth", "digest"],
+    );
+    fails(
+        &cfg("", r#"token_field = "results..token""#, ""),
+        &["providers.p.token_field"],
+    );
+    fails(
+        &cfg("", r#"header = "bad header""#, ""),
+        &["providers.p.header"],
+    );
+    fails(
+        &cfg("", r#"extra_params = { client_secret = "x" }"#, ""),
+        &["providers.p.extra_params.client_secret"],
+    );
 }
 
 // === Secrets ===
@@ -633,5 +805,9 @@ fn every_example_config_parses() {
             failures.push(e.to_string());
         }
     }
-    assert!(failures.is_empty(), "example configs that do not validate:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "example configs that do not validate:\n{}",
+        failures.join("\n")
+    );
 }

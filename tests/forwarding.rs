@@ -76,10 +76,16 @@ async fn routing_prefix_host_longest_and_own_listener() {
     let c = client();
     let uri = |ans: &Answer| ans.json()["uri"].as_str().unwrap().to_owned();
 
-    assert_eq!(uri(&get(&c, &proxy.url("/wll/users/7")).await), "/api/v1/users/7");
+    assert_eq!(
+        uri(&get(&c, &proxy.url("/wll/users/7")).await),
+        "/api/v1/users/7"
+    );
     assert_eq!(uri(&get(&c, &proxy.url("/wll")).await), "/api/v1");
     // Longest prefix wins.
-    assert_eq!(uri(&get(&c, &proxy.url("/wll/special/x")).await), "/special-base/x");
+    assert_eq!(
+        uri(&get(&c, &proxy.url("/wll/special/x")).await),
+        "/special-base/x"
+    );
     // Segment boundary: /wllx is not under /wll, and nothing else matches.
     let miss = get(&c, &proxy.url("/wllx")).await;
     assert_eq!(miss.status, 404);
@@ -93,7 +99,10 @@ async fn routing_prefix_host_longest_and_own_listener() {
     assert_eq!(uri(&send(&c, req).await), "/by-host/h");
     // A listener of its own.
     let own = proxy.listener("127.0.0.3:0");
-    assert_eq!(uri(&get(&c, &format!("http://{own}/z")).await), "/own-listener/z");
+    assert_eq!(
+        uri(&get(&c, &format!("http://{own}/z")).await),
+        "/own-listener/z"
+    );
     proxy.stop().await;
 }
 
@@ -116,10 +125,22 @@ async fn query_string_and_headers_pass_as_sent() {
         .body(full(""))
         .unwrap();
     let ans = send(&c, req).await;
-    assert_eq!(ans.json()["uri"], format!("/api/v1/s?{}", q.split_once('?').unwrap().1));
+    assert_eq!(
+        ans.json()["uri"],
+        format!("/api/v1/s?{}", q.split_once('?').unwrap().1)
+    );
     assert_eq!(ans.echoed("x-dup"), ["one", "two"]);
-    assert_eq!(ans.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
-    for hop in ["x-hop", "keep-alive", "proxy-authorization", "te", "connection"] {
+    assert_eq!(
+        ans.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))]
+    );
+    for hop in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "connection",
+    ] {
         assert!(ans.echoed(hop).is_empty(), "{hop} forwarded");
     }
     assert_eq!(ans.echoed("host"), [a.addr.to_string()]);
@@ -140,13 +161,19 @@ async fn query_string_and_headers_pass_as_sent() {
         .header("authorization", "Bearer client-own")
         .body(full(""))
         .unwrap();
-    assert_eq!(send(&c, req).await.echoed("authorization"), ["Bearer client-own"]);
+    assert_eq!(
+        send(&c, req).await.echoed("authorization"),
+        ["Bearer client-own"]
+    );
     assert_eq!(
         get(&c, &proxy.url("/mine")).await.echoed("authorization"),
         [format!("Bearer {}", issuer.token(1))]
     );
     // A route without provider gets no token.
-    assert!(get(&c, &proxy.url("/open/x")).await.echoed("authorization").is_empty());
+    assert!(get(&c, &proxy.url("/open/x"))
+        .await
+        .echoed("authorization")
+        .is_empty());
     proxy.stop().await;
 }
 
@@ -170,7 +197,15 @@ async fn error_answers() {
     assert!(t.elapsed() < Duration::from_millis(1400));
     a.set_delay(Duration::ZERO);
 
-    let bad = send(&c, Request::builder().method("TRACE").uri(proxy.url("/wll/x")).body(full("")).unwrap()).await;
+    let bad = send(
+        &c,
+        Request::builder()
+            .method("TRACE")
+            .uri(proxy.url("/wll/x"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(bad.status, 400);
     assert_eq!(bad.json()["error"], "bad_request");
     let dots = get(&c, &proxy.url("/wll/../admin")).await;
@@ -217,13 +252,17 @@ async fn h2c_inbound() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let (a, b) = (Upstream::start().await, Upstream::start().await);
     let proxy = Proxy::start(&two_route_config(&issuer, &a, &b)).await;
-    let h2: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    let h2: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
     let ans = get(&h2, &proxy.url("/wll/h2?q=1")).await;
     assert_eq!(ans.status, 200);
     assert_eq!(ans.json()["uri"], "/api/v1/h2?q=1");
-    assert_eq!(ans.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    assert_eq!(
+        ans.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))]
+    );
     proxy.stop().await;
 }
 
@@ -236,7 +275,9 @@ async fn streams_100_mib_each_way() {
     let proxy = Proxy::start(&basic_config(&issuer, &upstream, "invalidate_on = []")).await;
     let c = client();
     // Upload: the echo hashes what arrived.
-    let req = Request::post(proxy.url("/upload")).body(stream_bytes(N)).unwrap();
+    let req = Request::post(proxy.url("/upload"))
+        .body(stream_bytes(N))
+        .unwrap();
     let ans = send(&c, req).await;
     assert_eq!(ans.status, 200);
     assert_eq!(ans.json()["body_len"], N);
@@ -255,7 +296,9 @@ async fn large_upload_streams_past_replay_limit() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
     let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
-    let req = Request::post(proxy.url("/upload")).body(stream_bytes(N)).unwrap();
+    let req = Request::post(proxy.url("/upload"))
+        .body(stream_bytes(N))
+        .unwrap();
     let ans = send(&client(), req).await;
     assert_eq!(ans.json()["body_len"], N);
     assert_eq!(ans.json()["body_sha256"], stream_sha256(N));

@@ -17,7 +17,13 @@ const MS: Duration = Duration::from_millis(1);
 #[tokio::test]
 async fn every_failure_kind_backs_off_and_recovers() {
     let faults = [
-        ("500", Fault::Status(500, r#"{"error":"server_error","error_description":"boom"}"#.into())),
+        (
+            "500",
+            Fault::Status(
+                500,
+                r#"{"error":"server_error","error_description":"boom"}"#.into(),
+            ),
+        ),
         ("html", Fault::Html),
         ("garbage", Fault::Garbage),
         ("huge", Fault::Huge),
@@ -31,8 +37,10 @@ async fn every_failure_kind_backs_off_and_recovers() {
             let issuer = Issuer::start(Dialect::OAuth2).await;
             issuer.set_fault(fault);
             let upstream = Upstream::start().await;
-            let toml = basic_config(&issuer, &upstream, "")
-                .replace("token_wait = \"2s\"", "token_wait = \"200ms\"\ntoken_timeout = \"100ms\"");
+            let toml = basic_config(&issuer, &upstream, "").replace(
+                "token_wait = \"2s\"",
+                "token_wait = \"200ms\"\ntoken_timeout = \"100ms\"",
+            );
             let proxy = Proxy::start_tuned(&toml, 100 * MS, Duration::from_secs(5)).await;
             tokio::time::sleep(Duration::from_millis(1600)).await;
             let attempts = issuer.hits();
@@ -40,14 +48,23 @@ async fn every_failure_kind_backs_off_and_recovers() {
             assert!((3..=6).contains(&attempts), "{name}: {attempts} attempts");
             let gaps = issuer.intervals();
             for pair in gaps.windows(2) {
-                assert!(pair[1] + 30 * MS >= pair[0], "{name}: gaps shrink: {gaps:?}");
+                assert!(
+                    pair[1] + 30 * MS >= pair[0],
+                    "{name}: gaps shrink: {gaps:?}"
+                );
             }
             let answer = get(&client(), &proxy.url("/x")).await;
             assert_eq!(answer.status, 503, "{name}");
             assert_eq!(answer.json()["error"], "token_unavailable");
             issuer.set_fault(Fault::None);
             assert!(
-                eventually(Duration::from_secs(5), || proxy.store.slot("p").unwrap().current().is_some()).await,
+                eventually(Duration::from_secs(5), || proxy
+                    .store
+                    .slot("p")
+                    .unwrap()
+                    .current()
+                    .is_some())
+                .await,
                 "{name}: no recovery"
             );
             assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
@@ -70,11 +87,18 @@ async fn connection_refused_backs_off() {
     let proxy = Proxy::start_tuned(&toml, 100 * MS, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let status = proxy.store.slot("p").unwrap().status();
-    assert!((3..=6).contains(&status.fetches), "{} attempts", status.fetches);
+    assert!(
+        (3..=6).contains(&status.fetches),
+        "{} attempts",
+        status.fetches
+    );
     assert!(status.last_error.unwrap().contains("unreachable"));
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(answer.status, 503);
-    assert!(answer.json()["message"].as_str().unwrap().contains("unreachable"));
+    assert!(answer.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("unreachable"));
     proxy.stop().await;
 }
 
@@ -87,7 +111,10 @@ async fn backoff_is_capped() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let gaps = issuer.intervals();
     assert!(gaps.len() >= 8, "kept retrying: {gaps:?}");
-    assert!(gaps.iter().all(|g| *g <= 260 * MS), "capped at 200 ms: {gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= 260 * MS),
+        "capped at 200 ms: {gaps:?}"
+    );
     proxy.stop().await;
 }
 
@@ -118,7 +145,10 @@ async fn current_token_served_while_refresh_fails_then_503_with_provider_words()
     let message = answer.json()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("invalid_client"), "{message}");
     assert!(message.contains("was revoked"), "{message}");
-    assert!(!message.contains("test-secret-value"), "secret echoed: {message}");
+    assert!(
+        !message.contains("test-secret-value"),
+        "secret echoed: {message}"
+    );
     issuer.set_fault(Fault::None);
     assert!(eventually(Duration::from_secs(5), || slot.current().is_some()).await);
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
@@ -130,7 +160,12 @@ async fn served_token_survives_failing_refresh() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     issuer.set_lifetime(3.0);
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "refresh_before = \"80%\"")).await;
+    let proxy = Proxy::start(&basic_config(
+        &issuer,
+        &upstream,
+        "refresh_before = \"80%\"",
+    ))
+    .await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     issuer.set_fault(Fault::Html);
@@ -138,7 +173,10 @@ async fn served_token_survives_failing_refresh() {
     assert!(eventually(Duration::from_secs(2), || issuer.hits() >= 2).await);
     let answer = get(&c, &proxy.url("/x")).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))]
+    );
     proxy.stop().await;
 }
 
@@ -200,7 +238,11 @@ async fn twenty_concurrent_401s_cause_one_fetch_and_all_replay() {
         tasks.push(tokio::spawn(async move {
             let body = format!("order-{i}");
             let answer = send(&c, Request::post(url).body(full(body.clone())).unwrap()).await;
-            (answer.status, answer.json()["body_len"].as_u64(), body.len() as u64)
+            (
+                answer.status,
+                answer.json()["body_len"].as_u64(),
+                body.len() as u64,
+            )
         }));
     }
     for task in tasks {
@@ -216,17 +258,34 @@ async fn twenty_concurrent_401s_cause_one_fetch_and_all_replay() {
 async fn lone_wolf_403_replays_post_body_intact() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "invalidate_on = [401, 403]")).await;
+    let proxy = Proxy::start(&basic_config(
+        &issuer,
+        &upstream,
+        "invalidate_on = [401, 403]",
+    ))
+    .await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 403);
     let body = "x".repeat(64 * 1024);
-    let answer = send(&c, Request::post(proxy.url("/v1/transactions")).body(full(body.clone())).unwrap()).await;
+    let answer = send(
+        &c,
+        Request::post(proxy.url("/v1/transactions"))
+            .body(full(body.clone()))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.json()["body_len"], body.len());
     use sha2::Digest;
-    assert_eq!(answer.json()["body_sha256"], hex(&sha2::Sha256::digest(body.as_bytes())));
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    assert_eq!(
+        answer.json()["body_sha256"],
+        hex(&sha2::Sha256::digest(body.as_bytes()))
+    );
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(2))]
+    );
     proxy.stop().await;
 }
 
@@ -234,19 +293,33 @@ async fn lone_wolf_403_replays_post_body_intact() {
 async fn body_over_max_replay_body_is_not_replayed() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "").replace("[server]\n", "[server]\nmax_replay_body = \"1KiB\"\n");
+    let toml = basic_config(&issuer, &upstream, "")
+        .replace("[server]\n", "[server]\nmax_replay_body = \"1KiB\"\n");
     let proxy = Proxy::start(&toml).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 401);
     let before = upstream.hits();
-    let answer = send(&c, Request::post(proxy.url("/big")).body(stream_bytes(4096)).unwrap()).await;
+    let answer = send(
+        &c,
+        Request::post(proxy.url("/big"))
+            .body(stream_bytes(4096))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(answer.status, 401, "the upstream's answer, as it was");
-    assert_eq!(answer.json()["body_len"], 4096, "body streamed through whole");
+    assert_eq!(
+        answer.json()["body_len"],
+        4096,
+        "body streamed through whole"
+    );
     assert_eq!(upstream.hits(), before + 1, "no replay");
     // The rejected token was still dropped and replaced.
     assert!(eventually(Duration::from_secs(2), || issuer.hits() == 2).await);
-    assert_eq!(get(&c, &proxy.url("/x")).await.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    assert_eq!(
+        get(&c, &proxy.url("/x")).await.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(2))]
+    );
     proxy.stop().await;
 }
 
@@ -264,13 +337,25 @@ async fn a_fresh_token_rejected_again_is_not_fetched_a_third_time() {
     assert_eq!(answer.status, 401);
     assert_eq!(upstream.hits(), before + 2, "exactly one replay");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(issuer.hits(), 2, "not fetched a third time for this request");
+    assert_eq!(
+        issuer.hits(),
+        2,
+        "not fetched a third time for this request"
+    );
     proxy.stop().await;
 }
 
-fn cache_config(issuer: &Issuer, upstream: &Upstream, dir: &std::path::Path, secret: &str) -> String {
+fn cache_config(
+    issuer: &Issuer,
+    upstream: &Upstream,
+    dir: &std::path::Path,
+    secret: &str,
+) -> String {
     basic_config(issuer, upstream, "")
-        .replace("[server]\n", &format!("[server]\ntoken_cache_dir = \"{}\"\n", dir.display()))
+        .replace(
+            "[server]\n",
+            &format!("[server]\ntoken_cache_dir = \"{}\"\n", dir.display()),
+        )
         .replace("test-secret-value", secret)
 }
 
@@ -287,21 +372,30 @@ async fn cache_survives_restart_with_safe_modes() {
     assert_eq!(issuer.hits(), 1);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
-    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files.len(), 1, "{files:?}");
     assert_eq!(mode(&files[0]), 0o600);
 
     // Restart: no token request, the cached token is used.
     let proxy = Proxy::start(&toml).await;
     let answer = get(&client(), &proxy.url("/x")).await;
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))]
+    );
     assert_eq!(issuer.hits(), 1);
     proxy.stop().await;
 
     // Changed credentials: a new fetch.
     let proxy = Proxy::start(&cache_config(&issuer, &upstream, &dir, "secret-two")).await;
     let answer = get(&client(), &proxy.url("/x")).await;
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(2))]
+    );
     proxy.stop().await;
 }
 
@@ -338,7 +432,10 @@ async fn insecure_cache_dir_is_refused() {
         &|_| None,
     )
     .unwrap();
-    let error = bearer_proxy::server::Server::bind(config).await.err().expect("refused");
+    let error = bearer_proxy::server::Server::bind(config)
+        .await
+        .err()
+        .expect("refused");
     let message = error.to_string();
     assert!(message.contains("writable by group or others"), "{message}");
     assert!(message.contains("chmod 700"), "{message}");
@@ -356,16 +453,31 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
     let now = SystemTime::now();
     // 100 s lifetime, 5 s left: inside the default 10 % refresh window.
     cache
-        .store(&config.providers["p"], &Secret::new("old-token"), now - Duration::from_secs(95), now + Duration::from_secs(5))
+        .store(
+            &config.providers["p"],
+            &Secret::new("old-token"),
+            now - Duration::from_secs(95),
+            now + Duration::from_secs(5),
+        )
         .unwrap();
     let proxy = Proxy::start(&toml).await;
     // The old token is still valid, so it may serve while the refresh runs...
-    assert!(eventually(Duration::from_secs(2), || issuer.hits() == 1).await, "refreshed at once");
+    assert!(
+        eventually(Duration::from_secs(2), || issuer.hits() == 1).await,
+        "refreshed at once"
+    );
     // ...and afterwards the new one is used.
-    assert!(eventually(Duration::from_secs(2), || {
-        proxy.store.slot("p").unwrap().current().is_some_and(|t| t.generation == 2)
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            proxy
+                .store
+                .slot("p")
+                .unwrap()
+                .current()
+                .is_some_and(|t| t.generation == 2)
+        })
+        .await
+    );
     proxy.stop().await;
 
     // A cached token far from expiry: no fetch at all.
@@ -373,7 +485,12 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
     let toml2 = cache_config(&issuer2, &upstream, &dir, "secret-one");
     let config2 = Config::parse(&toml2, std::path::Path::new("t.toml"), &|_| None).unwrap();
     cache
-        .store(&config2.providers["p"], &Secret::new("cached-token"), now, now + Duration::from_secs(3600))
+        .store(
+            &config2.providers["p"],
+            &Secret::new("cached-token"),
+            now,
+            now + Duration::from_secs(3600),
+        )
         .unwrap();
     let proxy = Proxy::start(&toml2).await;
     let answer = get(&client(), &proxy.url("/x")).await;
@@ -403,8 +520,15 @@ async fn token_command_uses_the_cache() {
         .await
         .unwrap()
         .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", issuer.token(1)));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{}\n", issuer.token(1))
+        );
     }
     assert_eq!(issuer.hits(), 1, "one token request per lifetime");
 }

@@ -20,7 +20,10 @@ extra_params = { lwt_client_id = "tenant-42" }"#,
     .await;
     let answer = get(&client(), &proxy.url("/v1/transactions")).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))]
+    );
     let sent = issuer.last_request();
     assert_eq!(sent.content_type, "application/json");
     let body: serde_json::Value = serde_json::from_str(&sent.body).unwrap();
@@ -43,7 +46,10 @@ async fn form_with_basic_auth_and_string_expiry() {
     ))
     .await;
     let answer = get(&client(), &proxy.url("/x")).await;
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(1))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))]
+    );
     let sent = issuer.last_request();
     assert_eq!(sent.content_type, "application/x-www-form-urlencoded");
     assert_eq!(sent.body, "grant_type=client_credentials&scope=read+write");
@@ -55,7 +61,10 @@ async fn form_with_basic_auth_and_string_expiry() {
     let slot = proxy.store.slot("p").unwrap();
     let token = slot.current().unwrap();
     let lifetime = token.expires_at - token.refresh_at;
-    assert!(lifetime > Duration::from_secs(300), "3600 s string expiry understood");
+    assert!(
+        lifetime > Duration::from_secs(300),
+        "3600 s string expiry understood"
+    );
     proxy.stop().await;
 }
 
@@ -171,10 +180,23 @@ async fn refresh_ahead_keeps_requests_off_a_slow_issuer() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     issuer.set_lifetime(3.0);
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "refresh_before = \"50%\"")).await;
+    let proxy = Proxy::start(&basic_config(
+        &issuer,
+        &upstream,
+        "refresh_before = \"50%\"",
+    ))
+    .await;
     let client = client();
     assert!(eventually(Duration::from_secs(5), || issuer.hits() == 1).await);
-    assert!(eventually(Duration::from_secs(5), || proxy.store.slot("p").unwrap().current().is_some()).await);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .store
+            .slot("p")
+            .unwrap()
+            .current()
+            .is_some())
+        .await
+    );
     issuer.set_delay(Duration::from_millis(700));
     // Requests for 5 s, across at least two refreshes of a 3 s token.
     let started = tokio::time::Instant::now();
@@ -188,7 +210,11 @@ async fn refresh_ahead_keeps_requests_off_a_slow_issuer() {
         count += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(issuer.hits() >= 3, "refreshed in the background: {}", issuer.hits());
+    assert!(
+        issuer.hits() >= 3,
+        "refreshed in the background: {}",
+        issuer.hits()
+    );
     assert!(
         slowest < Duration::from_millis(700),
         "no request waited for the issuer: slowest {slowest:?}"
@@ -201,12 +227,17 @@ async fn token_wait_bounds_a_request_when_the_issuer_hangs() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     issuer.set_fault(Fault::Hang);
     let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "").replace("token_wait = \"2s\"", "token_wait = \"300ms\"");
+    let toml = basic_config(&issuer, &upstream, "")
+        .replace("token_wait = \"2s\"", "token_wait = \"300ms\"");
     let proxy = Proxy::start(&toml).await;
     let t = tokio::time::Instant::now();
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(answer.status, 503);
-    assert!(t.elapsed() < Duration::from_secs(2), "bounded by token_wait: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "bounded by token_wait: {:?}",
+        t.elapsed()
+    );
     assert_eq!(answer.json()["error"], "token_unavailable");
     proxy.stop().await;
 }
@@ -220,10 +251,19 @@ async fn failing_provider_does_not_stop_startup_and_recovers() {
     let client = client();
     let answer = get(&client, &proxy.url("/x")).await;
     assert_eq!(answer.status, 503);
-    assert!(answer.json()["message"].as_str().unwrap().contains("server_error"));
+    assert!(answer.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("server_error"));
     issuer.set_fault(Fault::None);
     assert!(
-        eventually(Duration::from_secs(5), || proxy.store.slot("p").unwrap().current().is_some()).await,
+        eventually(Duration::from_secs(5), || proxy
+            .store
+            .slot("p")
+            .unwrap()
+            .current()
+            .is_some())
+        .await,
         "retried in the background"
     );
     assert_eq!(get(&client, &proxy.url("/x")).await.status, 200);
@@ -238,10 +278,15 @@ async fn upstream_401_invalidates_and_replays_once() {
     let client = client();
     assert_eq!(get(&client, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 401);
-    let req = Request::post(proxy.url("/orders")).body(full("payload-123")).unwrap();
+    let req = Request::post(proxy.url("/orders"))
+        .body(full("payload-123"))
+        .unwrap();
     let answer = send(&client, req).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", issuer.token(2))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(2))]
+    );
     assert_eq!(answer.json()["body_len"], 11);
     assert_eq!(issuer.hits(), 2);
     proxy.stop().await;

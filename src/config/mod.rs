@@ -136,7 +136,9 @@ impl FieldPath {
     fn parse(value: &str) -> Result<Self, String> {
         let parts: Vec<String> = value.split('.').map(str::to_owned).collect();
         if parts.iter().any(String::is_empty) {
-            return Err(format!("`{value}` is not a dotted field path like \"results.token\""));
+            return Err(format!(
+                "`{value}` is not a dotted field path like \"results.token\""
+            ));
         }
         Ok(Self(parts))
     }
@@ -214,7 +216,7 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: syntax_message(text, &e),
         })?;
         Validator { path, env }.config(raw)
     }
@@ -376,7 +378,12 @@ impl Validator<'_> {
                 .collect::<VResult<_>>()?,
         };
         let dur = |key: &str, raw: &Option<String>, default: u64| -> VResult<Duration> {
-            let d = self.parsed(key, raw.as_ref(), Duration::from_secs(default), values::duration)?;
+            let d = self.parsed(
+                key,
+                raw.as_ref(),
+                Duration::from_secs(default),
+                values::duration,
+            )?;
             if d.is_zero() {
                 return Err(self.err(key, "must be more than zero"));
             }
@@ -418,7 +425,12 @@ impl Validator<'_> {
         }
     }
 
-    fn provider(&self, name: &str, p: &RawProvider, server: &ServerConfig) -> VResult<ProviderConfig> {
+    fn provider(
+        &self,
+        name: &str,
+        p: &RawProvider,
+        server: &ServerConfig,
+    ) -> VResult<ProviderConfig> {
         let key = |k: &str| format!("providers.{name}.{k}");
         let token_url_raw = p
             .token_url
@@ -449,16 +461,16 @@ impl Validator<'_> {
                 ))
             }
             (None, None) => {
-                return Err(self.err(
-                    key("client_secret"),
-                    "is required (or client_secret_file)",
-                ))
+                return Err(self.err(key("client_secret"), "is required (or client_secret_file)"))
             }
             (Some(raw), None) => Secret::new(self.string(&key("client_secret"), raw)?),
             (None, Some(raw)) => {
                 let file = self.relative(&self.string(&key("client_secret_file"), raw)?);
                 let text = std::fs::read_to_string(&file).map_err(|e| {
-                    self.err(key("client_secret_file"), format!("cannot read {}: {e}", file.display()))
+                    self.err(
+                        key("client_secret_file"),
+                        format!("cannot read {}: {e}", file.display()),
+                    )
                 })?;
                 Secret::new(text.trim_end_matches(['\r', '\n']).to_owned())
             }
@@ -474,18 +486,30 @@ impl Validator<'_> {
             }
             extra_params.push((k.clone(), self.string(&pkey, v)?));
         }
-        let request_format = match self.opt_string(&key("request_format"), p.request_format.as_ref())?.as_deref() {
+        let request_format = match self
+            .opt_string(&key("request_format"), p.request_format.as_ref())?
+            .as_deref()
+        {
             None | Some("form") => RequestFormat::Form,
             Some("json") => RequestFormat::Json,
             Some(other) => {
-                return Err(self.err(key("request_format"), format!("`{other}` is not \"form\" or \"json\"")))
+                return Err(self.err(
+                    key("request_format"),
+                    format!("`{other}` is not \"form\" or \"json\""),
+                ))
             }
         };
-        let client_auth = match self.opt_string(&key("client_auth"), p.client_auth.as_ref())?.as_deref() {
+        let client_auth = match self
+            .opt_string(&key("client_auth"), p.client_auth.as_ref())?
+            .as_deref()
+        {
             None | Some("body") => ClientAuth::Body,
             Some("basic") => ClientAuth::Basic,
             Some(other) => {
-                return Err(self.err(key("client_auth"), format!("`{other}` is not \"body\" or \"basic\"")))
+                return Err(self.err(
+                    key("client_auth"),
+                    format!("`{other}` is not \"body\" or \"basic\""),
+                ))
             }
         };
         let field = |k: &str, raw: Option<&String>, default: &str| -> VResult<FieldPath> {
@@ -498,8 +522,12 @@ impl Validator<'_> {
         let header_raw = self
             .opt_string(&key("header"), p.header.as_ref())?
             .unwrap_or_else(|| "Authorization".to_owned());
-        let header = HeaderName::from_bytes(header_raw.as_bytes())
-            .map_err(|_| self.err(key("header"), format!("`{header_raw}` is not a valid header name")))?;
+        let header = HeaderName::from_bytes(header_raw.as_bytes()).map_err(|_| {
+            self.err(
+                key("header"),
+                format!("`{header_raw}` is not a valid header name"),
+            )
+        })?;
         if is_hop_by_hop_name(&header) || header == http::header::HOST {
             return Err(self.err(key("header"), format!("`{header}` cannot carry a token")));
         }
@@ -507,7 +535,10 @@ impl Validator<'_> {
             .opt_string(&key("header_prefix"), p.header_prefix.as_ref())?
             .unwrap_or_else(|| "Bearer ".to_owned());
         if HeaderValue::from_str(&header_prefix).is_err() {
-            return Err(self.err(key("header_prefix"), "holds characters not allowed in a header"));
+            return Err(self.err(
+                key("header_prefix"),
+                "holds characters not allowed in a header",
+            ));
         }
         let invalidate_on = match &p.invalidate_on {
             None => vec![StatusCode::UNAUTHORIZED],
@@ -519,7 +550,10 @@ impl Validator<'_> {
                         .filter(|c| (400..=599).contains(c))
                         .and_then(|c| StatusCode::from_u16(c).ok())
                         .ok_or_else(|| {
-                            self.err(key("invalidate_on"), format!("{code} is not an HTTP error status (400-599)"))
+                            self.err(
+                                key("invalidate_on"),
+                                format!("{code} is not an HTTP error status (400-599)"),
+                            )
                         })
                 })
                 .collect::<VResult<_>>()?,
@@ -550,7 +584,11 @@ impl Validator<'_> {
             request_format,
             client_auth,
             token_field: field("token_field", p.token_field.as_ref(), "access_token")?,
-            expires_in_field: field("expires_in_field", p.expires_in_field.as_ref(), "expires_in")?,
+            expires_in_field: field(
+                "expires_in_field",
+                p.expires_in_field.as_ref(),
+                "expires_in",
+            )?,
             expires_at_field: p
                 .expires_at_field
                 .as_ref()
@@ -567,7 +605,8 @@ impl Validator<'_> {
 
     fn url(&self, key: &str, raw: &str) -> VResult<Url> {
         let value = self.string(key, raw)?;
-        let url = Url::parse(&value).map_err(|e| self.err(key, format!("`{value}` is not a valid URL ({e})")))?;
+        let url = Url::parse(&value)
+            .map_err(|e| self.err(key, format!("`{value}` is not a valid URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(self.err(key, format!("`{value}` must be an http:// or https:// URL")));
         }
@@ -597,7 +636,10 @@ impl Validator<'_> {
             .ok_or_else(|| self.err(key("upstream"), "is required"))?;
         let url = self.url(&key("upstream"), upstream_raw)?;
         if url.query().is_some() {
-            return Err(self.err(key("upstream"), "must not have a ?query (the request's query is appended)"));
+            return Err(self.err(
+                key("upstream"),
+                "must not have a ?query (the request's query is appended)",
+            ));
         }
         let upstream = upstream_parts(url).map_err(|p| self.err(key("upstream"), p))?;
         let listen = match &r.listen {
@@ -609,7 +651,10 @@ impl Validator<'_> {
             .map(|h| {
                 let h = h.trim().to_ascii_lowercase();
                 if h.is_empty() || h.contains(['/', ':', ' ']) && !h.starts_with('[') {
-                    Err(self.err(key("host"), format!("`{h}` is not a host name (give it without scheme or port)")))
+                    Err(self.err(
+                        key("host"),
+                        format!("`{h}` is not a host name (give it without scheme or port)"),
+                    ))
                 } else {
                     Ok(h)
                 }
@@ -619,7 +664,10 @@ impl Validator<'_> {
             .opt_string(&key("path_prefix"), r.path_prefix.as_ref())?
             .unwrap_or_else(|| "/".to_owned());
         if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
-            return Err(self.err(key("path_prefix"), format!("`{prefix}` must start with / and hold no ? or #")));
+            return Err(self.err(
+                key("path_prefix"),
+                format!("`{prefix}` must start with / and hold no ? or #"),
+            ));
         }
         let path_prefix = match prefix.trim_end_matches('/') {
             "" => "/".to_owned(),
@@ -632,7 +680,14 @@ impl Validator<'_> {
                 let known: Vec<&str> = providers.keys().map(String::as_str).collect();
                 return Err(self.err(
                     key("provider"),
-                    format!("no provider named `{name}` (defined: {})", if known.is_empty() { "none".to_owned() } else { known.join(", ") }),
+                    format!(
+                        "no provider named `{name}` (defined: {})",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
                 ));
             }
         };
@@ -689,11 +744,28 @@ fn parse_refresh_before(value: &str) -> std::result::Result<RefreshBefore, Strin
             .parse()
             .map_err(|_| format!("`{value}` is not a percentage like \"10%\""))?;
         if !(0.0..=90.0).contains(&pct) {
-            return Err(format!("`{value}` must be between 0% and 90% of the lifetime"));
+            return Err(format!(
+                "`{value}` must be between 0% and 90% of the lifetime"
+            ));
         }
         return Ok(RefreshBefore::Fraction(pct / 100.0));
     }
     values::duration(value).map(RefreshBefore::Duration)
+}
+
+/// The parser's message with its line, column and key path, but without the quoted
+/// source line the parser's own `Display` adds: that line may hold a literal client secret.
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    // Without its input, the error displays as its message plus "in `key.path`".
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let message = bare.to_string().trim_end().replace('\n', " ");
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 fn parse_cidr(value: &str) -> std::result::Result<IpNet, String> {

@@ -23,15 +23,13 @@ pub fn interpolate(raw: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<St
                 .find('}')
                 .ok_or_else(|| "unterminated `${` (write `$${` for a literal `${`)".to_owned())?;
             let name = &after[..end];
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(format!("`${{{name}}}` is not a valid environment variable name"));
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "`${{{name}}}` is not a valid environment variable name"
+                ));
             }
-            let value = env(name)
-                .ok_or_else(|| format!("environment variable {name} is not set"))?;
+            let value =
+                env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
             out.push_str(&value);
             rest = &after[end + 1..];
         } else {
@@ -85,8 +83,12 @@ mod tests {
         assert_eq!(interpolate("x${A}y", &env).unwrap(), "xalphay");
         assert_eq!(interpolate("$${A}", &env).unwrap(), "${A}");
         assert_eq!(interpolate("cost $5", &env).unwrap(), "cost $5");
-        assert!(interpolate("${B}", &env).unwrap_err().contains("B is not set"));
-        assert!(interpolate("${A", &env).unwrap_err().contains("unterminated"));
+        assert!(interpolate("${B}", &env)
+            .unwrap_err()
+            .contains("B is not set"));
+        assert!(interpolate("${A", &env)
+            .unwrap_err()
+            .contains("unterminated"));
     }
 
     #[test]

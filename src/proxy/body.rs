@@ -73,7 +73,11 @@ impl Body for OutBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Self::Stream(inner) => Pin::new(inner).poll_frame(cx),
-            Self::Full(data) => Poll::Ready(data.take().filter(|d| !d.is_empty()).map(|d| Ok(Frame::data(d)))),
+            Self::Full(data) => Poll::Ready(
+                data.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
             Self::Prefixed { head, rest } => match head.take().filter(|d| !d.is_empty()) {
                 Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
                 None => Pin::new(rest).poll_frame(cx),

@@ -40,7 +40,11 @@ impl ProxyError {
     }
 
     /// The JSON answer, naming the route and provider when known.
-    pub fn to_response(&self, route: Option<&str>, provider: Option<&str>) -> Response<Full<Bytes>> {
+    pub fn to_response(
+        &self,
+        route: Option<&str>,
+        provider: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let (status, code) = self.status_and_code();
         let mut body = serde_json::json!({ "error": code, "message": self.to_string() });
         if let Some(route) = route {

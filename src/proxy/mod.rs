@@ -103,7 +103,11 @@ impl Proxy {
                 .uri()
                 .authority()
                 .map(|a| a.as_str())
-                .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
                 .and_then(routing::host_without_port);
             router.find(host.as_deref(), &path)
         });
@@ -126,7 +130,10 @@ impl Proxy {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
-                (e.to_response(route_name, provider).map(Either::Right), false)
+                (
+                    e.to_response(route_name, provider).map(Either::Right),
+                    false,
+                )
             }
         };
         tracing::info!(
@@ -141,7 +148,11 @@ impl Proxy {
         Ok(response)
     }
 
-    async fn forward(&self, route: &Route, req: Request<Incoming>) -> Result<Forwarded, ProxyError> {
+    async fn forward(
+        &self,
+        route: &Route,
+        req: Request<Incoming>,
+    ) -> Result<Forwarded, ProxyError> {
         let path = req.uri().path();
         if !path.starts_with('/') || routing::has_dot_segments(path) {
             return Err(ProxyError::BadRequest(

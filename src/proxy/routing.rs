@@ -111,7 +111,10 @@ mod tests {
 
     #[test]
     fn joins_base_and_rest() {
-        assert_eq!(upstream_path("/api/v1", "/wll", "/wll/users", true), "/api/v1/users");
+        assert_eq!(
+            upstream_path("/api/v1", "/wll", "/wll/users", true),
+            "/api/v1/users"
+        );
         assert_eq!(upstream_path("/api/v1", "/wll", "/wll", true), "/api/v1");
         assert_eq!(upstream_path("", "/wll", "/wll", true), "/");
         assert_eq!(upstream_path("", "/wll", "/wll/a", false), "/wll/a");
@@ -121,7 +124,10 @@ mod tests {
 
     #[test]
     fn hosts() {
-        assert_eq!(host_without_port("API.example.com:8080").as_deref(), Some("api.example.com"));
+        assert_eq!(
+            host_without_port("API.example.com:8080").as_deref(),
+            Some("api.example.com")
+        );
         assert_eq!(host_without_port("[::1]:80").as_deref(), Some("[::1]"));
         assert_eq!(host_without_port(""), None);
     }

@@ -90,7 +90,13 @@ impl TokenCache {
         let name: String = provider
             .name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         self.dir
             .join(format!("{name}-{}.json", &fingerprint(provider)[..16]))

@@ -214,8 +214,7 @@ impl ProviderSlot {
         header_value.set_sensitive(true);
         let lead = self.config.refresh_before.lead(lifetime);
         // Jitter spreads a fleet started together over a little window.
-        let jitter =
-            lifetime.mul_f64(self.settings.tuning.refresh_jitter * rand::random::<f64>());
+        let jitter = lifetime.mul_f64(self.settings.tuning.refresh_jitter * rand::random::<f64>());
         // Never refresh sooner than this after a fetch, whatever the settings say.
         let earliest = if remaining == lifetime {
             (lifetime / 2).min(Duration::from_secs(1))

@@ -162,7 +162,13 @@ impl Issuer {
     }
 
     pub fn last_request(&self) -> Recorded {
-        self.state.requests.lock().unwrap().last().cloned().expect("issuer got no request")
+        self.state
+            .requests
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("issuer got no request")
     }
 
     /// Gaps between consecutive requests.
@@ -178,7 +184,11 @@ impl Issuer {
 }
 
 async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<TestBody> {
-    state.times.lock().unwrap().push(tokio::time::Instant::now());
+    state
+        .times
+        .lock()
+        .unwrap()
+        .push(tokio::time::Instant::now());
     let n = state.hits.fetch_add(1, Ordering::SeqCst) + 1;
     let header = |name: &str| {
         req.headers()
@@ -187,7 +197,12 @@ async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<Test
     };
     let content_type = header("content-type").unwrap_or_default();
     let authorization = header("authorization");
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     state.requests.lock().unwrap().push(Recorded {
         content_type,
         authorization,
@@ -322,7 +337,11 @@ impl Upstream {
     /// Answer `status` to requests whose Authorization is `Bearer <token>`.
     pub fn reject(&self, token: &str, status: u16) {
         *self.state.reject_status.lock().unwrap() = status;
-        self.state.reject.lock().unwrap().insert(format!("Bearer {token}"));
+        self.state
+            .reject
+            .lock()
+            .unwrap()
+            .insert(format!("Bearer {token}"));
     }
 
     pub fn set_delay(&self, d: Duration) {
@@ -355,7 +374,12 @@ async fn echo(req: Request<Incoming>, state: Arc<UpstreamState>) -> Response<Tes
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let mut body = req.into_body();
     let mut hasher = Sha256::new();
@@ -394,7 +418,11 @@ async fn echo(req: Request<Incoming>, state: Arc<UpstreamState>) -> Response<Tes
 
 /// A body of `n` pseudo-random bytes in 64 KiB frames, generated as it is read.
 pub fn stream_bytes(n: u64) -> TestBody {
-    let chunk = Bytes::from((0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+    let chunk = Bytes::from(
+        (0..64 * 1024)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let frames = (0..n.div_ceil(chunk.len() as u64)).map(move |i| {
         let start = i * chunk.len() as u64;
         let len = (n - start).min(chunk.len() as u64) as usize;
@@ -457,7 +485,8 @@ impl Proxy {
 
     /// Like `start`, with backoff from `base` doubling up to `max`.
     pub async fn start_tuned(toml: &str, base: Duration, max: Duration) -> Self {
-        let mut config = Config::parse(toml, Path::new("test.toml"), &|_| None).expect("test config");
+        let mut config =
+            Config::parse(toml, Path::new("test.toml"), &|_| None).expect("test config");
         config.tuning.backoff_base = base;
         config.tuning.backoff_max = max;
         Self::start_exact(config).await
