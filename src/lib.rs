@@ -5,16 +5,20 @@
 //! - [`provider`]: token-endpoint dialects (request and response)
 //! - [`token`]: the shared refresh-ahead token store
 //! - [`proxy`]: routing, header hygiene, forwarding, error answers
-//! - [`server`]: listeners and graceful shutdown
+//! - [`server`]: listeners, reload and graceful shutdown
+//! - [`admin`]: health, readiness, metrics, token status, reload endpoints
+//! - [`metrics`]: the Prometheus registry
 //! - [`tls`]: the TLS client settings
 //! - [`demo`]: the self-contained loopback demo
 //! - [`cli`], [`logging`]: the command-line edge
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod logging;
+pub mod metrics;
 pub mod provider;
 pub mod proxy;
 pub mod secret;

@@ -1,26 +1,31 @@
-//! Listeners and their lifecycle: bind, accept, serve HTTP/1.1 and h2c, drain on shutdown.
+//! Listeners and their lifecycle: bind, accept, serve HTTP/1.1 and h2c, reload,
+//! drain on shutdown.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use ipnet::IpNet;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::admin;
+use crate::config::{self, Config};
+use crate::metrics::Metrics;
 use crate::provider::TokenClient;
 use crate::proxy::client::upstream_client;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{Proxy, RoutingTable};
 use crate::tls::{self, TlsError};
 use crate::token::cache::{CacheError, TokenCache};
-use crate::token::TokenStore;
+use crate::token::{ProviderChanges, TokenStore};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +45,24 @@ pub enum StartError {
     },
 }
 
-/// Everything a running proxy shares: the store, the routes, the clients.
+/// Everything a running proxy shares: the store, the routes, the clients, metrics.
 pub struct Shared {
-    pub config: Config,
+    /// The configuration in force (replaced by a successful reload).
+    config: Mutex<Config>,
     pub store: Arc<TokenStore>,
     pub proxy: Arc<Proxy>,
+    pub metrics: Arc<Metrics>,
+    /// Serializes reloads (SIGHUP and `POST /reload` may race).
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub providers: ProviderChanges,
+    pub routes: usize,
+    /// Listener addresses that differ from the running ones: they need a restart.
+    pub listener_changes: Vec<String>,
 }
 
 impl Shared {
@@ -59,24 +77,122 @@ impl Shared {
             .as_deref()
             .map(TokenCache::open)
             .transpose()?;
-        let store = Arc::new(TokenStore::new(&config, token_client, cache));
+        let metrics = Arc::new(Metrics::new());
+        let store = Arc::new(TokenStore::new(
+            &config,
+            token_client,
+            cache,
+            metrics.clone(),
+        ));
         store.load_cache();
-        let table = RoutingTable::new(&config, &store);
+        let table = RoutingTable::new(&config, &store, &metrics);
         let client = upstream_client(tls, config.server.connect_timeout);
-        let proxy = Arc::new(Proxy::new(&config, table, client));
+        let proxy = Arc::new(Proxy::new(table, client, metrics.clone()));
         Ok(Self {
-            config,
+            config: Mutex::new(config),
             store,
             proxy,
+            metrics,
+            reloading: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// A copy of the configuration in force.
+    pub fn config(&self) -> Config {
+        self.config
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Re-reads the config file. When it validates, providers and routes are swapped
+    /// atomically (unchanged providers keep their token); otherwise nothing changes and
+    /// the error is returned. Listener changes are reported, not applied.
+    pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, String> {
+        let _serial = self.reloading.lock().await;
+        let old = self.config();
+        let path = old.source.clone();
+        let this = self.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<ReloadReport, String> {
+            let mut new = config::load(&path).map_err(|e| e.to_string())?;
+            new.tuning = old.tuning.clone();
+            let mut listener_changes = Vec::new();
+            if new.listen_addrs() != old.listen_addrs() {
+                listener_changes.push(format!(
+                    "listeners {:?} -> {:?}",
+                    old.listen_addrs(),
+                    new.listen_addrs()
+                ));
+            }
+            if new.server.admin_listen != old.server.admin_listen {
+                listener_changes.push(format!(
+                    "admin_listen {:?} -> {:?}",
+                    old.server.admin_listen, new.server.admin_listen
+                ));
+            }
+            for (key, changed) in [
+                (
+                    "token_cache_dir",
+                    new.server.token_cache_dir != old.server.token_cache_dir,
+                ),
+                (
+                    "extra_ca_file",
+                    new.server.extra_ca_file != old.server.extra_ca_file,
+                ),
+                (
+                    "connect_timeout",
+                    new.server.connect_timeout != old.server.connect_timeout,
+                ),
+            ] {
+                if changed {
+                    listener_changes.push(format!("{key} changed"));
+                }
+            }
+            let providers = this.store.apply(&new);
+            this.proxy
+                .swap_table(RoutingTable::new(&new, &this.store, &this.metrics));
+            let routes = new.routes.len();
+            if let Ok(mut current) = this.config.lock() {
+                *current = new;
+            }
+            Ok(ReloadReport {
+                providers,
+                routes,
+                listener_changes,
+            })
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))?;
+        match &result {
+            Ok(report) => {
+                tracing::info!(
+                    kept = ?report.providers.kept,
+                    started = ?report.providers.started,
+                    stopped = ?report.providers.stopped,
+                    routes = report.routes,
+                    "config reloaded"
+                );
+                for change in &report.listener_changes {
+                    tracing::warn!(
+                        change = %change,
+                        "this change needs a restart to take effect; the running listeners and clients are unchanged"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "config reload failed; the running config stays")
+            }
+        }
+        result
     }
 }
 
 /// A bound, not yet serving proxy.
 pub struct Server {
-    shared: Shared,
+    shared: Arc<Shared>,
     /// (configured address, bound listener)
     listeners: Vec<(SocketAddr, TcpListener)>,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -85,14 +201,20 @@ impl Server {
         let shared = tokio::task::spawn_blocking(move || Shared::build(config))
             .await
             .map_err(|e| StartError::Internal(e.to_string()))??;
+        let config = shared.config();
         let mut listeners = Vec::new();
-        for addr in shared.config.listen_addrs() {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
-            listeners.push((addr, listener));
+        for addr in config.listen_addrs() {
+            listeners.push((addr, bind(addr).await?));
         }
-        Ok(Self { shared, listeners })
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+            listeners,
+            admin,
+        })
     }
 
     /// The bound address of the listener configured as `configured` (port 0 resolved).
@@ -103,42 +225,96 @@ impl Server {
             .and_then(|(_, l)| l.local_addr().ok())
     }
 
+    /// The bound admin address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The token store, for callers that inspect it (tests, admin).
     pub fn store(&self) -> &Arc<TokenStore> {
         &self.shared.store
     }
 
+    /// The shared state (reload, metrics).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Serves until `shutdown` completes, then drains connections for at most
-    /// `shutdown_grace` and stops the token refreshers.
+    /// `shutdown_grace` and stops the token refreshers. SIGHUP reloads the config.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
-        let store_cancel = CancellationToken::new();
-        self.shared.store.start(&store_cancel);
-        let grace = self.shared.config.server.shutdown_grace;
-        let allowed: Arc<[IpNet]> = self.shared.config.server.allowed_clients.clone().into();
+        self.shared.store.start();
+        let grace = self.shared.config().server.shutdown_grace;
         let mut tasks = Vec::new();
         for (configured, listener) in self.listeners {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "listening");
-            }
+            let proxy = self.shared.proxy.clone();
+            let handler = move |req| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(configured, req).await }
+            };
             tasks.push(tokio::spawn(accept_loop(
+                "proxy",
                 listener,
-                configured,
                 self.shared.proxy.clone(),
-                allowed.clone(),
+                handler,
                 stop.clone(),
                 grace,
             )));
         }
+        if let Some(listener) = self.admin {
+            let shared = self.shared.clone();
+            let handler = move |req| admin::handle(shared.clone(), req);
+            tasks.push(tokio::spawn(accept_loop(
+                "admin",
+                listener,
+                self.shared.proxy.clone(),
+                handler,
+                stop.clone(),
+                grace,
+            )));
+        }
+        let hup = tokio::spawn(reload_on_sighup(self.shared.clone(), stop.clone()));
         shutdown.await;
         tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
         stop.cancel();
         for task in tasks {
             let _ = task.await;
         }
-        store_cancel.cancel();
+        let _ = hup.await;
+        self.shared.store.stop();
     }
 }
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /reload on the admin listener");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                tracing::info!("SIGHUP: reloading the config");
+                let _ = shared.reload().await;
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_shared: Arc<Shared>, _stop: CancellationToken) {}
 
 fn connection_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -150,14 +326,25 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn accept_loop(
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn accept_loop<H, Fut, B>(
+    kind: &'static str,
     listener: TcpListener,
-    configured: SocketAddr,
     proxy: Arc<Proxy>,
-    allowed: Arc<[IpNet]>,
+    handler: H,
     stop: CancellationToken,
     grace: Duration,
-) {
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, kind, "listening");
+    }
     let builder = connection_builder();
     let graceful = GracefulShutdown::new();
     loop {
@@ -175,24 +362,20 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        let peer_ip = peer.ip().to_canonical();
-        if !allowed.iter().any(|net| net.contains(&peer_ip)) {
+        if !proxy.allows(peer.ip()) {
             tracing::warn!(%peer, "client not in server.allowed_clients");
             let svc = service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(
-                    ProxyError::ForbiddenClient.to_response(None, None),
-                )
+                Ok::<_, Infallible>(ProxyError::ForbiddenClient.to_response(None, None))
             });
             let conn = builder.serve_connection(io, svc).into_owned();
             tokio::spawn(graceful.watch(conn));
             continue;
         }
-        let proxy = proxy.clone();
-        let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(configured, req).await }
-        });
-        let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
+        let conn = graceful.watch(
+            builder
+                .serve_connection(io, service_fn(handler.clone()))
+                .into_owned(),
+        );
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");

@@ -156,7 +156,7 @@ impl std::fmt::Display for FieldPath {
 }
 
 /// `[providers.NAME]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderConfig {
     pub name: String,
     pub token_url: Url,

@@ -1,5 +1,6 @@
 //! The forwarding service: route, attach the token, send upstream, replay once.
 
+pub mod access_log;
 pub mod body;
 pub mod client;
 pub mod error;
@@ -13,43 +14,56 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::Either;
 use hyper::body::Incoming;
+use ipnet::IpNet;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::{Token, TokenStore};
+use access_log::RequestLog;
+pub use access_log::ResBody;
 use body::{keep_for_replay, Kept, OutBody};
 use client::UpstreamClient;
 use error::{chain, ProxyError};
 use routing::{Route, Router};
 
-/// What the proxy answers: the upstream's streamed body, or one of its own.
-pub type ResBody = Either<Incoming, Full<Bytes>>;
-
-/// Every listener's routes, swapped whole on reload.
+/// Every listener's routes and the settings requests need, swapped whole on reload.
 pub struct RoutingTable {
     routers: HashMap<SocketAddr, Router>,
+    allowed_clients: Vec<IpNet>,
+    upstream_timeout: Duration,
+    max_replay_body: u64,
+    /// Metrics for requests no route matched.
+    unrouted: RouteMetrics,
 }
 
 impl RoutingTable {
-    /// Builds the routers, resolving each route's provider slot once.
-    pub fn new(config: &Config, store: &TokenStore) -> Self {
+    /// Builds the routers, resolving each route's provider slot and metrics once.
+    pub fn new(config: &Config, store: &TokenStore, metrics: &Arc<Metrics>) -> Self {
         let mut by_listener: HashMap<SocketAddr, Vec<Route>> = HashMap::new();
         for rc in &config.routes {
-            let slot = rc.provider.as_ref().and_then(|p| store.slot(p).cloned());
+            let slot = rc.provider.as_ref().and_then(|p| store.slot(p));
             by_listener.entry(rc.listen).or_default().push(Route {
                 config: rc.clone(),
                 slot,
+                metrics: metrics.route(&rc.name),
+                name: rc.name.as_str().into(),
             });
         }
         let routers = by_listener
             .into_iter()
             .map(|(addr, routes)| (addr, Router::new(routes)))
             .collect();
-        Self { routers }
+        Self {
+            routers,
+            allowed_clients: config.server.allowed_clients.clone(),
+            upstream_timeout: config.server.upstream_timeout,
+            max_replay_body: config.server.max_replay_body,
+            unrouted: metrics.route("-"),
+        }
     }
 
     /// The router of the listener configured as `listen`.
@@ -62,8 +76,7 @@ impl RoutingTable {
 pub struct Proxy {
     table: ArcSwap<RoutingTable>,
     client: UpstreamClient,
-    upstream_timeout: Duration,
-    max_replay_body: u64,
+    metrics: Arc<Metrics>,
 }
 
 /// The upstream's answer and whether it took a replay.
@@ -72,20 +85,38 @@ struct Forwarded {
     replayed: bool,
 }
 
+/// Keeps the in-flight gauge right however a request ends (including cancellation).
+struct InFlight<'a>(&'a Metrics);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight().dec();
+    }
+}
+
 impl Proxy {
     /// A proxy over `table`, forwarding through `client`.
-    pub fn new(config: &Config, table: RoutingTable, client: UpstreamClient) -> Self {
+    pub fn new(table: RoutingTable, client: UpstreamClient, metrics: Arc<Metrics>) -> Self {
         Self {
             table: ArcSwap::from_pointee(table),
             client,
-            upstream_timeout: config.server.upstream_timeout,
-            max_replay_body: config.server.max_replay_body,
+            metrics,
         }
     }
 
     /// Replaces the routing table; requests in flight finish on the old one.
     pub fn swap_table(&self, table: RoutingTable) {
         self.table.store(Arc::new(table));
+    }
+
+    /// True when `ip` may use the proxy (`server.allowed_clients`).
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.table
+            .load()
+            .allowed_clients
+            .iter()
+            .any(|net| net.contains(&ip))
     }
 
     /// Handles one request arriving on the listener configured as `listen`.
@@ -95,8 +126,8 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Response<ResBody>, Infallible> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        self.metrics.in_flight().inc();
+        let _in_flight = InFlight(&self.metrics);
         let table = self.table.load_full();
         let route = table.router(&listen).and_then(|router| {
             let host = req
@@ -109,19 +140,30 @@ impl Proxy {
                         .and_then(|h| h.to_str().ok())
                 })
                 .and_then(routing::host_without_port);
-            router.find(host.as_deref(), &path)
+            router.find(host.as_deref(), req.uri().path())
         });
-        let route_name = route.map(|r| r.config.name.as_str());
-        let provider = route.and_then(|r| r.config.provider.as_deref());
+        let log = tracing::enabled!(tracing::Level::INFO).then(|| {
+            Box::new(RequestLog {
+                method: req.method().clone(),
+                route: route.map(|r| r.name.clone()),
+                path: req.uri().path().to_owned(),
+                status: 0,
+                started,
+                replayed: false,
+                bytes: 0,
+                complete: false,
+            })
+        });
         let result = if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             // CONNECT would tunnel past the route; TRACE would echo the token back.
             Err(ProxyError::BadRequest("this method is not forwarded"))
         } else {
             match route {
-                Some(route) => self.forward(route, req).await,
+                Some(route) => self.forward(route, &table, req).await,
                 None => Err(ProxyError::NoRoute),
             }
         };
+        let route_metrics = route.map_or(&table.unrouted, |r| &r.metrics);
         let (response, replayed) = match result {
             Ok(f) => {
                 let (mut parts, body) = f.response.into_parts();
@@ -130,27 +172,35 @@ impl Proxy {
             }
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
+                match &e {
+                    ProxyError::UpstreamUnreachable(_) => {
+                        route_metrics.upstream_error("unreachable")
+                    }
+                    ProxyError::UpstreamTimeout(_) => route_metrics.upstream_error("timeout"),
+                    _ => {}
+                }
+                let route_name = route.map(|r| r.config.name.as_str());
+                let provider = route.and_then(|r| r.config.provider.as_deref());
                 (
                     e.to_response(route_name, provider).map(Either::Right),
                     false,
                 )
             }
         };
-        tracing::info!(
-            method = %method,
-            route = route_name.unwrap_or("-"),
-            path = %path,
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            replayed,
-            "request"
-        );
-        Ok(response)
+        let status = response.status().as_u16();
+        route_metrics.observe(status, started.elapsed().as_secs_f64(), replayed);
+        let log = log.map(|mut log| {
+            log.status = status;
+            log.replayed = replayed;
+            log
+        });
+        Ok(response.map(|body| ResBody::new(body, log)))
     }
 
     async fn forward(
         &self,
         route: &Route,
+        table: &RoutingTable,
         req: Request<Incoming>,
     ) -> Result<Forwarded, ProxyError> {
         let path = req.uri().path();
@@ -177,7 +227,7 @@ impl Proxy {
         let Some(slot) = &route.slot else {
             let request = build(&parts.method, uri, headers, OutBody::Stream(body));
             return Ok(Forwarded {
-                response: self.send(request).await?,
+                response: self.send(request, table.upstream_timeout).await?,
                 replayed: false,
             });
         };
@@ -185,7 +235,7 @@ impl Proxy {
         if rc.pass_client_authorization && headers.contains_key(token_header) {
             let request = build(&parts.method, uri, headers, OutBody::Stream(body));
             return Ok(Forwarded {
-                response: self.send(request).await?,
+                response: self.send(request, table.upstream_timeout).await?,
                 replayed: false,
             });
         }
@@ -193,7 +243,7 @@ impl Proxy {
         let (first_body, kept) = if slot.config.invalidate_on.is_empty() {
             (OutBody::Stream(body), None)
         } else {
-            match keep_for_replay(body, self.max_replay_body).await {
+            match keep_for_replay(body, table.max_replay_body).await {
                 Ok(Kept::Whole(bytes)) => (OutBody::Full(Some(bytes.clone())), Some(bytes)),
                 Ok(Kept::TooLarge(stream)) => (stream, None),
                 Err(_) => return Err(ProxyError::BadRequest("the request body could not be read")),
@@ -206,7 +256,7 @@ impl Proxy {
             with_token(headers, token_header, &token),
             first_body,
         );
-        let response = self.send(request).await?;
+        let response = self.send(request, table.upstream_timeout).await?;
         if !slot.config.invalidate_on.contains(&response.status()) {
             return Ok(Forwarded {
                 response,
@@ -239,18 +289,22 @@ impl Proxy {
         );
         // A fresh token rejected again is left alone here: the next request that
         // sees it rejected invalidates it, so one request never causes two fetches.
-        let response = self.send(request).await?;
+        let response = self.send(request, table.upstream_timeout).await?;
         Ok(Forwarded {
             response,
             replayed: true,
         })
     }
 
-    async fn send(&self, request: Request<OutBody>) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(self.upstream_timeout, self.client.request(request)).await {
+    async fn send(
+        &self,
+        request: Request<OutBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
-            Err(_) => Err(ProxyError::UpstreamTimeout(self.upstream_timeout)),
+            Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
         }
     }
 }

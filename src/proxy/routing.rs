@@ -3,12 +3,16 @@
 use std::sync::Arc;
 
 use crate::config::RouteConfig;
+use crate::metrics::RouteMetrics;
 use crate::token::ProviderSlot;
 
 /// A route with its provider's slot resolved once, at build time.
 pub struct Route {
     pub config: RouteConfig,
     pub slot: Option<Arc<ProviderSlot>>,
+    pub metrics: RouteMetrics,
+    /// The route's name, shared with log lines.
+    pub name: Arc<str>,
 }
 
 /// The routes of one listener, most specific first.

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProviderConfig, Tuning};
+use crate::metrics::Metrics;
 use crate::provider::TokenClient;
 use crate::secret::Secret;
 use cache::TokenCache;
@@ -84,6 +85,7 @@ pub struct StoreSettings {
     pub token_timeout: Duration,
     pub token_wait: Duration,
     pub tuning: Tuning,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One provider's token and the state of its refresher.
@@ -100,10 +102,16 @@ pub struct ProviderSlot {
     generation: AtomicU64,
     status: Mutex<SlotStatus>,
     settings: StoreSettings,
+    /// Stops this slot's refresher (shutdown, or the provider left the config).
+    cancel: CancellationToken,
 }
 
 impl ProviderSlot {
-    fn new(config: Arc<ProviderConfig>, settings: StoreSettings) -> Self {
+    fn new(
+        config: Arc<ProviderConfig>,
+        settings: StoreSettings,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             config,
             current: ArcSwapOption::empty(),
@@ -114,6 +122,7 @@ impl ProviderSlot {
             generation: AtomicU64::new(0),
             status: Mutex::new(SlotStatus::default()),
             settings,
+            cancel,
         }
     }
 
@@ -189,6 +198,7 @@ impl ProviderSlot {
             .as_ref()
             .is_some_and(|t| t.generation == generation);
         if dropped {
+            self.settings.metrics.token_invalidated(&self.config.name);
             tracing::info!(provider = %self.config.name, generation, "token rejected by upstream; fetching a new one");
             self.wanted.store(true, Ordering::Release);
             self.invalidated.store(true, Ordering::Release);
@@ -260,6 +270,9 @@ impl ProviderSlot {
             "token loaded from the token cache"
         );
         self.current.store(Some(Arc::new(token)));
+        self.settings
+            .metrics
+            .token_fetch(&self.config.name, "cached");
         true
     }
 
@@ -271,68 +284,151 @@ impl ProviderSlot {
     }
 }
 
+/// What a reload did to the providers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProviderChanges {
+    /// Unchanged: the slot and its token were kept.
+    pub kept: Vec<String>,
+    /// New or changed: a fresh slot.
+    pub started: Vec<String>,
+    /// Gone from the config: the refresher was stopped.
+    pub stopped: Vec<String>,
+}
+
+type Slots = BTreeMap<String, Arc<ProviderSlot>>;
+
 /// Every provider's slot, shared by all routes and listeners.
 pub struct TokenStore {
-    slots: BTreeMap<String, Arc<ProviderSlot>>,
+    slots: ArcSwap<Slots>,
     client: TokenClient,
     cache: Option<TokenCache>,
+    settings: StoreSettings,
+    /// Parent of every refresher's cancel token.
+    root: CancellationToken,
 }
 
 impl TokenStore {
     /// Creates one slot per provider; nothing is fetched until [`TokenStore::start`].
-    pub fn new(config: &Config, client: TokenClient, cache: Option<TokenCache>) -> Self {
+    pub fn new(
+        config: &Config,
+        client: TokenClient,
+        cache: Option<TokenCache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let settings = StoreSettings {
             token_timeout: config.server.token_timeout,
             token_wait: config.server.token_wait,
             tuning: config.tuning.clone(),
+            metrics,
         };
+        let root = CancellationToken::new();
         let slots = config
             .providers
             .iter()
             .map(|(name, p)| {
-                (
-                    name.clone(),
-                    Arc::new(ProviderSlot::new(p.clone(), settings.clone())),
-                )
+                let slot = ProviderSlot::new(p.clone(), settings.clone(), root.child_token());
+                (name.clone(), Arc::new(slot))
             })
             .collect();
         Self {
-            slots,
+            slots: ArcSwap::from_pointee(slots),
             client,
             cache,
+            settings,
+            root,
         }
     }
 
     /// Fills slots from the token cache. Blocks on file reads: call before serving,
     /// off the async runtime.
     pub fn load_cache(&self) {
-        let Some(cache) = &self.cache else { return };
-        for slot in self.slots.values() {
-            if let Some(cached) = cache.load(&slot.config) {
-                slot.publish_cached(cached);
-            }
+        for slot in self.slots.load().values() {
+            self.load_cached(slot);
         }
     }
 
-    /// Spawns each slot's refresher; they stop when `cancel` fires.
-    pub fn start(&self, cancel: &CancellationToken) {
-        for slot in self.slots.values() {
-            tokio::spawn(refresh::run(
-                slot.clone(),
-                self.client.clone(),
-                self.cache.clone(),
-                cancel.child_token(),
-            ));
+    fn load_cached(&self, slot: &ProviderSlot) {
+        if let Some(cached) = self.cache.as_ref().and_then(|c| c.load(&slot.config)) {
+            slot.publish_cached(cached);
         }
+    }
+
+    /// Spawns each slot's refresher.
+    pub fn start(&self) {
+        for slot in self.slots.load().values() {
+            self.spawn(slot);
+        }
+    }
+
+    fn spawn(&self, slot: &Arc<ProviderSlot>) {
+        tokio::spawn(refresh::run(
+            slot.clone(),
+            self.client.clone(),
+            self.cache.clone(),
+            slot.cancel.clone(),
+        ));
+    }
+
+    /// Stops every refresher.
+    pub fn stop(&self) {
+        self.root.cancel();
+    }
+
+    /// Adopts the providers of a reloaded `config`: unchanged ones keep their slot
+    /// and token, changed and new ones get a fresh slot, removed ones stop. Reads the
+    /// token cache for new slots, so call it off the async runtime (with a runtime
+    /// handle entered, for spawning).
+    pub fn apply(&self, config: &Config) -> ProviderChanges {
+        let old = self.slots.load_full();
+        let mut changes = ProviderChanges::default();
+        let mut next = Slots::new();
+        let mut fresh = Vec::new();
+        for (name, provider) in &config.providers {
+            match old.get(name) {
+                Some(slot) if *slot.config == **provider => {
+                    changes.kept.push(name.clone());
+                    next.insert(name.clone(), slot.clone());
+                }
+                _ => {
+                    let slot = Arc::new(ProviderSlot::new(
+                        provider.clone(),
+                        self.settings.clone(),
+                        self.root.child_token(),
+                    ));
+                    self.load_cached(&slot);
+                    changes.started.push(name.clone());
+                    fresh.push(slot.clone());
+                    next.insert(name.clone(), slot);
+                }
+            }
+        }
+        self.slots.store(Arc::new(next));
+        for slot in &fresh {
+            self.spawn(slot);
+        }
+        for (name, slot) in old.iter() {
+            let replaced = self
+                .slots
+                .load()
+                .get(name)
+                .is_none_or(|now| !Arc::ptr_eq(now, slot));
+            if replaced {
+                slot.cancel.cancel();
+                if !config.providers.contains_key(name) {
+                    changes.stopped.push(name.clone());
+                }
+            }
+        }
+        changes
     }
 
     /// The slot of provider `name`.
-    pub fn slot(&self, name: &str) -> Option<&Arc<ProviderSlot>> {
-        self.slots.get(name)
+    pub fn slot(&self, name: &str) -> Option<Arc<ProviderSlot>> {
+        self.slots.load().get(name).cloned()
     }
 
     /// All slots, by provider name.
-    pub fn slots(&self) -> impl Iterator<Item = &Arc<ProviderSlot>> {
-        self.slots.values()
+    pub fn slots(&self) -> Vec<Arc<ProviderSlot>> {
+        self.slots.load().values().cloned().collect()
     }
 }

@@ -138,6 +138,7 @@ async fn fetch_once(
                 "token fetched"
             );
             slot.current.store(Some(Arc::new(token)));
+            slot.settings.metrics.token_fetch(&slot.config.name, "ok");
             slot.wanted.store(false, Ordering::Release);
             slot.update_status(|s| {
                 s.fetching = false;
@@ -156,6 +157,9 @@ async fn fetch_once(
                 error = %e,
                 "token fetch failed"
             );
+            slot.settings
+                .metrics
+                .token_fetch(&slot.config.name, "error");
             slot.update_status(|s| {
                 s.fetching = false;
                 s.fetches += 1;

@@ -26,10 +26,13 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 pub fn full(data: impl Into<Bytes>) -> TestBody {
-    Full::new(data.into()).boxed()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Serves `handler` on 127.0.0.1:0 (HTTP/1.1 and h2c) until the test ends.
@@ -257,11 +260,15 @@ async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<Test
             std::future::pending::<()>().await;
         }
         Fault::Close => {
-            // A response the client cannot parse as HTTP is close enough to a reset.
+            // Headers, part of the body, then the connection is cut.
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"{\"access_"))),
+                Err("connection cut".into()),
+            ];
             return Response::builder()
                 .status(200)
-                .header("content-length", "100")
-                .body(full("short"))
+                .header("content-type", "application/json")
+                .body(StreamBody::new(IterStream(frames.into_iter())).boxed())
                 .unwrap();
         }
     }
@@ -426,7 +433,7 @@ pub fn stream_bytes(n: u64) -> TestBody {
     let frames = (0..n.div_ceil(chunk.len() as u64)).map(move |i| {
         let start = i * chunk.len() as u64;
         let len = (n - start).min(chunk.len() as u64) as usize;
-        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+        Ok::<_, BoxError>(Frame::data(chunk.slice(..len)))
     });
     StreamBody::new(futures_iter(frames)).boxed()
 }

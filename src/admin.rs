@@ -1,0 +1,150 @@
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/tokens`, `POST /reload`.
+//! Nothing here ever shows a token or a secret: only states, times and counts.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::server::Shared;
+use crate::token::ProviderSlot;
+
+/// Answers one admin request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".to_owned(), "text/plain"),
+        (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/metrics") => metrics(&shared),
+        (&Method::GET, "/tokens") => tokens(&shared),
+        (&Method::POST, "/reload") => match shared.reload().await {
+            Ok(report) => json_response(
+                StatusCode::OK,
+                json!({
+                    "reloaded": true,
+                    "providers_kept": report.providers.kept,
+                    "providers_started": report.providers.started,
+                    "providers_stopped": report.providers.stopped,
+                    "routes": report.routes,
+                    "needs_restart": report.listener_changes,
+                }),
+            ),
+            Err(message) => json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": "reload_failed", "message": message}),
+            ),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/tokens" | "/reload") => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method_not_allowed", "message": "see the README for the admin endpoints"}),
+        ),
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not_found", "message": "admin endpoints: /healthz /readyz /metrics /tokens, POST /reload"}),
+        ),
+    };
+    Ok(response)
+}
+
+fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
+    let missing: Vec<String> = shared
+        .store
+        .slots()
+        .iter()
+        .filter(|slot| slot.config.prefetch && slot.current().is_none())
+        .map(|slot| slot.name().to_owned())
+        .collect();
+    if missing.is_empty() {
+        json_response(StatusCode::OK, json!({"ready": true}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({
+                "ready": false,
+                "message": format!("no valid token for: {}", missing.join(", ")),
+                "providers": missing,
+            }),
+        )
+    }
+}
+
+fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
+    let now = Instant::now();
+    for slot in shared.store.slots() {
+        let seconds = slot.current().map_or(0.0, |t| {
+            t.expires_at.saturating_duration_since(now).as_secs_f64()
+        });
+        shared.metrics.set_token_expires_in(slot.name(), seconds);
+    }
+    text(
+        StatusCode::OK,
+        shared.metrics.encode(),
+        "text/plain; version=0.0.4; charset=utf-8",
+    )
+}
+
+fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
+    let providers: serde_json::Map<String, Value> = shared
+        .store
+        .slots()
+        .iter()
+        .map(|slot| (slot.name().to_owned(), token_status(slot)))
+        .collect();
+    json_response(StatusCode::OK, Value::Object(providers))
+}
+
+/// One provider's entry in `/tokens`.
+fn token_status(slot: &ProviderSlot) -> Value {
+    let now = Instant::now();
+    let status = slot.status();
+    let token = slot.current();
+    let state = match (&token, status.fetching, &status.last_error) {
+        (Some(_), true, _) => "refreshing",
+        (Some(_), false, Some(_)) => "valid_refresh_failing",
+        (Some(_), false, None) => "valid",
+        (None, true, _) => "fetching",
+        (None, false, Some(_)) => "failing",
+        (None, false, None) if slot.config.prefetch => "starting",
+        (None, false, None) => "idle",
+    };
+    json!({
+        "state": state,
+        "expires_in_s": token.as_ref().map(|t| t.expires_at.saturating_duration_since(now).as_secs()),
+        "refresh_in_s": token.as_ref().map(|t| t.refresh_at.saturating_duration_since(now).as_secs()),
+        "fetched_at": token.as_ref().map(|t| rfc3339(t.fetched_at)),
+        "expires_at": token.as_ref().map(|t| rfc3339(t.expires_at_wall)),
+        "generation": token.as_ref().map(|t| t.generation),
+        "fetches": status.fetches,
+        "failures": status.failures,
+        "last_error": status.last_error,
+        "next_attempt_in_s": status.next_attempt.map(|at| at.saturating_duration_since(now).as_secs_f64()),
+        "token_url": slot.config.token_url.as_str(),
+    })
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    text(status, body.to_string(), "application/json")
+}
+
+fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
