@@ -476,6 +476,9 @@ pub fn stream_sha256(n: u64) -> String {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `admin_listen`.
+    pub admin: Option<SocketAddr>,
+    pub shared: Arc<bearer_proxy::server::Shared>,
     pub store: Arc<TokenStore>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
@@ -516,12 +519,16 @@ impl Proxy {
             .filter_map(|c| server.local_addr(c).map(|b| (c, b)))
             .collect();
         let store = server.store().clone();
+        let admin = server.admin_addr();
+        let shared = server.shared().clone();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
         Self {
             addr,
+            admin,
+            shared,
             store,
             config,
             stop: Some(stop),
@@ -542,6 +549,11 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.expect("no admin_listen in this config"))
     }
 
     /// Signals shutdown and waits for the server to finish draining.

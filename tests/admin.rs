@@ -1,0 +1,235 @@
+//! Operability: admin endpoints, metrics, reload under load.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+
+use crate::support::*;
+
+fn with_admin(toml: String) -> String {
+    toml.replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n")
+}
+
+/// The value of the first metric line starting with `prefix` (name plus labels).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn readiness_flips_with_the_token() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_delay(Duration::from_millis(500));
+    issuer.set_lifetime(2.0);
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&with_admin(basic_config(&issuer, &upstream, ""))).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.admin_url("/healthz")).await.status, 200);
+    let not_ready = get(&c, &proxy.admin_url("/readyz")).await;
+    assert_eq!(not_ready.status, 503);
+    assert_eq!(not_ready.json()["providers"][0], "p");
+    let mut ready = false;
+    for _ in 0..200 {
+        if get(&c, &proxy.admin_url("/readyz")).await.status == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ready, "ready once the token arrived");
+    // The refresh fails; once the token expires, readiness goes away again.
+    issuer.set_delay(Duration::ZERO);
+    issuer.set_fault(Fault::Status(500, "{}".into()));
+    let slot = proxy.store.slot("p").unwrap();
+    assert!(eventually(Duration::from_secs(4), || slot.current().is_none()).await);
+    let answer = get(&c, &proxy.admin_url("/readyz")).await;
+    assert_eq!(answer.status, 503);
+    assert!(answer.json()["message"].as_str().unwrap().contains('p'));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_and_tokens_move_with_traffic() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&with_admin(basic_config(&issuer, &upstream, ""))).await;
+    let c = client();
+    for _ in 0..7 {
+        assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    }
+    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(metric(&text, "bearer_proxy_requests_total{route=\"/\",status=\"200\"}"), Some(7.0), "{text}");
+    assert_eq!(metric(&text, "bearer_proxy_request_duration_seconds_count{route=\"/\"}"), Some(7.0));
+    assert_eq!(metric(&text, "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"ok\"}"), Some(1.0));
+    let expires = metric(&text, "bearer_proxy_token_expires_in_seconds{provider=\"p\"}").unwrap();
+    assert!(expires > 3500.0 && expires <= 3600.0, "{expires}");
+    assert_eq!(metric(&text, "bearer_proxy_requests_in_flight"), Some(0.0));
+
+    // An upstream rejection shows up as an invalidation, a replay and a second fetch.
+    upstream.reject(&issuer.token(1), 401);
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
+    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(metric(&text, "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"ok\"}"), Some(2.0));
+    assert_eq!(metric(&text, "bearer_proxy_token_invalidations_total{provider=\"p\"}"), Some(1.0));
+    assert_eq!(metric(&text, "bearer_proxy_replays_total{route=\"/\"}"), Some(1.0));
+
+    let tokens = get(&c, &proxy.admin_url("/tokens")).await.json();
+    let p = &tokens["p"];
+    assert_eq!(p["state"], "valid");
+    assert_eq!(p["fetches"], 2);
+    assert_eq!(p["failures"], 0);
+    assert_eq!(p["generation"], 2);
+    assert!(p["expires_in_s"].as_u64().unwrap() > 3500);
+    assert!(p["fetched_at"].as_str().unwrap().ends_with('Z'));
+    let raw = serde_json::to_string(&tokens).unwrap();
+    assert!(!raw.contains(&issuer.token(2)) && !raw.contains("test-secret-value"));
+
+    // A failing fetch: counted, and its error shown.
+    issuer.set_fault(Fault::Status(401, r#"{"error":"invalid_client"}"#.into()));
+    upstream.reject(&issuer.token(2), 401);
+    assert_eq!(get(&c, &proxy.url("/x")).await.status, 401);
+    assert!(eventually(Duration::from_secs(2), || proxy.store.slot("p").unwrap().status().failures >= 1).await);
+    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert!(metric(&text, "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"error\"}").unwrap() >= 1.0);
+    assert!(metric(&text, "bearer_proxy_requests_total{route=\"/\",status=\"401\"}").is_some());
+    let tokens = get(&c, &proxy.admin_url("/tokens")).await.json();
+    assert!(tokens["p"]["last_error"].as_str().unwrap().contains("invalid_client"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_errors_and_unrouted_requests_are_counted() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let toml = with_admin(basic_config(&issuer, &upstream, "")).replace(
+        "[[routes]]\nupstream",
+        "[[routes]]\npath_prefix = \"/down\"\nupstream = \"http://127.0.0.1:1\"\n\n[[routes]]\npath_prefix = \"/api\"\nupstream",
+    );
+    let proxy = Proxy::start(&toml).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/down/x")).await.status, 502);
+    assert_eq!(get(&c, &proxy.url("/nowhere")).await.status, 404);
+    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(metric(&text, "bearer_proxy_upstream_errors_total{route=\"/down\",kind=\"unreachable\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "bearer_proxy_requests_total{route=\"-\",status=\"404\"}"), Some(1.0));
+    assert_eq!(get(&c, &proxy.admin_url("/nope")).await.status, 404);
+    proxy.stop().await;
+}
+
+fn reload_config(issuer: &Issuer, other: &Issuer, upstream: &Upstream, extra_route: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[providers.p]
+token_url = "{}"
+client_id = "id"
+client_secret = "secret-value"
+
+[providers.q]
+token_url = "{}"
+client_id = "id-q"
+client_secret = "secret-q"
+
+[[routes]]
+path_prefix = "/a"
+upstream = "{up}/a"
+provider = "p"
+{extra_route}
+"#,
+        issuer.url(),
+        other.url(),
+        up = upstream.url()
+    )
+}
+
+#[tokio::test]
+async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream, "")).unwrap();
+    let config = bearer_proxy::config::load(&file).unwrap();
+    let proxy = Proxy::start_config(config).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
+    assert!(eventually(Duration::from_secs(2), || other.hits() == 1).await);
+
+    // 500 requests from 5 workers, spread across a reload that adds a route and
+    // changes provider q (new client_id) but leaves p alone.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..5 {
+        let (c, url) = (c.clone(), proxy.url("/a/load"));
+        let (failures, done) = (failures.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                if get(&c, &url).await.status != 200 {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    assert!(eventually(Duration::from_secs(10), || done.load(Ordering::SeqCst) >= 200).await);
+    let changed = reload_config(
+        &issuer,
+        &other,
+        &upstream,
+        "[[routes]]\npath_prefix = \"/b\"\nupstream = \"UP/b\"\nprovider = \"q\"\n",
+    )
+    .replace("UP", &upstream.url())
+    .replace("id-q", "id-q2");
+    std::fs::write(&file, changed).unwrap();
+    let report = send(&c, Request::post(proxy.admin_url("/reload")).body(full("")).unwrap()).await;
+    assert_eq!(report.status, 200, "{}", String::from_utf8_lossy(&report.body));
+    let report = report.json();
+    assert_eq!(report["providers_kept"], serde_json::json!(["p"]));
+    assert_eq!(report["providers_started"], serde_json::json!(["q"]));
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no failed request across the reload");
+    assert_eq!(issuer.hits(), 1, "unchanged provider kept its token");
+    // The new route works with the changed provider's new token.
+    let answer = get(&c, &proxy.url("/b/y")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", other.token(2))]);
+    assert_eq!(other.hits(), 2);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn bad_reload_keeps_serving() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream, "")).unwrap();
+    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
+    std::fs::write(
+        &file,
+        reload_config(&issuer, &other, &upstream, "[[routes]]\nupstream = \"not a url\"\n"),
+    )
+    .unwrap();
+    let answer = send(&c, Request::post(proxy.admin_url("/reload")).body(full("")).unwrap()).await;
+    assert_eq!(answer.status, 422);
+    let message = answer.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("bp.toml") && message.contains("routes[1].upstream"), "{message}");
+    assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
+    assert_eq!(issuer.hits(), 1);
+    proxy.stop().await;
+}
