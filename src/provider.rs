@@ -235,9 +235,7 @@ pub fn parse_response(
     body: &[u8],
 ) -> Result<FetchedToken, FetchError> {
     let doc: Option<Value> = serde_json::from_slice(body).ok();
-    let message = doc
-        .as_ref()
-        .and_then(|d| provider_message(d, &p.client_secret));
+    let message = doc.as_ref().and_then(|d| provider_message(d, p));
     if !status.is_success() {
         return Err(FetchError::Status {
             status,
@@ -323,8 +321,27 @@ pub fn jwt_exp(token: &str) -> Option<SystemTime> {
     (exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
 }
 
+/// Cuts the client secret out of provider text in every form the provider may have
+/// echoed it: raw, form- or percent-encoded, JSON-escaped, or inside a Basic header.
+fn redact_credentials(text: &str, p: &ProviderConfig) -> String {
+    let raw = p.client_secret.expose();
+    let form: String = url::form_urlencoded::byte_serialize(raw.as_bytes()).collect();
+    let json = serde_json::to_string(raw).unwrap_or_default();
+    let json = json.trim_matches('"').to_owned();
+    let basic = basic_auth(p);
+    let basic = basic.to_str().unwrap_or_default();
+    let basic = basic.strip_prefix("Basic ").unwrap_or(basic).to_owned();
+    let variants = [
+        Secret::new(raw),
+        Secret::new(form),
+        Secret::new(json),
+        Secret::new(basic),
+    ];
+    redact(text, &variants.iter().collect::<Vec<_>>())
+}
+
 /// The provider's own explanation, from the fields the seed dialects use.
-fn provider_message(doc: &Value, secret: &Secret) -> Option<String> {
+fn provider_message(doc: &Value, p: &ProviderConfig) -> Option<String> {
     const FIELDS: [&str; 7] = [
         "error",
         "error_description",
@@ -361,7 +378,7 @@ fn provider_message(doc: &Value, secret: &Secret) -> Option<String> {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(300)
         .collect();
-    Some(redact(&clean, &[secret]))
+    Some(redact_credentials(&clean, p))
 }
 
 #[cfg(test)]

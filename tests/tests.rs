@@ -6,5 +6,6 @@ mod admin;
 mod cli;
 mod config;
 mod forwarding;
+mod leaks;
 mod lifecycle;
 mod tokens;

@@ -82,6 +82,9 @@ pub enum Fault {
     Hang,
     /// Closes the connection without answering.
     Close,
+    /// This status with an error body that echoes the request it received (body and
+    /// Authorization header), as some real issuers do.
+    Echo(u16),
 }
 
 /// The token response shape.
@@ -255,6 +258,17 @@ async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<Test
                 ),
                 _ => json(200, r#"{"token_type":"Bearer"}"#.to_owned()),
             }
+        }
+        Fault::Echo(code) => {
+            let last = state.requests.lock().unwrap().last().cloned().unwrap();
+            let description = format!(
+                "bad request: body was {} with authorization {:?}",
+                last.body, last.authorization
+            );
+            return json(
+                code,
+                serde_json::json!({"error": "invalid_request", "error_description": description}).to_string(),
+            );
         }
         Fault::Hang => {
             std::future::pending::<()>().await;

@@ -1,0 +1,192 @@
+//! No secret or token in anything the proxy prints or serves, even at trace level.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http::Request;
+
+use crate::support::*;
+
+const SECRET: &str = "S3cr3t+Value/with=chars&more";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Kills the child on every path out of the test.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn forms_of_secret() -> Vec<String> {
+    let form: String = url::form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
+    let json = serde_json::to_string(SECRET).unwrap().trim_matches('"').to_owned();
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("leak-client:{form}"));
+    vec![SECRET.to_owned(), form, json, basic]
+}
+
+fn assert_clean(what: &str, text: &str, tokens: &[String]) {
+    for secret in forms_of_secret() {
+        assert!(!text.contains(&secret), "{what} holds the secret ({secret}):\n{text}");
+    }
+    for token in tokens {
+        assert!(!text.contains(token.as_str()), "{what} holds token {token}");
+    }
+    // The issuer's tokens all start with this: catches any token, even unexpected ones.
+    assert!(!text.contains("LEAKTOK"), "{what} holds a token:\n{text}");
+}
+
+#[tokio::test]
+async fn trace_logs_admin_pages_and_check_never_show_secrets_or_tokens() {
+    let issuer = Issuer::start_named(Dialect::OAuth2, "LEAKTOK").await;
+    let upstream = Upstream::start().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+token_wait = "300ms"
+token_cache_dir = "{cache}"
+
+[providers.basic]
+token_url = "{url}"
+client_id = "leak-client"
+client_secret = "{SECRET}"
+client_auth = "basic"
+invalidate_on = [401]
+
+[providers.body]
+token_url = "{url}"
+client_id = "leak-client"
+client_secret = "{SECRET}"
+request_format = "json"
+audience = "aud"
+
+[[routes]]
+path_prefix = "/basic"
+upstream = "{up}"
+provider = "basic"
+
+[[routes]]
+path_prefix = "/body"
+upstream = "{up}"
+provider = "body"
+"#,
+        cache = dir.path().join("cache").display(),
+        url = issuer.url(),
+        up = upstream.url()
+    );
+    std::fs::write(&file, &toml).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let out_path = dir.path().join("stdout.log");
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+            .args(["--log-level", "trace", "run", "-c"])
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = client();
+    let base = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let mut up = false;
+    for _ in 0..500 {
+        if tokio::time::timeout(Duration::from_secs(1), c.request(Request::get(format!("{admin}/readyz")).body(full("")).unwrap()))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200))
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "proxy did not become ready");
+
+    // Success, over HTTP/1.1 and h2c, with bodies.
+    assert_eq!(get(&c, &format!("{base}/basic/a?q=1")).await.status, 200);
+    assert_eq!(send(&c, Request::post(format!("{base}/body/b")).body(full("payload")).unwrap()).await.status, 200);
+    let h2: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    assert_eq!(get(&h2, &format!("{base}/basic/h2")).await.status, 200);
+
+    // Invalidation with replay: the basic provider's token is rejected once.
+    let basic_token = upstream.seen_auth().into_iter().flatten().next().unwrap();
+    upstream.reject(basic_token.trim_start_matches("Bearer "), 401);
+    assert_eq!(send(&c, Request::post(format!("{base}/basic/c")).body(full("again")).unwrap()).await.status, 200);
+
+    // Fetch failures whose error bodies echo the request (secret in the body and in
+    // the Basic header), then a 503 carrying that error.
+    issuer.set_fault(Fault::Echo(400));
+    for t in upstream.seen_auth().into_iter().flatten() {
+        upstream.reject(t.trim_start_matches("Bearer "), 401);
+    }
+    for path in ["/basic/d", "/body/e"] {
+        let _ = get(&c, &format!("{base}{path}")).await;
+    }
+    let mut bodies = String::new();
+    for path in ["/basic/f", "/body/g"] {
+        let answer = get(&c, &format!("{base}{path}")).await;
+        bodies.push_str(&String::from_utf8_lossy(&answer.body));
+    }
+    assert!(bodies.contains("token_unavailable"), "{bodies}");
+    assert!(bodies.contains("bad request: body was"), "the provider's words are kept: {bodies}");
+
+    // Admin pages.
+    for page in ["/tokens", "/metrics", "/readyz", "/healthz"] {
+        bodies.push_str(&String::from_utf8_lossy(&get(&c, &format!("{admin}{page}")).await.body));
+    }
+    // A bad reload (its error comes back and is logged), then SIGHUP.
+    std::fs::write(&file, toml.replace("request_format = \"json\"", "request_format = \"xml\"")).unwrap();
+    let bad = send(&c, Request::post(format!("{admin}/reload")).body(full("")).unwrap()).await;
+    assert_eq!(bad.status, 422);
+    bodies.push_str(&String::from_utf8_lossy(&bad.body));
+    std::fs::write(&file, &toml).unwrap();
+    Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.0.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+
+    let mut logs = String::new();
+    std::fs::File::open(&log_path).unwrap().read_to_string(&mut logs).unwrap();
+    std::fs::File::open(&out_path).unwrap().read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("TRACE"), "really ran at trace level");
+    assert!(logs.contains("token fetched") && logs.contains("config reloaded"));
+    let tokens: Vec<String> = (1..=issuer.hits()).map(|n| issuer.token(n)).collect();
+    assert!(tokens.len() >= 3);
+    assert_clean("the proxy's logs", &logs, &tokens);
+    assert_clean("answers and admin pages", &bodies, &tokens);
+
+    // check, on the good file and on files with errors next to the secret.
+    let mut check_out = String::new();
+    let bad_key = toml.replace("audience = \"aud\"", "audiance = \"aud\"");
+    let bad_syntax = toml.replace(&format!("client_secret = \"{SECRET}\"\nclient_auth"), &format!("client_secret = \"{SECRET}\nclient_auth"));
+    for (i, text) in [toml.clone(), bad_key, bad_syntax].into_iter().enumerate() {
+        let f = dir.path().join(format!("check{i}.toml"));
+        std::fs::write(&f, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+            .args(["--log-level", "trace", "check", "-c"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(if i == 0 { 0 } else { 1 }));
+        check_out.push_str(&String::from_utf8_lossy(&out.stdout));
+        check_out.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    assert_clean("check output", &check_out, &tokens);
+}
