@@ -258,10 +258,7 @@ async fn check_on_a_syntax_error_does_not_quote_a_literal_secret() {
     let file = write(
         dir.path(),
         "broken.toml",
-        &GOOD.replace(
-            "\"literal-lonewolf-secret\"",
-            "\"literal-lonewolf-secret",
-        ),
+        &GOOD.replace("\"literal-lonewolf-secret\"", "\"literal-lonewolf-secret"),
     );
     let mut cmd = command(&["check", "-c", &file]);
     cmd.env("CLI_TEST_SECRET", ENV_SECRET);

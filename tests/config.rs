@@ -120,7 +120,10 @@ fn unknown_key_in_server_is_an_error() {
 
 #[test]
 fn unknown_key_in_provider_is_an_error() {
-    fails(&cfg("", r#"audiance = "x""#, ""), &["audiance", "unknown", "providers.p"]);
+    fails(
+        &cfg("", r#"audiance = "x""#, ""),
+        &["audiance", "unknown", "providers.p"],
+    );
 }
 
 #[test]
@@ -150,7 +153,10 @@ fn syntax_errors_give_line_and_column_but_never_quote_a_secret() {
     // An unterminated string on the secret's line.
     let text = "[providers.p]\ntoken_url = \"https://auth.example.com/t\"\nclient_id = \"id\"\nclient_secret = \"literal-secret-123\n";
     let msg = fails(text, &["line 4"]);
-    assert!(!msg.contains("literal-secret-123"), "syntax error quotes the secret: {msg}");
+    assert!(
+        !msg.contains("literal-secret-123"),
+        "syntax error quotes the secret: {msg}"
+    );
     // A typo on the line after the secret.
     let text = cfg("", "", "").replace("${SECRET}", "literal-secret-123") + "\n[server2]\n";
     let msg = fails(&text, &["server2", "unknown"]);
@@ -158,7 +164,10 @@ fn syntax_errors_give_line_and_column_but_never_quote_a_secret() {
     // A secret written without quotes.
     let text = cfg("", "", "").replace("\"${SECRET}\"", "literal-secret-123");
     let msg = fails(&text, &["line"]);
-    assert!(!msg.contains("literal-secret-123"), "syntax error quotes the secret: {msg}");
+    assert!(
+        !msg.contains("literal-secret-123"),
+        "syntax error quotes the secret: {msg}"
+    );
 }
 
 // === ${VAR} ===
@@ -684,7 +693,10 @@ fn bad_size_is_an_error() {
 
 #[test]
 fn a_duration_of_the_wrong_toml_type_is_an_error() {
-    fails(&cfg("token_wait = 10", "", ""), &["server.token_wait", "line 4"]);
+    fails(
+        &cfg("token_wait = 10", "", ""),
+        &["server.token_wait", "line 4"],
+    );
 }
 
 // === Provider settings ===
