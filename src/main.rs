@@ -54,7 +54,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn load(cli: &Cli) -> anyhow::Result<Config> {
-    Ok(config::load(&cli.config_path())?)
+    let config = config::load(&cli.config_path())?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

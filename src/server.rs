@@ -14,10 +14,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
-use crate::config::{self, Config};
+use crate::config::{self, Config, Limits};
 use crate::metrics::Metrics;
 use crate::provider::TokenClient;
 use crate::proxy::client::upstream_client;
@@ -245,7 +246,16 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         self.shared.store.start();
-        let grace = self.shared.config().server.shutdown_grace;
+        let config = self.shared.config();
+        let grace = config.server.shutdown_grace;
+        let limits = config.server.limits.clone();
+        let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+        let settings = |kind, permits: &Arc<Semaphore>| ListenerSettings {
+            kind,
+            limits: limits.clone(),
+            permits: permits.clone(),
+            grace,
+        };
         let mut tasks = Vec::new();
         for (configured, listener) in self.listeners {
             let proxy = self.shared.proxy.clone();
@@ -254,24 +264,24 @@ impl Server {
                 async move { proxy.handle(configured, req).await }
             };
             tasks.push(tokio::spawn(accept_loop(
-                "proxy",
+                settings("proxy", &permits),
                 listener,
                 self.shared.proxy.clone(),
                 handler,
                 stop.clone(),
-                grace,
             )));
         }
         if let Some(listener) = self.admin {
             let shared = self.shared.clone();
             let handler = move |req| admin::handle(shared.clone(), req);
+            // The admin listener has its own small cap, so a saturated proxy stays observable.
+            let admin_permits = Arc::new(Semaphore::new(64));
             tasks.push(tokio::spawn(accept_loop(
-                "admin",
+                settings("admin", &admin_permits),
                 listener,
                 self.shared.proxy.clone(),
                 handler,
                 stop.clone(),
-                grace,
             )));
         }
         let hup = tokio::spawn(reload_on_sighup(self.shared.clone(), stop.clone()));
@@ -316,25 +326,43 @@ async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
 #[cfg(not(unix))]
 async fn reload_on_sighup(_shared: Arc<Shared>, _stop: CancellationToken) {}
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+        // Also bounds how long an idle keep-alive connection waits for its next request.
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX))
+        .max_headers(limits.max_headers as usize);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid-reset protection: a client whose streams keep being reset is cut off.
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(256));
     builder
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn accept_loop<H, Fut, B>(
+/// How one listener accepts and serves connections.
+struct ListenerSettings {
     kind: &'static str,
+    limits: Limits,
+    /// Shared by the proxy listeners: at most `max_connections` at once.
+    permits: Arc<Semaphore>,
+    grace: Duration,
+}
+
+async fn accept_loop<H, Fut, B>(
+    settings: ListenerSettings,
     listener: TcpListener,
     proxy: Arc<Proxy>,
     handler: H,
     stop: CancellationToken,
-    grace: Duration,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -343,11 +371,20 @@ async fn accept_loop<H, Fut, B>(
     B::Error: Into<BoxError>,
 {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, kind, "listening");
+        tracing::info!(%addr, kind = settings.kind, "listening");
     }
-    let builder = connection_builder();
+    let builder = connection_builder(&settings.limits);
     let graceful = GracefulShutdown::new();
     loop {
+        // At the cap, stop accepting: new connections wait in the kernel's backlog
+        // while the ones being served carry on.
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = settings.permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -367,8 +404,11 @@ async fn accept_loop<H, Fut, B>(
             let svc = service_fn(|_req| async {
                 Ok::<_, Infallible>(ProxyError::ForbiddenClient.to_response(None, None))
             });
-            let conn = builder.serve_connection(io, svc).into_owned();
-            tokio::spawn(graceful.watch(conn));
+            let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
+            tokio::spawn(async move {
+                let _ = conn.await;
+                drop(permit);
+            });
             continue;
         }
         let conn = graceful.watch(
@@ -380,10 +420,11 @@ async fn accept_loop<H, Fut, B>(
             if let Err(error) = conn.await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(settings.grace, graceful.shutdown())
         .await
         .is_err()
     {

@@ -50,6 +50,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Internal knobs not in the file (tests shorten them).
     pub tuning: Tuning,
+    /// Problems worth a warning that do not stop the proxy.
+    pub warnings: Vec<String>,
+    /// Providers whose client secret is written in the file itself.
+    pub inline_secrets: Vec<String>,
 }
 
 /// `[server]`.
@@ -68,6 +72,38 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     pub extra_ca_file: Option<PathBuf>,
     pub allow_insecure_token_url: bool,
+    pub limits: Limits,
+}
+
+/// Limits on what clients may send (`[server]`), with safe defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once over all listeners; more wait to be accepted.
+    pub max_connections: u32,
+    /// Request line plus headers (HTTP/1.1), header list (HTTP/2); over it: 431.
+    pub max_header_bytes: u64,
+    /// Number of request headers (HTTP/1.1); over it: 431.
+    pub max_headers: u32,
+    /// Request target length; over it: 414.
+    pub max_uri_length: u64,
+    /// Time to receive a request's headers, and the longest an idle HTTP/1.1
+    /// keep-alive connection is kept.
+    pub header_read_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_uri_length: 8 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 256,
+        }
+    }
 }
 
 /// Timing knobs of the token store that are not user settings.
@@ -218,7 +254,14 @@ impl Config {
             path: path.to_owned(),
             message: syntax_message(text, &e),
         })?;
-        Validator { path, env }.config(raw)
+        let validator = Validator {
+            path,
+            env,
+            inline_secrets: Default::default(),
+        };
+        let mut config = validator.config(raw)?;
+        config.inline_secrets = validator.inline_secrets.into_inner();
+        Ok(config)
     }
 
     /// Every listener address that has routes, in the order routes name them.
@@ -240,12 +283,35 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
-    Config::parse(&text, path, &|name| std::env::var(name).ok())
+    let mut config = Config::parse(&text, path, &|name| std::env::var(name).ok())?;
+    if let Some(warning) = exposed_secret_warning(path, &config.inline_secrets) {
+        config.warnings.push(warning);
+    }
+    Ok(config)
+}
+
+/// A warning when the file holds a literal secret that group or others can read.
+fn exposed_secret_warning(path: &Path, inline: &[String]) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    if inline.is_empty() {
+        return None;
+    }
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{} holds a literal client_secret (providers: {}) and is readable by group or others \
+             (mode {mode:o}); run `chmod 600 {}`, or better, use client_secret = \"${{VAR}}\" or client_secret_file",
+            path.display(),
+            inline.join(", "),
+            path.display()
+        )
+    })
 }
 
 struct Validator<'a> {
     path: &'a Path,
     env: &'a dyn Fn(&str) -> Option<String>,
+    inline_secrets: std::cell::RefCell<Vec<String>>,
 }
 
 type VResult<T> = std::result::Result<T, ConfigError>;
@@ -334,6 +400,8 @@ impl Validator<'_> {
             providers,
             routes,
             tuning: Tuning::default(),
+            warnings: Vec::new(),
+            inline_secrets: Vec::new(),
         })
     }
 
@@ -412,7 +480,67 @@ impl Validator<'_> {
                 .opt_string("server.extra_ca_file", s.extra_ca_file.as_ref())?
                 .map(|p| self.relative(&p)),
             allow_insecure_token_url: s.allow_insecure_token_url.unwrap_or(false),
+            limits: self.limits(s)?,
         })
+    }
+
+    fn limits(&self, s: &RawServer) -> VResult<Limits> {
+        let d = Limits::default();
+        let at_least = |key: &str, value: u64, min: u64| {
+            if value < min {
+                Err(self.err(key, format!("must be at least {min}")))
+            } else {
+                Ok(value)
+            }
+        };
+        let limits = Limits {
+            max_connections: at_least(
+                "server.max_connections",
+                u64::from(s.max_connections.unwrap_or(d.max_connections)),
+                1,
+            )? as u32,
+            // hyper needs room for at least one small request in its read buffer.
+            max_header_bytes: at_least(
+                "server.max_header_bytes",
+                self.parsed(
+                    "server.max_header_bytes",
+                    s.max_header_bytes.as_ref(),
+                    d.max_header_bytes,
+                    values::size,
+                )?,
+                8192,
+            )?,
+            max_headers: at_least(
+                "server.max_headers",
+                u64::from(s.max_headers.unwrap_or(d.max_headers)),
+                8,
+            )? as u32,
+            max_uri_length: at_least(
+                "server.max_uri_length",
+                self.parsed(
+                    "server.max_uri_length",
+                    s.max_uri_length.as_ref(),
+                    d.max_uri_length,
+                    values::size,
+                )?,
+                256,
+            )?,
+            header_read_timeout: self.parsed(
+                "server.header_read_timeout",
+                s.header_read_timeout.as_ref(),
+                d.header_read_timeout,
+                values::duration,
+            )?,
+            max_concurrent_streams: at_least(
+                "server.max_concurrent_streams",
+                u64::from(s.max_concurrent_streams.unwrap_or(d.max_concurrent_streams)),
+                1,
+            )? as u32,
+        };
+        if limits.header_read_timeout.is_zero() {
+            return Err(self.err("server.header_read_timeout", "must be more than zero"));
+        }
+        Ok(limits)
     }
 
     /// Resolves a path in the config relative to the config file's directory.
@@ -463,7 +591,12 @@ impl Validator<'_> {
             (None, None) => {
                 return Err(self.err(key("client_secret"), "is required (or client_secret_file)"))
             }
-            (Some(raw), None) => Secret::new(self.string(&key("client_secret"), raw)?),
+            (Some(raw), None) => {
+                if !raw.contains("${") {
+                    self.inline_secrets.borrow_mut().push(name.to_owned());
+                }
+                Secret::new(self.string(&key("client_secret"), raw)?)
+            }
             (None, Some(raw)) => {
                 let file = self.relative(&self.string(&key("client_secret_file"), raw)?);
                 let text = std::fs::read_to_string(&file).map_err(|e| {

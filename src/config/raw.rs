@@ -35,6 +35,12 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub extra_ca_file: Option<String>,
     pub allow_insecure_token_url: Option<bool>,
+    pub max_connections: Option<u32>,
+    pub max_header_bytes: Option<String>,
+    pub max_headers: Option<u32>,
+    pub max_uri_length: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -24,6 +24,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("this address is not in server.allowed_clients")]
     ForbiddenClient,
+    #[error("the request target is longer than server.max_uri_length ({0} bytes)")]
+    UriTooLong(u64),
 }
 
 impl ProxyError {
@@ -36,6 +38,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Self::ForbiddenClient => (StatusCode::FORBIDDEN, "forbidden_client"),
+            Self::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
         }
     }
 

@@ -36,6 +36,7 @@ pub struct RoutingTable {
     allowed_clients: Vec<IpNet>,
     upstream_timeout: Duration,
     max_replay_body: u64,
+    max_uri_length: u64,
     /// Metrics for requests no route matched.
     unrouted: RouteMetrics,
 }
@@ -62,6 +63,7 @@ impl RoutingTable {
             allowed_clients: config.server.allowed_clients.clone(),
             upstream_timeout: config.server.upstream_timeout,
             max_replay_body: config.server.max_replay_body,
+            max_uri_length: config.server.limits.max_uri_length,
             unrouted: metrics.route("-"),
         }
     }
@@ -154,7 +156,10 @@ impl Proxy {
                 complete: false,
             })
         });
-        let result = if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+        let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
+        let result = if target_len > table.max_uri_length {
+            Err(ProxyError::UriTooLong(table.max_uri_length))
+        } else if req.method() == Method::CONNECT || req.method() == Method::TRACE {
             // CONNECT would tunnel past the route; TRACE would echo the token back.
             Err(ProxyError::BadRequest("this method is not forwarded"))
         } else {
