@@ -8,4 +8,5 @@ mod config;
 mod forwarding;
 mod leaks;
 mod lifecycle;
+mod security;
 mod tokens;

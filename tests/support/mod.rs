@@ -385,6 +385,13 @@ async fn echo(req: Request<Incoming>, state: Arc<UpstreamState>) -> Response<Tes
         .get("authorization")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     state.seen_auth.lock().unwrap().push(auth.clone());
+    if let Some(target) = req.uri().path().strip_prefix("/redirect-to/") {
+        return Response::builder()
+            .status(302)
+            .header("location", format!("http://{target}"))
+            .body(full(""))
+            .unwrap();
+    }
     if let Some(n) = req.uri().path().strip_prefix("/download/") {
         let n: u64 = n.parse().unwrap_or(0);
         return Response::new(stream_bytes(n));
@@ -567,7 +574,10 @@ impl Proxy {
 
     /// A URL on the admin listener.
     pub fn admin_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.admin.expect("no admin_listen in this config"))
+        format!(
+            "http://{}{path}",
+            self.admin.expect("no admin_listen in this config")
+        )
     }
 
     /// Signals shutdown and waits for the server to finish draining.

@@ -1,0 +1,274 @@
+//! The listener as a security boundary: hostile bytes, limits, who may connect.
+//! Every refusal is followed by a normal request on a fresh connection.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+/// Writes `bytes`, then reads until the peer closes or 3 s pass.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn still_serves(proxy: &Proxy) {
+    let answer = get(&client(), &proxy.url("/ok")).await;
+    assert_eq!(answer.status, 200, "a normal request after the hostile one");
+}
+
+async fn setup(server_extra: &str) -> (Issuer, Upstream, Proxy) {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let toml = basic_config(&issuer, &upstream, "")
+        .replace("[server]\n", &format!("[server]\n{server_extra}\n"));
+    let proxy = Proxy::start(&toml).await;
+    (issuer, upstream, proxy)
+}
+
+#[tokio::test]
+async fn garbage_bytes_get_400() {
+    let (_i, upstream, proxy) = setup("").await;
+    let out = raw(proxy.addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = raw(proxy.addr, b"GET / HTTP/9.9\r\n\r\n").await;
+    assert!(
+        out.is_empty() || out.starts_with("HTTP/1.1 400") || out.starts_with("HTTP/1.1 505"),
+        "{out}"
+    );
+    assert_eq!(upstream.hits(), 0);
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let (_i, upstream, proxy) = setup("").await;
+    let big = format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let out = raw(proxy.addr, big.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    let mut many = String::from("GET /x HTTP/1.1\r\nHost: a\r\n");
+    for i in 0..10_000 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let out = raw(proxy.addr, many.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert_eq!(upstream.hits(), 0);
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn long_uri_gets_414() {
+    let (_i, upstream, proxy) = setup("max_uri_length = \"1KiB\"").await;
+    let req = format!(
+        "GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "a".repeat(2000)
+    );
+    let out = raw(proxy.addr, req.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 414"), "{out}");
+    assert!(out.contains("uri_too_long"));
+    assert_eq!(upstream.hits(), 0);
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off() {
+    let (_i, _u, proxy) = setup("header_read_timeout = \"500ms\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut closed_at = None;
+    // One byte every 100 ms, for at most 5 s: the proxy must hang up long before.
+    for b in b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter().cycle().take(50) {
+        if s.write_all(&[*b]).await.is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_at = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(_)) => {
+                // A 408 or similar before closing is fine; keep reading to the close.
+            }
+            Err(_) => {}
+        }
+    }
+    let closed_at = closed_at.expect("connection never closed");
+    assert!(closed_at < Duration::from_secs(2), "{closed_at:?}");
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let (_i, _u, proxy) = setup("header_read_timeout = \"300ms\"").await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let rest = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(rest.is_ok(), "idle connection kept open");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn smuggling_pairs_are_neutralised() {
+    let (_i, upstream, proxy) = setup("").await;
+    // CL + TE: parsed as chunked (RFC 9112 §6.1), Content-Length dropped, connection
+    // closed after the answer, so the "smuggled" request is never executed.
+    let pair = b"POST /first HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let out = raw(proxy.addr, pair).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains("/first") && !out.contains("/smuggled"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("HTTP/1.1 ").count(),
+        1,
+        "exactly one answer: {out}"
+    );
+    // Two different Content-Lengths: refused outright.
+    let out = raw(
+        proxy.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    // A Transfer-Encoding that is not chunked: refused.
+    let out = raw(
+        proxy.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(upstream.hits(), 1, "the upstream saw only /first");
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn bad_chunk_sizes_are_refused() {
+    let (_i, upstream, proxy) = setup("").await;
+    let out = raw(
+        proxy.addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(upstream.hits(), 0, "nothing forwarded");
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn clients_outside_allowed_clients_get_403() {
+    let (_i, upstream, proxy) = setup("allowed_clients = [\"10.0.0.0/8\"]").await;
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.status, 403);
+    assert_eq!(answer.json()["error"], "forbidden_client");
+    assert_eq!(upstream.hits(), 0);
+    proxy.stop().await;
+    // The same proxy with loopback allowed serves.
+    let (_i, _u, proxy) = setup("allowed_clients = [\"127.0.0.1\", \"::1/128\"]").await;
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn redirects_are_returned_not_followed() {
+    let (_i, upstream, proxy) = setup("").await;
+    let elsewhere = Upstream::start().await;
+    let answer = get(
+        &client(),
+        &proxy.url(&format!("/redirect-to/{}/steal", elsewhere.addr)),
+    )
+    .await;
+    assert_eq!(answer.status, 302);
+    assert_eq!(
+        answer.headers["location"],
+        format!("http://{}/steal", elsewhere.addr)
+    );
+    assert_eq!(
+        elsewhere.hits(),
+        0,
+        "the token never went to the redirect target"
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_and_in_flight_ones_complete() {
+    let (_i, upstream, proxy) = setup("max_connections = 4").await;
+    upstream.set_delay(Duration::from_millis(200));
+    // 16 clients, each on its own connection (a fresh client each), all at once.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let url = proxy.url(&format!("/slow/{i}"));
+        tasks.push(tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let status = get(&client(), &url).await.status;
+            (status, started.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for t in tasks {
+        let (status, took) = t.await.unwrap();
+        assert_eq!(status, 200);
+        slowest = slowest.max(took);
+    }
+    // 16 requests, 4 at a time, 200 ms each: at least 4 rounds.
+    assert!(
+        slowest >= Duration::from_millis(750),
+        "cap not applied: {slowest:?}"
+    );
+    assert_eq!(upstream.hits(), 16);
+}
+
+#[test]
+fn a_readable_config_with_a_literal_secret_gets_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    let text = "[providers.p]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\nclient_secret = \"literal-s3cret\"\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n";
+    std::fs::write(&file, text).unwrap();
+    let check = |mode: u32| {
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+            .args(["check", "-c"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let loud = check(0o644);
+    assert!(
+        loud.contains("chmod 600") && loud.contains("bp.toml") && loud.contains("providers: p"),
+        "{loud}"
+    );
+    assert!(!loud.contains("literal-s3cret"));
+    assert!(!check(0o600).contains("chmod"), "no warning once private");
+    // A secret from the environment is not at rest in the file: no warning.
+    std::fs::write(&file, text.replace("literal-s3cret", "${HOME}")).unwrap();
+    assert!(!check(0o644).contains("chmod"));
+}
