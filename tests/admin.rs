@@ -61,21 +61,61 @@ async fn metrics_and_tokens_move_with_traffic() {
     for _ in 0..7 {
         assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     }
-    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
-    assert_eq!(metric(&text, "bearer_proxy_requests_total{route=\"/\",status=\"200\"}"), Some(7.0), "{text}");
-    assert_eq!(metric(&text, "bearer_proxy_request_duration_seconds_count{route=\"/\"}"), Some(7.0));
-    assert_eq!(metric(&text, "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"ok\"}"), Some(1.0));
-    let expires = metric(&text, "bearer_proxy_token_expires_in_seconds{provider=\"p\"}").unwrap();
+    let text =
+        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_requests_total{route=\"/\",status=\"200\"}"
+        ),
+        Some(7.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_request_duration_seconds_count{route=\"/\"}"
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"ok\"}"
+        ),
+        Some(1.0)
+    );
+    let expires = metric(
+        &text,
+        "bearer_proxy_token_expires_in_seconds{provider=\"p\"}",
+    )
+    .unwrap();
     assert!(expires > 3500.0 && expires <= 3600.0, "{expires}");
     assert_eq!(metric(&text, "bearer_proxy_requests_in_flight"), Some(0.0));
 
     // An upstream rejection shows up as an invalidation, a replay and a second fetch.
     upstream.reject(&issuer.token(1), 401);
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
-    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
-    assert_eq!(metric(&text, "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"ok\"}"), Some(2.0));
-    assert_eq!(metric(&text, "bearer_proxy_token_invalidations_total{provider=\"p\"}"), Some(1.0));
-    assert_eq!(metric(&text, "bearer_proxy_replays_total{route=\"/\"}"), Some(1.0));
+    let text =
+        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"ok\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_token_invalidations_total{provider=\"p\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "bearer_proxy_replays_total{route=\"/\"}"),
+        Some(1.0)
+    );
 
     let tokens = get(&c, &proxy.admin_url("/tokens")).await.json();
     let p = &tokens["p"];
@@ -92,12 +132,36 @@ async fn metrics_and_tokens_move_with_traffic() {
     issuer.set_fault(Fault::Status(401, r#"{"error":"invalid_client"}"#.into()));
     upstream.reject(&issuer.token(2), 401);
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 401);
-    assert!(eventually(Duration::from_secs(2), || proxy.store.slot("p").unwrap().status().failures >= 1).await);
-    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
-    assert!(metric(&text, "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"error\"}").unwrap() >= 1.0);
-    assert!(metric(&text, "bearer_proxy_requests_total{route=\"/\",status=\"401\"}").is_some());
+    assert!(
+        eventually(Duration::from_secs(2), || proxy
+            .store
+            .slot("p")
+            .unwrap()
+            .status()
+            .failures
+            >= 1)
+        .await
+    );
+    let text =
+        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert!(
+        metric(
+            &text,
+            "bearer_proxy_token_fetches_total{provider=\"p\",outcome=\"error\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(metric(
+        &text,
+        "bearer_proxy_requests_total{route=\"/\",status=\"401\"}"
+    )
+    .is_some());
     let tokens = get(&c, &proxy.admin_url("/tokens")).await.json();
-    assert!(tokens["p"]["last_error"].as_str().unwrap().contains("invalid_client"));
+    assert!(tokens["p"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("invalid_client"));
     proxy.stop().await;
 }
 
@@ -113,14 +177,33 @@ async fn upstream_errors_and_unrouted_requests_are_counted() {
     let c = client();
     assert_eq!(get(&c, &proxy.url("/down/x")).await.status, 502);
     assert_eq!(get(&c, &proxy.url("/nowhere")).await.status, 404);
-    let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
-    assert_eq!(metric(&text, "bearer_proxy_upstream_errors_total{route=\"/down\",kind=\"unreachable\"}"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "bearer_proxy_requests_total{route=\"-\",status=\"404\"}"), Some(1.0));
+    let text =
+        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_upstream_errors_total{route=\"/down\",kind=\"unreachable\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_requests_total{route=\"-\",status=\"404\"}"
+        ),
+        Some(1.0)
+    );
     assert_eq!(get(&c, &proxy.admin_url("/nope")).await.status, 404);
     proxy.stop().await;
 }
 
-fn reload_config(issuer: &Issuer, other: &Issuer, upstream: &Upstream, extra_route: &str) -> String {
+fn reload_config(
+    issuer: &Issuer,
+    other: &Issuer,
+    upstream: &Upstream,
+    extra_route: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -181,7 +264,11 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
             }
         }));
     }
-    assert!(eventually(Duration::from_secs(10), || done.load(Ordering::SeqCst) >= 200).await);
+    assert!(
+        eventually(Duration::from_secs(10), || done.load(Ordering::SeqCst)
+            >= 200)
+        .await
+    );
     let changed = reload_config(
         &issuer,
         &other,
@@ -191,20 +278,38 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
     .replace("UP", &upstream.url())
     .replace("id-q", "id-q2");
     std::fs::write(&file, changed).unwrap();
-    let report = send(&c, Request::post(proxy.admin_url("/reload")).body(full("")).unwrap()).await;
-    assert_eq!(report.status, 200, "{}", String::from_utf8_lossy(&report.body));
+    let report = send(
+        &c,
+        Request::post(proxy.admin_url("/reload"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        report.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&report.body)
+    );
     let report = report.json();
     assert_eq!(report["providers_kept"], serde_json::json!(["p"]));
     assert_eq!(report["providers_started"], serde_json::json!(["q"]));
     for w in workers {
         w.await.unwrap();
     }
-    assert_eq!(failures.load(Ordering::SeqCst), 0, "no failed request across the reload");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "no failed request across the reload"
+    );
     assert_eq!(issuer.hits(), 1, "unchanged provider kept its token");
     // The new route works with the changed provider's new token.
     let answer = get(&c, &proxy.url("/b/y")).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.echoed("authorization"), [format!("Bearer {}", other.token(2))]);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", other.token(2))]
+    );
     assert_eq!(other.hits(), 2);
     proxy.stop().await;
 }
@@ -222,13 +327,27 @@ async fn bad_reload_keeps_serving() {
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     std::fs::write(
         &file,
-        reload_config(&issuer, &other, &upstream, "[[routes]]\nupstream = \"not a url\"\n"),
+        reload_config(
+            &issuer,
+            &other,
+            &upstream,
+            "[[routes]]\nupstream = \"not a url\"\n",
+        ),
     )
     .unwrap();
-    let answer = send(&c, Request::post(proxy.admin_url("/reload")).body(full("")).unwrap()).await;
+    let answer = send(
+        &c,
+        Request::post(proxy.admin_url("/reload"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(answer.status, 422);
     let message = answer.json()["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("bp.toml") && message.contains("routes[1].upstream"), "{message}");
+    assert!(
+        message.contains("bp.toml") && message.contains("routes[1].upstream"),
+        "{message}"
+    );
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     assert_eq!(issuer.hits(), 1);
     proxy.stop().await;

@@ -11,7 +11,11 @@ use crate::support::*;
 const SECRET: &str = "S3cr3t+Value/with=chars&more";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Kills the child on every path out of the test.
@@ -26,7 +30,10 @@ impl Drop for Child {
 
 fn forms_of_secret() -> Vec<String> {
     let form: String = url::form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
-    let json = serde_json::to_string(SECRET).unwrap().trim_matches('"').to_owned();
+    let json = serde_json::to_string(SECRET)
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("leak-client:{form}"));
     vec![SECRET.to_owned(), form, json, basic]
@@ -34,7 +41,10 @@ fn forms_of_secret() -> Vec<String> {
 
 fn assert_clean(what: &str, text: &str, tokens: &[String]) {
     for secret in forms_of_secret() {
-        assert!(!text.contains(&secret), "{what} holds the secret ({secret}):\n{text}");
+        assert!(
+            !text.contains(&secret),
+            "{what} holds the secret ({secret}):\n{text}"
+        );
     }
     for token in tokens {
         assert!(!text.contains(token.as_str()), "{what} holds token {token}");
@@ -105,9 +115,16 @@ provider = "body"
     let admin = format!("http://127.0.0.1:{admin_port}");
     let mut up = false;
     for _ in 0..500 {
-        if tokio::time::timeout(Duration::from_secs(1), c.request(Request::get(format!("{admin}/readyz")).body(full("")).unwrap()))
-            .await
-            .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200))
+        if tokio::time::timeout(
+            Duration::from_secs(1),
+            c.request(
+                Request::get(format!("{admin}/readyz"))
+                    .body(full(""))
+                    .unwrap(),
+            ),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200))
         {
             up = true;
             break;
@@ -118,16 +135,37 @@ provider = "body"
 
     // Success, over HTTP/1.1 and h2c, with bodies.
     assert_eq!(get(&c, &format!("{base}/basic/a?q=1")).await.status, 200);
-    assert_eq!(send(&c, Request::post(format!("{base}/body/b")).body(full("payload")).unwrap()).await.status, 200);
-    let h2: Client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http();
+    assert_eq!(
+        send(
+            &c,
+            Request::post(format!("{base}/body/b"))
+                .body(full("payload"))
+                .unwrap()
+        )
+        .await
+        .status,
+        200
+    );
+    let h2: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
     assert_eq!(get(&h2, &format!("{base}/basic/h2")).await.status, 200);
 
     // Invalidation with replay: the basic provider's token is rejected once.
     let basic_token = upstream.seen_auth().into_iter().flatten().next().unwrap();
     upstream.reject(basic_token.trim_start_matches("Bearer "), 401);
-    assert_eq!(send(&c, Request::post(format!("{base}/basic/c")).body(full("again")).unwrap()).await.status, 200);
+    assert_eq!(
+        send(
+            &c,
+            Request::post(format!("{base}/basic/c"))
+                .body(full("again"))
+                .unwrap()
+        )
+        .await
+        .status,
+        200
+    );
 
     // Fetch failures whose error bodies echo the request (secret in the body and in
     // the Basic header), then a 503 carrying that error.
@@ -144,27 +182,57 @@ provider = "body"
         bodies.push_str(&String::from_utf8_lossy(&answer.body));
     }
     assert!(bodies.contains("token_unavailable"), "{bodies}");
-    assert!(bodies.contains("bad request: body was"), "the provider's words are kept: {bodies}");
+    assert!(
+        bodies.contains("bad request: body was"),
+        "the provider's words are kept: {bodies}"
+    );
 
     // Admin pages.
     for page in ["/tokens", "/metrics", "/readyz", "/healthz"] {
-        bodies.push_str(&String::from_utf8_lossy(&get(&c, &format!("{admin}{page}")).await.body));
+        bodies.push_str(&String::from_utf8_lossy(
+            &get(&c, &format!("{admin}{page}")).await.body,
+        ));
     }
     // A bad reload (its error comes back and is logged), then SIGHUP.
-    std::fs::write(&file, toml.replace("request_format = \"json\"", "request_format = \"xml\"")).unwrap();
-    let bad = send(&c, Request::post(format!("{admin}/reload")).body(full("")).unwrap()).await;
+    std::fs::write(
+        &file,
+        toml.replace("request_format = \"json\"", "request_format = \"xml\""),
+    )
+    .unwrap();
+    let bad = send(
+        &c,
+        Request::post(format!("{admin}/reload"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(bad.status, 422);
     bodies.push_str(&String::from_utf8_lossy(&bad.body));
     std::fs::write(&file, &toml).unwrap();
-    Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
-    let status = tokio::task::spawn_blocking(move || child.0.wait()).await.unwrap().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
 
     let mut logs = String::new();
-    std::fs::File::open(&log_path).unwrap().read_to_string(&mut logs).unwrap();
-    std::fs::File::open(&out_path).unwrap().read_to_string(&mut logs).unwrap();
+    std::fs::File::open(&log_path)
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    std::fs::File::open(&out_path)
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
     assert!(logs.contains("TRACE"), "really ran at trace level");
     assert!(logs.contains("token fetched") && logs.contains("config reloaded"));
     let tokens: Vec<String> = (1..=issuer.hits()).map(|n| issuer.token(n)).collect();
@@ -175,7 +243,10 @@ provider = "body"
     // check, on the good file and on files with errors next to the secret.
     let mut check_out = String::new();
     let bad_key = toml.replace("audience = \"aud\"", "audiance = \"aud\"");
-    let bad_syntax = toml.replace(&format!("client_secret = \"{SECRET}\"\nclient_auth"), &format!("client_secret = \"{SECRET}\nclient_auth"));
+    let bad_syntax = toml.replace(
+        &format!("client_secret = \"{SECRET}\"\nclient_auth"),
+        &format!("client_secret = \"{SECRET}\nclient_auth"),
+    );
     for (i, text) in [toml.clone(), bad_key, bad_syntax].into_iter().enumerate() {
         let f = dir.path().join(format!("check{i}.toml"));
         std::fs::write(&f, text).unwrap();
