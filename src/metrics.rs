@@ -57,6 +57,7 @@ pub struct Metrics {
     token_fetches: Family<FetchLabels, Counter>,
     token_expires_in: Family<ProviderLabels, Gauge<f64, AtomicU64>>,
     token_invalidations: Family<ProviderLabels, Counter>,
+    redis_up: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,6 +85,7 @@ impl Metrics {
         let token_fetches = Family::<FetchLabels, Counter>::default();
         let token_expires_in = Family::<ProviderLabels, Gauge<f64, AtomicU64>>::default();
         let token_invalidations = Family::<ProviderLabels, Counter>::default();
+        let redis_up = Gauge::default();
         registry.register(
             "requests",
             "Requests answered, by route and status",
@@ -111,7 +113,7 @@ impl Metrics {
         );
         registry.register(
             "token_fetches",
-            "Token-endpoint calls by provider and outcome (ok, error), and cache loads (cached)",
+            "Token-endpoint calls by provider and outcome (ok, error); tokens from the disk cache (cached) or the fleet (shared)",
             token_fetches.clone(),
         );
         registry.register(
@@ -124,7 +126,13 @@ impl Metrics {
             "Tokens dropped because the upstream rejected them",
             token_invalidations.clone(),
         );
+        registry.register(
+            "store_redis_up",
+            "1 while the shared Redis store answers, 0 while this proxy falls back to memory (absent without [store])",
+            redis_up.clone(),
+        );
         Self {
+            redis_up,
             registry,
             requests,
             duration,
@@ -178,6 +186,11 @@ impl Metrics {
                 provider: provider.into(),
             })
             .set(seconds);
+    }
+
+    /// Records whether Redis answers.
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
     }
 
     /// The in-flight gauge.

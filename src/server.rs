@@ -26,6 +26,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::{Proxy, RoutingTable};
 use crate::tls::{self, TlsError};
 use crate::token::cache::{CacheError, TokenCache};
+use crate::token::fleet::FleetError;
 use crate::token::{ProviderChanges, TokenStore};
 
 /// Why the server could not start.
@@ -37,6 +38,8 @@ pub enum StartError {
     TokenClient(#[from] reqwest::Error),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("[store]: {0}")]
+    Fleet(#[from] FleetError),
     #[error("startup task failed: {0}")]
     Internal(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -84,7 +87,7 @@ impl Shared {
             token_client,
             cache,
             metrics.clone(),
-        ));
+        )?);
         store.load_cache();
         let table = RoutingTable::new(&config, &store, &metrics);
         let client = upstream_client(tls, config.server.connect_timeout);

@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::secret::Secret;
-use raw::{RawConfig, RawProvider, RawRoute, RawServer};
+use raw::{RawConfig, RawProvider, RawRoute, RawServer, RawStore};
 pub use values::{duration as parse_duration, size as parse_size};
 
 /// A configuration problem, with where it is.
@@ -48,6 +48,8 @@ pub struct Config {
     /// Providers by name.
     pub providers: BTreeMap<String, Arc<ProviderConfig>>,
     pub routes: Vec<RouteConfig>,
+    /// Where tokens are shared (`[store]`).
+    pub store: StoreConfig,
     /// Internal knobs not in the file (tests shorten them).
     pub tuning: Tuning,
     /// Problems worth a warning that do not stop the proxy.
@@ -106,6 +108,18 @@ impl Default for Limits {
     }
 }
 
+/// `[store]`: where tokens live besides this process's memory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreConfig {
+    Memory,
+    /// One token per provider for every proxy sharing this Redis.
+    Redis {
+        /// May hold a password: kept as a secret.
+        url: Secret,
+        key_prefix: String,
+    },
+}
+
 /// Timing knobs of the token store that are not user settings.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -115,6 +129,8 @@ pub struct Tuning {
     pub backoff_max: Duration,
     /// Refresh is moved earlier by up to this fraction of the token's lifetime.
     pub refresh_jitter: f64,
+    /// Longest wait for one Redis command before falling back to memory.
+    pub redis_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -123,6 +139,7 @@ impl Default for Tuning {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             refresh_jitter: 0.05,
+            redis_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -348,26 +365,10 @@ impl Validator<'_> {
 
     fn config(&self, raw: RawConfig) -> VResult<Config> {
         let server = self.server(&raw.server)?;
-        if let Some(store) = &raw.store {
-            let backend = self.opt_string("store.backend", store.backend.as_ref())?;
-            self.opt_string("store.redis_url", store.redis_url.as_ref())?;
-            self.opt_string("store.key_prefix", store.key_prefix.as_ref())?;
-            match backend.as_deref() {
-                None | Some("memory") => {}
-                Some("redis") => {
-                    return Err(self.err(
-                        "store.backend",
-                        "\"redis\" is not supported by this version yet; remove [store] to keep tokens in memory",
-                    ))
-                }
-                Some(other) => {
-                    return Err(self.err(
-                        "store.backend",
-                        format!("`{other}` is not a store backend (expected \"memory\" or \"redis\")"),
-                    ))
-                }
-            }
-        }
+        let store = match &raw.store {
+            None => StoreConfig::Memory,
+            Some(store) => self.store(store)?,
+        };
         let mut providers = BTreeMap::new();
         for (name, p) in &raw.providers {
             let provider = self.provider(name, p, &server)?;
@@ -399,10 +400,57 @@ impl Validator<'_> {
             server,
             providers,
             routes,
+            store,
             tuning: Tuning::default(),
             warnings: Vec::new(),
             inline_secrets: Vec::new(),
         })
+    }
+
+    fn store(&self, store: &RawStore) -> VResult<StoreConfig> {
+        let backend = self.opt_string("store.backend", store.backend.as_ref())?;
+        let url = self.opt_string("store.redis_url", store.redis_url.as_ref())?;
+        let key_prefix = self
+            .opt_string("store.key_prefix", store.key_prefix.as_ref())?
+            .unwrap_or_else(|| "bearer-proxy:".to_owned());
+        match backend.as_deref() {
+            None | Some("memory") => {
+                if url.is_some() {
+                    return Err(self.err(
+                        "store.redis_url",
+                        "is set but store.backend is not \"redis\"",
+                    ));
+                }
+                Ok(StoreConfig::Memory)
+            }
+            Some("redis") => {
+                let url = url.ok_or_else(|| {
+                    self.err("store.redis_url", "is required with backend = \"redis\"")
+                })?;
+                // Checked here so a typo fails `check`; the URL may hold a password,
+                // so the message never quotes it.
+                let parsed = Url::parse(&url).map_err(|_| {
+                    self.err(
+                        "store.redis_url",
+                        "is not a URL like redis://127.0.0.1:6379/0",
+                    )
+                })?;
+                if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                    return Err(self.err(
+                        "store.redis_url",
+                        "must be a redis:// (or rediss://, unix://) URL",
+                    ));
+                }
+                Ok(StoreConfig::Redis {
+                    url: Secret::new(url),
+                    key_prefix,
+                })
+            }
+            Some(other) => Err(self.err(
+                "store.backend",
+                format!("`{other}` is not a store backend (expected \"memory\" or \"redis\")"),
+            )),
+        }
     }
 
     fn listen_addr(&self, key: &str, raw: &str, allow_non_loopback: bool) -> VResult<SocketAddr> {

@@ -6,6 +6,7 @@
 //! no valid token waits, at most `token_wait`, for the task to publish one.
 
 pub mod cache;
+pub mod fleet;
 mod refresh;
 
 use std::collections::BTreeMap;
@@ -19,11 +20,12 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ProviderConfig, Tuning};
+use crate::config::{Config, ProviderConfig, StoreConfig, Tuning};
 use crate::metrics::Metrics;
 use crate::provider::TokenClient;
 use crate::secret::Secret;
 use cache::TokenCache;
+use fleet::{Fleet, FleetError, FleetEvent};
 
 /// A token ready to be sent: the whole header value, with its timing.
 pub struct Token {
@@ -32,6 +34,8 @@ pub struct Token {
     /// Increases with every token a slot publishes; used to invalidate only the
     /// token a failed request actually carried.
     pub generation: u64,
+    /// Random per fetched token and the same on every proxy of a fleet.
+    pub id: u64,
     pub expires_at: Instant,
     pub refresh_at: Instant,
     pub fetched_at: SystemTime,
@@ -97,8 +101,12 @@ pub struct ProviderSlot {
     wake: Notify,
     /// A request needs a token (matters for `prefetch = false` and after invalidation).
     wanted: AtomicBool,
-    /// Set by `invalidate`, read by the refresher to slow down repeated rejections.
-    invalidated: AtomicBool,
+    /// The id of the token `invalidate` dropped, for the refresher.
+    rejected: Mutex<Option<u64>>,
+    /// Another proxy announced a new token: look in the fleet store.
+    fleet_hint: AtomicBool,
+    /// Wakes a refresher waiting for another proxy's token.
+    fleet_wake: Notify,
     generation: AtomicU64,
     status: Mutex<SlotStatus>,
     settings: StoreSettings,
@@ -118,7 +126,9 @@ impl ProviderSlot {
             changed: watch::channel(0).0,
             wake: Notify::new(),
             wanted: AtomicBool::new(false),
-            invalidated: AtomicBool::new(false),
+            rejected: Mutex::new(None),
+            fleet_hint: AtomicBool::new(false),
+            fleet_wake: Notify::new(),
             generation: AtomicU64::new(0),
             status: Mutex::new(SlotStatus::default()),
             settings,
@@ -201,10 +211,35 @@ impl ProviderSlot {
             self.settings.metrics.token_invalidated(&self.config.name);
             tracing::info!(provider = %self.config.name, generation, "token rejected by upstream; fetching a new one");
             self.wanted.store(true, Ordering::Release);
-            self.invalidated.store(true, Ordering::Release);
+            if let Ok(mut rejected) = self.rejected.lock() {
+                *rejected = Some(token.id);
+            }
             self.wake.notify_one();
         }
         dropped
+    }
+
+    /// The current token's bare value (without `header_prefix`), for sharing it.
+    fn current_value(&self) -> Option<Secret> {
+        let token = self.current()?;
+        let header = token.header_value.to_str().ok()?;
+        header
+            .strip_prefix(self.config.header_prefix.as_str())
+            .map(Secret::new)
+    }
+
+    fn take_rejected(&self) -> Option<u64> {
+        self.rejected.lock().ok().and_then(|mut r| r.take())
+    }
+
+    /// Drops the current token if it is the fleet token `id` another proxy saw rejected.
+    fn drop_fleet_token(&self, id: u64) {
+        let current = self.current.load();
+        if current.as_ref().is_some_and(|t| t.id == id) {
+            self.current.compare_and_swap(&*current, None);
+            self.wanted.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
     }
 
     /// Builds a token whose whole lifetime is `lifetime` and of which `remaining` is
@@ -217,6 +252,7 @@ impl ProviderSlot {
         remaining: Duration,
         now: Instant,
         now_wall: SystemTime,
+        id: u64,
     ) -> Option<Token> {
         let mut header_value =
             HeaderValue::from_str(&format!("{}{}", self.config.header_prefix, value.expose()))
@@ -238,6 +274,7 @@ impl ProviderSlot {
         Some(Token {
             header_value,
             generation: self.generation.fetch_add(1, Ordering::AcqRel) + 1,
+            id,
             expires_at: now + remaining,
             refresh_at: now + refresh_in,
             fetched_at: now_wall - (lifetime - remaining),
@@ -260,6 +297,7 @@ impl ProviderSlot {
             remaining,
             Instant::now(),
             now_wall,
+            rand::random(),
         ) else {
             return false;
         };
@@ -302,6 +340,7 @@ pub struct TokenStore {
     slots: ArcSwap<Slots>,
     client: TokenClient,
     cache: Option<TokenCache>,
+    fleet: Option<Arc<Fleet>>,
     settings: StoreSettings,
     /// Parent of every refresher's cancel token.
     root: CancellationToken,
@@ -314,7 +353,16 @@ impl TokenStore {
         client: TokenClient,
         cache: Option<TokenCache>,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, FleetError> {
+        let fleet = match &config.store {
+            StoreConfig::Memory => None,
+            StoreConfig::Redis { url, key_prefix } => Some(Arc::new(Fleet::new(
+                url,
+                key_prefix,
+                config.tuning.redis_timeout,
+                metrics.clone(),
+            )?)),
+        };
         let settings = StoreSettings {
             token_timeout: config.server.token_timeout,
             token_wait: config.server.token_wait,
@@ -330,13 +378,14 @@ impl TokenStore {
                 (name.clone(), Arc::new(slot))
             })
             .collect();
-        Self {
+        Ok(Self {
             slots: ArcSwap::from_pointee(slots),
             client,
             cache,
+            fleet,
             settings,
             root,
-        }
+        })
     }
 
     /// Fills slots from the token cache. Blocks on file reads: call before serving,
@@ -353,20 +402,84 @@ impl TokenStore {
         }
     }
 
-    /// Spawns each slot's refresher.
-    pub fn start(&self) {
+    /// Spawns each slot's refresher, and the fleet listener with a Redis store.
+    pub fn start(self: &Arc<Self>) {
         for slot in self.slots.load().values() {
             self.spawn(slot);
+        }
+        if let Some(fleet) = &self.fleet {
+            let (on_event, on_connect) = (self.clone(), self.clone());
+            tokio::spawn(fleet.clone().listen(
+                self.root.child_token(),
+                move |event| on_event.fleet_event(event),
+                move || on_connect.fleet_connected(),
+            ));
         }
     }
 
     fn spawn(&self, slot: &Arc<ProviderSlot>) {
-        tokio::spawn(refresh::run(
-            slot.clone(),
-            self.client.clone(),
-            self.cache.clone(),
-            slot.cancel.clone(),
-        ));
+        let refresher = refresh::Refresher {
+            client: self.client.clone(),
+            cache: self.cache.clone(),
+            fleet: self.fleet.clone(),
+        };
+        tokio::spawn(refresh::run(slot.clone(), refresher, slot.cancel.clone()));
+    }
+
+    fn slot_for(&self, provider: &str, fp: &str) -> Option<Arc<ProviderSlot>> {
+        self.slot(provider)
+            .filter(|slot| fleet::provider_tag(&slot.config).1 == fp)
+    }
+
+    fn fleet_event(&self, event: FleetEvent) {
+        match event {
+            FleetEvent::Changed { provider, fp } => {
+                if let Some(slot) = self.slot_for(&provider, &fp) {
+                    slot.fleet_hint.store(true, Ordering::Release);
+                    slot.fleet_wake.notify_waiters();
+                    slot.wake.notify_one();
+                }
+            }
+            FleetEvent::Invalidated { provider, fp, id } => {
+                if let Some(slot) = self.slot_for(&provider, &fp) {
+                    slot.drop_fleet_token(id);
+                }
+            }
+        }
+    }
+
+    /// After (re)connecting to Redis: offer our tokens to a store that lost them
+    /// (Redis restarted) and look for better ones, so the fleet converges again
+    /// without a fetch.
+    fn fleet_connected(&self) {
+        let Some(fleet) = self.fleet.clone() else {
+            return;
+        };
+        for slot in self.slots() {
+            let fleet = fleet.clone();
+            tokio::spawn(async move {
+                if let Some(token) = slot.current() {
+                    if let Some(value) = slot.current_value() {
+                        let shared = fleet::SharedToken {
+                            id: token.id,
+                            value,
+                            fetched_at: token.fetched_at,
+                            expires_at: token.expires_at_wall,
+                        };
+                        if let Ok(true) = fleet.write(&slot.config, &shared, true).await {
+                            let _ = fleet.publish_changed(&slot.config).await;
+                        }
+                    }
+                }
+                slot.fleet_hint.store(true, Ordering::Release);
+                slot.wake.notify_one();
+            });
+        }
+    }
+
+    /// Whether tokens are shared through Redis right now: `None` without `[store]`.
+    pub fn fleet_up(&self) -> Option<bool> {
+        self.fleet.as_ref().map(|f| f.is_up())
     }
 
     /// Stops every refresher.

@@ -1,4 +1,5 @@
-//! The per-provider refresher: fetch when needed, refresh ahead, back off on failure.
+//! The per-provider refresher: fetch when needed, refresh ahead, back off on failure,
+//! and (with a Redis store) share each token with the fleet.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,25 +10,43 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::TokenCache;
+use super::fleet::{Fleet, FleetError, SharedToken};
 use super::{ProviderSlot, Token};
 use crate::provider::{Expiry, FetchError, FetchedToken, TokenClient};
+use crate::secret::Secret;
 
-/// Runs until `cancel`: the only caller of `slot`'s token endpoint.
-pub(super) async fn run(
-    slot: Arc<ProviderSlot>,
-    client: TokenClient,
-    cache: Option<TokenCache>,
-    cancel: CancellationToken,
-) {
+/// What one refresher needs besides its slot.
+pub(super) struct Refresher {
+    pub client: TokenClient,
+    pub cache: Option<TokenCache>,
+    pub fleet: Option<Arc<Fleet>>,
+}
+
+/// A token obtained by one attempt, and where it came from.
+struct Obtained {
+    token: Token,
+    value: Secret,
+    /// `ok` (fetched here) or `shared` (fetched by another proxy of the fleet).
+    outcome: &'static str,
+}
+
+/// Runs until `cancel`: the only caller of `slot`'s token endpoint in this process.
+pub(super) async fn run(slot: Arc<ProviderSlot>, r: Refresher, cancel: CancellationToken) {
     let mut failures: u32 = 0;
     // Tokens the upstream rejected soon after we fetched them, in a row: bad
     // credentials or a confused API must not turn every request into a fetch.
     let mut quick_rejections: u32 = 0;
     let mut not_before: Option<Instant> = None;
     let mut last_fetch: Option<Instant> = None;
+    let mut rejected: Option<u64> = None;
     loop {
         let now = Instant::now();
-        if slot.invalidated.swap(false, Ordering::AcqRel) {
+        if let Some(id) = slot.take_rejected() {
+            rejected = Some(id);
+            if let Some(fleet) = &r.fleet {
+                // Drop it for the whole fleet, unless another proxy already replaced it.
+                let _ = fleet.invalidate(&slot.config, id).await;
+            }
             let quick = last_fetch.is_some_and(|at| now.duration_since(at) < QUICK_REJECTION);
             quick_rejections = if quick { quick_rejections + 1 } else { 0 };
             if quick_rejections >= 2 {
@@ -41,13 +60,19 @@ pub(super) async fn run(
                 });
             }
         }
+        if slot.fleet_hint.swap(false, Ordering::AcqRel) {
+            if let Some(fleet) = &r.fleet {
+                adopt_from_fleet(&slot, fleet, rejected).await;
+            }
+        }
         let due = next_due(&slot, now).map(|due| not_before.map_or(due, |nb| due.max(nb)));
         if due.is_some_and(|due| due <= now) {
             last_fetch = Some(now);
-            match fetch_once(&slot, &client, cache.as_ref()).await {
+            match fetch_once(&slot, &r, rejected).await {
                 Ok(()) => {
                     failures = 0;
                     not_before = None;
+                    rejected = None;
                 }
                 Err(asked) => {
                     failures = failures.saturating_add(1);
@@ -98,51 +123,48 @@ fn backoff(slot: &ProviderSlot, failures: u32) -> Duration {
     rand::rng().random_range(ceiling / 2..=ceiling)
 }
 
-/// One fetch; on failure returns the least delay the provider asked for.
+/// One attempt; on failure returns the least delay the provider asked for.
 async fn fetch_once(
     slot: &ProviderSlot,
-    client: &TokenClient,
-    cache: Option<&TokenCache>,
+    r: &Refresher,
+    rejected: Option<u64>,
 ) -> Result<(), Duration> {
     slot.update_status(|s| s.fetching = true);
     let started = Instant::now();
-    let result = client
-        .fetch(&slot.config, slot.settings.token_timeout)
-        .await
-        .and_then(|fetched| {
-            let token = build_token(slot, &fetched, started)?;
-            Ok((token, fetched.value))
-        });
+    let result = match &r.fleet {
+        Some(fleet) => match coordinate(slot, &r.client, fleet, rejected).await {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::debug!(provider = %slot.config.name, %error, "fetching without the fleet");
+                fetch_here(slot, &r.client).await
+            }
+        },
+        None => fetch_here(slot, &r.client).await,
+    };
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match result {
-        Ok((token, value)) => {
-            if let Some(cache) = cache {
-                let (cache, config) = (cache.clone(), slot.config.clone());
-                let (fetched_at, expires_at) = (token.fetched_at, token.expires_at_wall);
-                // Awaited so a restart right after sees the file; off the runtime threads.
-                let written = tokio::task::spawn_blocking(move || {
-                    cache.store(&config, &value, fetched_at, expires_at)
-                })
-                .await;
-                if let Ok(Err(error)) = written {
-                    tracing::warn!(provider = %slot.config.name, %error, "cannot write the token cache");
-                }
+        Ok(obtained) => {
+            if let Some(cache) = &r.cache {
+                write_cache(slot, cache, &obtained).await;
             }
+            let token = obtained.token;
             let expires_in = token.expires_at.saturating_duration_since(Instant::now());
             tracing::info!(
                 provider = %slot.config.name,
-                outcome = "ok",
+                outcome = obtained.outcome,
                 duration_ms = elapsed_ms,
                 expires_in_s = expires_in.as_secs(),
                 generation = token.generation,
                 "token fetched"
             );
             slot.current.store(Some(Arc::new(token)));
-            slot.settings.metrics.token_fetch(&slot.config.name, "ok");
+            slot.settings
+                .metrics
+                .token_fetch(&slot.config.name, obtained.outcome);
             slot.wanted.store(false, Ordering::Release);
             slot.update_status(|s| {
                 s.fetching = false;
-                s.fetches += 1;
+                s.fetches += u64::from(obtained.outcome == "ok");
                 s.last_error = None;
                 s.next_attempt = None;
             });
@@ -171,6 +193,146 @@ async fn fetch_once(
     }
 }
 
+async fn write_cache(slot: &ProviderSlot, cache: &TokenCache, obtained: &Obtained) {
+    let (cache, config) = (cache.clone(), slot.config.clone());
+    let value = obtained.value.clone();
+    let (fetched_at, expires_at) = (obtained.token.fetched_at, obtained.token.expires_at_wall);
+    // Awaited so a restart right after sees the file; off the runtime threads.
+    let written =
+        tokio::task::spawn_blocking(move || cache.store(&config, &value, fetched_at, expires_at))
+            .await;
+    if let Ok(Err(error)) = written {
+        tracing::warn!(provider = %slot.config.name, %error, "cannot write the token cache");
+    }
+}
+
+/// Calls the token endpoint from this process.
+async fn fetch_here(slot: &ProviderSlot, client: &TokenClient) -> Result<Obtained, FetchError> {
+    let started = Instant::now();
+    let fetched = client
+        .fetch(&slot.config, slot.settings.token_timeout)
+        .await?;
+    let token = build_token(slot, &fetched, started)?;
+    Ok(Obtained {
+        token,
+        value: fetched.value,
+        outcome: "ok",
+    })
+}
+
+/// Gets a token through the fleet: adopt the one in Redis, or take the lock and
+/// fetch, or wait for the lock holder's token. `Err` only for Redis trouble, after
+/// which the caller fetches on its own; a failed fetch is `Ok(Err(..))`.
+async fn coordinate(
+    slot: &ProviderSlot,
+    client: &TokenClient,
+    fleet: &Fleet,
+    rejected: Option<u64>,
+) -> Result<Result<Obtained, FetchError>, FleetError> {
+    let p = &slot.config;
+    let current = slot.current.load().as_ref().map(|t| t.id);
+    // Long enough for a holder to finish one fetch; a dead holder's lock expires.
+    let lock_ttl = slot.settings.token_timeout + Duration::from_secs(1);
+    let give_up = Instant::now() + lock_ttl * 2;
+    let owner = format!("{:016x}", rand::random::<u64>());
+    loop {
+        if let Some(shared) = fleet.read(p).await? {
+            if let Some(obtained) = adoptable(slot, shared, current, rejected) {
+                return Ok(Ok(obtained));
+            }
+        }
+        if fleet.try_lock(p, &owner, lock_ttl).await? {
+            // Look again under the lock: the previous holder may have just written.
+            if let Some(shared) = fleet.read(p).await? {
+                if let Some(obtained) = adoptable(slot, shared, current, rejected) {
+                    let _ = fleet.unlock(p, &owner).await;
+                    return Ok(Ok(obtained));
+                }
+            }
+            let result = fetch_here(slot, client).await;
+            if let Ok(obtained) = &result {
+                let shared = SharedToken {
+                    id: obtained.token.id,
+                    value: obtained.value.clone(),
+                    fetched_at: obtained.token.fetched_at,
+                    expires_at: obtained.token.expires_at_wall,
+                };
+                if fleet.write(p, &shared, false).await.is_ok() {
+                    let _ = fleet.publish_changed(p).await;
+                }
+            }
+            let _ = fleet.unlock(p, &owner).await;
+            return Ok(result);
+        }
+        if Instant::now() >= give_up {
+            return Err(FleetError::LockHeld);
+        }
+        // Another proxy is fetching: wait for its token (pub/sub wakes us early).
+        tokio::select! {
+            () = slot.fleet_wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// A token from the fleet, if it is one this slot should use: not the one it holds
+/// or just saw rejected, and not already due for refresh.
+fn adoptable(
+    slot: &ProviderSlot,
+    shared: SharedToken,
+    current: Option<u64>,
+    rejected: Option<u64>,
+) -> Option<Obtained> {
+    if Some(shared.id) == current || Some(shared.id) == rejected {
+        return None;
+    }
+    let now_wall = SystemTime::now();
+    let remaining = shared.expires_at.duration_since(now_wall).ok()?;
+    let lifetime = shared
+        .expires_at
+        .duration_since(shared.fetched_at)
+        .unwrap_or(remaining)
+        .max(remaining);
+    if remaining <= slot.config.refresh_before.lead(lifetime) {
+        return None;
+    }
+    let token = slot.make_token(
+        &shared.value,
+        lifetime,
+        remaining,
+        Instant::now(),
+        now_wall,
+        shared.id,
+    )?;
+    Some(Obtained {
+        token,
+        value: shared.value,
+        outcome: "shared",
+    })
+}
+
+/// Takes the fleet's token after another proxy announced one.
+async fn adopt_from_fleet(slot: &ProviderSlot, fleet: &Fleet, rejected: Option<u64>) {
+    let current = slot.current.load().as_ref().map(|t| t.id);
+    let Ok(Some(shared)) = fleet.read(&slot.config).await else {
+        return;
+    };
+    // Only move to a token that lives longer than ours (or when we have none).
+    let ours = slot.current.load().as_ref().map(|t| t.expires_at_wall);
+    if ours.is_some_and(|ours| shared.expires_at <= ours) {
+        return;
+    }
+    if let Some(obtained) = adoptable(slot, shared, current, rejected) {
+        tracing::info!(provider = %slot.config.name, outcome = "shared", "token adopted from the fleet");
+        slot.current.store(Some(Arc::new(obtained.token)));
+        slot.settings
+            .metrics
+            .token_fetch(&slot.config.name, "shared");
+        slot.wanted.store(false, Ordering::Release);
+        slot.update_status(|s| s.last_error = None);
+    }
+}
+
 /// Turns an answer into a publishable token, measuring relative lifetimes from
 /// `received` on the monotonic clock.
 fn build_token(
@@ -192,6 +354,13 @@ fn build_token(
             "the token expires in less than a second".to_owned(),
         ));
     }
-    slot.make_token(&fetched.value, lifetime, lifetime, received, now_wall)
-        .ok_or_else(|| FetchError::Invalid("the token is not a valid header value".to_owned()))
+    slot.make_token(
+        &fetched.value,
+        lifetime,
+        lifetime,
+        received,
+        now_wall,
+        rand::random(),
+    )
+    .ok_or_else(|| FetchError::Invalid("the token is not a valid header value".to_owned()))
 }

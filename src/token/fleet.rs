@@ -1,0 +1,427 @@
+//! Sharing each provider's token with a fleet of proxies through Redis (`[store]`).
+//!
+//! Redis holds one encrypted token per provider (its TTL is the token's expiry) and a
+//! short lock. The instance holding the lock fetches; the others wait for its token
+//! (woken by pub/sub, polling as a fallback) instead of fetching. Any Redis failure is
+//! reported to the caller, which falls back to fetching on its own: nothing fails
+//! because Redis is away. Requests never touch Redis: they read the slot's local copy.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use futures_util::StreamExt;
+use hkdf::Hkdf;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio_util::sync::CancellationToken;
+
+use super::cache::fingerprint;
+use crate::config::ProviderConfig;
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// A Redis problem: the caller falls back to its own memory store.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("redis: {0}")]
+    Redis(String),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("another proxy held the token lock for too long")]
+    LockHeld,
+}
+
+/// A token as the fleet shares it.
+pub struct SharedToken {
+    /// Random per fetched token, the same on every instance.
+    pub id: u64,
+    pub value: Secret,
+    pub fetched_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+/// What is stored in Redis: the token sealed with AES-256-GCM under a key derived
+/// from the provider's client secret, so a reader of Redis without the credentials
+/// learns nothing usable.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    id: String,
+    fetched_at: f64,
+    expires_at: f64,
+    nonce: String,
+    ciphertext: String,
+}
+
+/// An event from another instance.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FleetEvent {
+    /// A new token for (provider, fingerprint) is in Redis.
+    Changed { provider: String, fp: String },
+    /// The token `id` of (provider, fingerprint) was rejected by its upstream.
+    Invalidated {
+        provider: String,
+        fp: String,
+        id: u64,
+    },
+}
+
+/// The Redis side of the token store.
+pub struct Fleet {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    prefix: String,
+    timeout: Duration,
+    up: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn from_unix(secs: f64) -> Option<SystemTime> {
+    (secs.is_finite() && secs > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+}
+
+/// Short provider tag used in key names: name plus fingerprint prefix.
+pub fn provider_tag(p: &ProviderConfig) -> (String, String) {
+    (p.name.clone(), fingerprint(p)[..16].to_owned())
+}
+
+fn cipher(p: &ProviderConfig) -> Aes256Gcm {
+    let hk = Hkdf::<Sha256>::new(
+        Some(b"bearer-proxy/redis/v1"),
+        p.client_secret.expose().as_bytes(),
+    );
+    let mut key = [0u8; 32];
+    // 32 bytes is always a valid HKDF-SHA256 output length.
+    let _ = hk.expand(fingerprint(p).as_bytes(), &mut key);
+    Aes256Gcm::new(&key.into())
+}
+
+impl Fleet {
+    /// Prepares the Redis client (no connection yet: Redis may be down at startup).
+    pub fn new(
+        url: &Secret,
+        prefix: &str,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, FleetError> {
+        // The URL may hold a password: the error never quotes it.
+        let client = redis::Client::open(url.expose())
+            .map_err(|_| FleetError::Redis("store.redis_url is not a usable Redis URL".into()))?;
+        metrics.set_redis_up(true);
+        Ok(Self {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            prefix: prefix.to_owned(),
+            timeout,
+            up: AtomicBool::new(true),
+            metrics,
+        })
+    }
+
+    /// True while the last Redis command succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    fn mark(&self, up: bool, why: Option<&FleetError>) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            self.metrics.set_redis_up(up);
+            match why {
+                None => tracing::info!("redis is back: tokens are shared with the fleet again"),
+                Some(error) => tracing::warn!(
+                    %error,
+                    "redis unavailable: each proxy keeps and fetches its own tokens until it returns"
+                ),
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, FleetError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            return Ok(conn.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| FleetError::Timeout(self.timeout))?
+        .map_err(|e| FleetError::Redis(e.to_string()))?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, FleetError> {
+        let result = async {
+            let mut conn = self.connection().await?;
+            tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn))
+                .await
+                .map_err(|_| FleetError::Timeout(self.timeout))?
+                .map_err(|e| FleetError::Redis(e.to_string()))
+        }
+        .await;
+        self.mark(result.is_ok(), result.as_ref().err());
+        result
+    }
+
+    fn token_key(&self, p: &ProviderConfig) -> String {
+        let (name, fp) = provider_tag(p);
+        format!("{}token:{name}:{fp}", self.prefix)
+    }
+
+    fn lock_key(&self, p: &ProviderConfig) -> String {
+        let (name, fp) = provider_tag(p);
+        format!("{}lock:{name}:{fp}", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}events", self.prefix)
+    }
+
+    /// The fleet's current token for `p`, if any (and decryptable).
+    pub async fn read(&self, p: &ProviderConfig) -> Result<Option<SharedToken>, FleetError> {
+        let key = self.token_key(p);
+        let raw: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
+        Ok(raw.and_then(|raw| open(p, &key, &raw)))
+    }
+
+    /// Stores `t` with a Redis TTL ending at its expiry; `only_if_absent` for NX.
+    pub async fn write(
+        &self,
+        p: &ProviderConfig,
+        t: &SharedToken,
+        only_if_absent: bool,
+    ) -> Result<bool, FleetError> {
+        let key = self.token_key(p);
+        let sealed = seal(p, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
+        let expires_ms = (unix(t.expires_at) * 1000.0) as u64;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(&key).arg(sealed).arg("PXAT").arg(expires_ms);
+        if only_if_absent {
+            cmd.arg("NX");
+        }
+        let set: Option<String> = self.query(&cmd).await?;
+        Ok(set.is_some())
+    }
+
+    /// Takes the fetch lock for `p` for `ttl`, owned by `owner`.
+    pub async fn try_lock(
+        &self,
+        p: &ProviderConfig,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool, FleetError> {
+        let set: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(self.lock_key(p))
+                    .arg(owner)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl.as_millis() as u64),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Releases the lock only if `owner` still holds it (it may have expired and
+    /// been taken by another instance meanwhile).
+    pub async fn unlock(&self, p: &ProviderConfig, owner: &str) -> Result<(), FleetError> {
+        const SCRIPT: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+        let _: i64 = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(SCRIPT)
+                    .arg(1)
+                    .arg(self.lock_key(p))
+                    .arg(owner),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the fleet's token only if it is still token `id`, and tells the fleet.
+    pub async fn invalidate(&self, p: &ProviderConfig, id: u64) -> Result<bool, FleetError> {
+        const SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+             if v and cjson.decode(v)['id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+             return 0";
+        let deleted: i64 = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(SCRIPT)
+                    .arg(1)
+                    .arg(self.token_key(p))
+                    .arg(id.to_string()),
+            )
+            .await?;
+        let (name, fp) = provider_tag(p);
+        self.publish(&format!("invalidated {name} {fp} {id}"))
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    /// Tells the fleet a new token for `p` is in Redis.
+    pub async fn publish_changed(&self, p: &ProviderConfig) -> Result<(), FleetError> {
+        let (name, fp) = provider_tag(p);
+        self.publish(&format!("changed {name} {fp}")).await
+    }
+
+    async fn publish(&self, message: &str) -> Result<(), FleetError> {
+        let _: i64 = self
+            .query(redis::cmd("PUBLISH").arg(self.channel()).arg(message))
+            .await?;
+        Ok(())
+    }
+
+    /// Delivers fleet events to `on_event` until `cancel`, reconnecting after Redis
+    /// outages; `on_connect` runs after every (re)subscription.
+    pub async fn listen(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+        on_event: impl Fn(FleetEvent) + Send,
+        on_connect: impl Fn() + Send,
+    ) {
+        loop {
+            let connected = tokio::time::timeout(self.timeout * 2, async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(self.channel()).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            if let Ok(Ok(mut pubsub)) = connected {
+                tracing::debug!("subscribed to fleet events");
+                on_connect();
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        message = messages.next() => match message {
+                            Some(message) => {
+                                let text: String = message.get_payload().unwrap_or_default();
+                                if let Some(event) = parse_event(&text) {
+                                    on_event(event);
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+fn parse_event(text: &str) -> Option<FleetEvent> {
+    let mut parts = text.split(' ');
+    let kind = parts.next()?;
+    let provider = parts.next()?.to_owned();
+    let fp = parts.next()?.to_owned();
+    match kind {
+        "changed" => Some(FleetEvent::Changed { provider, fp }),
+        "invalidated" => Some(FleetEvent::Invalidated {
+            provider,
+            fp,
+            id: parts.next()?.parse().ok()?,
+        }),
+        _ => None,
+    }
+}
+
+fn seal(p: &ProviderConfig, key: &str, t: &SharedToken) -> Option<String> {
+    let nonce_bytes: [u8; 12] = rand::random();
+    let ciphertext = cipher(p)
+        .encrypt(
+            Nonce::from_slice(&nonce_bytes),
+            Payload {
+                msg: t.value.expose().as_bytes(),
+                aad: key.as_bytes(),
+            },
+        )
+        .ok()?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    serde_json::to_string(&Sealed {
+        id: t.id.to_string(),
+        fetched_at: unix(t.fetched_at),
+        expires_at: unix(t.expires_at),
+        nonce: b64.encode(nonce_bytes),
+        ciphertext: b64.encode(ciphertext),
+    })
+    .ok()
+}
+
+fn open(p: &ProviderConfig, key: &str, raw: &str) -> Option<SharedToken> {
+    let sealed: Sealed = serde_json::from_str(raw).ok()?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let nonce = b64.decode(&sealed.nonce).ok()?;
+    if nonce.len() != 12 {
+        return None;
+    }
+    let plain = cipher(p)
+        .decrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &b64.decode(&sealed.ciphertext).ok()?,
+                aad: key.as_bytes(),
+            },
+        )
+        .ok()?;
+    Some(SharedToken {
+        id: sealed.id.parse().ok()?,
+        value: Secret::new(String::from_utf8(plain).ok()?),
+        fetched_at: from_unix(sealed.fetched_at)?,
+        expires_at: from_unix(sealed.expires_at)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip() {
+        assert_eq!(
+            parse_event("changed wll 0123456789abcdef"),
+            Some(FleetEvent::Changed {
+                provider: "wll".into(),
+                fp: "0123456789abcdef".into()
+            })
+        );
+        assert_eq!(
+            parse_event("invalidated wll ab 42"),
+            Some(FleetEvent::Invalidated {
+                provider: "wll".into(),
+                fp: "ab".into(),
+                id: 42
+            })
+        );
+        assert_eq!(parse_event("bogus"), None);
+    }
+}
