@@ -92,11 +92,20 @@ fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
 }
 
 fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
+    let store = match shared.store.fleet_up() {
+        None => "memory",
+        Some(true) => "redis",
+        Some(false) => "memory (redis unavailable)",
+    };
     let providers: serde_json::Map<String, Value> = shared
         .store
         .slots()
         .iter()
-        .map(|slot| (slot.name().to_owned(), token_status(slot)))
+        .map(|slot| {
+            let mut status = token_status(slot);
+            status["store"] = store.into();
+            (slot.name().to_owned(), status)
+        })
         .collect();
     json_response(StatusCode::OK, Value::Object(providers))
 }

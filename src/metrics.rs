@@ -128,7 +128,7 @@ impl Metrics {
         );
         registry.register(
             "store_redis_up",
-            "1 while the shared Redis store answers, 0 while this proxy falls back to memory (absent without [store])",
+            "1 while the shared Redis store answers, 0 while this proxy falls back to memory (0 without a Redis [store])",
             redis_up.clone(),
         );
         Self {

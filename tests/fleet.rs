@@ -1,0 +1,345 @@
+//! A fleet of proxies sharing tokens through a real Redis (redis-server on loopback).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bearer_proxy::config::Config;
+use bearer_proxy::token::fleet::provider_tag;
+use http::Request;
+
+use crate::support::*;
+
+/// A redis-server on a loopback port, without persistence; killed on drop.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self { port, child: None };
+        redis.resume();
+        redis
+    }
+
+    /// (Re)starts the server on the same port and waits until it answers.
+    fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server not found: install it (.ci/run does: apt-get install redis-server)",
+            );
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn fleet_config(
+    redis: &Redis,
+    issuer: &Issuer,
+    upstream: &Upstream,
+    provider_extra: &str,
+) -> Config {
+    let toml = basic_config(issuer, upstream, provider_extra).replace(
+        "[server]\n",
+        &format!(
+            "[store]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"test:\"\n\n[server]\ntoken_timeout = \"1s\"\n",
+            redis.url()
+        ),
+    );
+    let mut config = Config::parse(&toml, std::path::Path::new("fleet.toml"), &|_| None).unwrap();
+    config.tuning.redis_timeout = Duration::from_millis(200);
+    config
+}
+
+async fn fleet(config: &Config, n: usize) -> Vec<Proxy> {
+    let mut proxies = Vec::new();
+    for _ in 0..n {
+        proxies.push(Proxy::start_config(config.clone()).await);
+    }
+    proxies
+}
+
+fn token_ids(proxies: &[Proxy]) -> Vec<Option<u64>> {
+    proxies
+        .iter()
+        .map(|p| p.store.slot("p").unwrap().current().map(|t| t.id))
+        .collect()
+}
+
+fn converged(proxies: &[Proxy]) -> bool {
+    let ids = token_ids(proxies);
+    ids[0].is_some() && ids.iter().all(|id| *id == ids[0])
+}
+
+#[tokio::test]
+async fn three_instances_300_first_requests_one_fetch() {
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_delay(Duration::from_millis(200));
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "prefetch = false");
+    let proxies = fleet(&config, 3).await;
+    let mut tasks = Vec::new();
+    for proxy in &proxies {
+        for i in 0..100 {
+            let url = proxy.url(&format!("/r/{i}"));
+            tasks.push(tokio::spawn(async move { get(&client(), &url).await }));
+        }
+    }
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.echoed("authorization"),
+            [format!("Bearer {}", issuer.token(1))]
+        );
+    }
+    assert_eq!(issuer.hits(), 1, "one token request for the whole fleet");
+    for p in proxies {
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn refresh_across_the_fleet_is_one_fetch_per_refresh() {
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_lifetime(3.0);
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "refresh_before = \"50%\"");
+    let proxies = fleet(&config, 3).await;
+    assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
+    // About three refreshes of a 3 s token refreshed at half-life.
+    let c = client();
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(4500) {
+        for p in &proxies {
+            assert_eq!(get(&c, &p.url("/x")).await.status, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hits = issuer.hits();
+    assert!(
+        (3..=5).contains(&hits),
+        "one fetch per refresh, not per instance: {hits}"
+    );
+    for gap in issuer.intervals() {
+        assert!(
+            gap > Duration::from_millis(700),
+            "two fetches for one refresh: {:?}",
+            issuer.intervals()
+        );
+    }
+    assert!(eventually(Duration::from_secs(2), || converged(&proxies)).await);
+    for p in proxies {
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn invalidation_on_one_instance_switches_all_with_one_fetch() {
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let proxies = fleet(&config, 3).await;
+    assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
+    assert_eq!(issuer.hits(), 1);
+    upstream.reject(&issuer.token(1), 401);
+    let c = client();
+    let answer = send(
+        &c,
+        Request::post(proxies[0].url("/orders"))
+            .body(full("x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(2))]
+    );
+    // The others drop the rejected token and take the new one without fetching.
+    assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
+    for p in &proxies[1..] {
+        let answer = get(&c, &p.url("/y")).await;
+        assert_eq!(
+            answer.echoed("authorization"),
+            [format!("Bearer {}", issuer.token(2))]
+        );
+    }
+    assert_eq!(issuer.hits(), 2, "one fetch for the fleet");
+    for p in proxies {
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn redis_away_then_back() {
+    let mut redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_lifetime(2.0);
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "refresh_before = \"50%\"");
+    let proxies = fleet(&config, 3).await;
+    assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
+    let before = issuer.hits();
+    redis.stop();
+    // Across several refreshes without Redis: no failed request.
+    let c = client();
+    let started = tokio::time::Instant::now();
+    let mut failed = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        for p in &proxies {
+            if get(&c, &p.url("/x")).await.status != 200 {
+                failed += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(failed, 0, "nothing fails because Redis is away");
+    assert!(
+        issuer.hits() >= before + 3,
+        "each instance fetched on its own"
+    );
+    for p in &proxies {
+        assert_eq!(p.store.fleet_up(), Some(false));
+    }
+    // Redis back: the fleet converges on one token again.
+    redis.resume();
+    assert!(
+        eventually(Duration::from_secs(6), || converged(&proxies)
+            && proxies.iter().all(|p| p.store.fleet_up() == Some(true)))
+        .await,
+        "{:?}",
+        token_ids(&proxies)
+    );
+    for p in proxies {
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_dead_holders_lock_is_taken_over() {
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let (name, fp) = provider_tag(&config.providers["p"]);
+    let mut conn = redis.conn().await;
+    // A holder that died right after taking the lock.
+    let _: () = redis::cmd("SET")
+        .arg(format!("test:lock:{name}:{fp}"))
+        .arg("dead-holder")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let proxy = Proxy::start_config(config).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(issuer.hits(), 0, "waits for the lock holder");
+    assert!(eventually(Duration::from_secs(3), || issuer.hits() == 1).await);
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "taken over once the lock expired"
+    );
+    assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn values_in_redis_are_sealed_and_expire_with_the_token() {
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_lifetime(600.0);
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let proxy = Proxy::start_config(config.clone()).await;
+    assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
+    let (name, fp) = provider_tag(&config.providers["p"]);
+    let key = format!("test:token:{name}:{fp}");
+    let mut conn = redis.conn().await;
+    let raw: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !raw.contains(&issuer.token(1)),
+        "plain token in Redis: {raw}"
+    );
+    assert!(!raw.contains("test-secret-value"));
+    assert!(raw.contains("ciphertext"));
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (590_000..=600_000).contains(&ttl_ms),
+        "TTL is the token's expiry: {ttl_ms}"
+    );
+    // A proxy with other credentials cannot use it: it fetches its own.
+    let other = Config::parse(
+        &basic_config(&issuer, &upstream, "").replace("test-secret-value", "other-secret").replace(
+            "[server]\n",
+            &format!("[store]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"test:\"\n\n[server]\n", redis.url()),
+        ),
+        std::path::Path::new("other.toml"),
+        &|_| None,
+    )
+    .unwrap();
+    let proxy2 = Proxy::start_config(other).await;
+    let answer = get(&client(), &proxy2.url("/x")).await;
+    assert_eq!(
+        answer.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(2))]
+    );
+    proxy.stop().await;
+    proxy2.stop().await;
+}
