@@ -823,3 +823,15 @@ fn every_example_config_parses() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn client_secret_file_must_be_a_small_regular_file() {
+    let text = "[providers.p]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\nclient_secret_file = \"/dev/zero\"\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n";
+    let err = bearer_proxy::config::Config::parse(text, Path::new("x.toml"), &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("client_secret_file") && err.contains("not a regular file"),
+        "{err}"
+    );
+}

@@ -647,7 +647,7 @@ impl Validator<'_> {
             }
             (None, Some(raw)) => {
                 let file = self.relative(&self.string(&key("client_secret_file"), raw)?);
-                let text = std::fs::read_to_string(&file).map_err(|e| {
+                let text = read_secret_file(&file).map_err(|e| {
                     self.err(
                         key("client_secret_file"),
                         format!("cannot read {}: {e}", file.display()),
@@ -964,6 +964,24 @@ fn is_loopback_host(url: &Url) -> bool {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         None => false,
     }
+}
+
+/// Reads a secret file: a regular file of at most 64 KiB (a device or FIFO named by
+/// mistake must not hang or exhaust the proxy).
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    const LIMIT: u64 = 64 * 1024;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > LIMIT {
+        return Err(std::io::Error::other("larger than 64 KiB"));
+    }
+    let mut text = String::new();
+    file.take(LIMIT).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Hop-by-hop header names (RFC 9110 §7.6.1 plus the legacy proxy ones).

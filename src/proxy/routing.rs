@@ -63,7 +63,7 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// The path sent upstream: base path + request path (with the prefix cut when `strip`).
 pub fn upstream_path(base: &str, prefix: &str, path: &str, strip: bool) -> String {
     let rest = if strip && prefix != "/" {
-        &path[prefix.len().min(path.len())..]
+        path.strip_prefix(prefix).unwrap_or(path)
     } else {
         path
     };
