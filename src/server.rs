@@ -56,6 +56,8 @@ pub struct Shared {
     pub store: Arc<TokenStore>,
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
+    /// For each worker's own upstream client.
+    tls: rustls::ClientConfig,
     /// Serializes reloads (SIGHUP and `POST /reload` may race).
     reloading: tokio::sync::Mutex<()>,
 }
@@ -90,13 +92,14 @@ impl Shared {
         )?);
         store.load_cache();
         let table = RoutingTable::new(&config, &store, &metrics);
-        let client = upstream_client(tls, config.server.connect_timeout);
+        let client = upstream_client(tls.clone(), config.server.connect_timeout);
         let proxy = Arc::new(Proxy::new(table, client, metrics.clone()));
         Ok(Self {
             config: Mutex::new(config),
             store,
             proxy,
             metrics,
+            tls,
             reloading: tokio::sync::Mutex::new(()),
         })
     }
@@ -194,8 +197,9 @@ impl Shared {
 /// A bound, not yet serving proxy.
 pub struct Server {
     shared: Arc<Shared>,
-    /// (configured address, bound listener)
-    listeners: Vec<(SocketAddr, TcpListener)>,
+    /// Per configured address, one socket per worker (SO_REUSEPORT: the kernel spreads
+    /// connections over the workers).
+    listeners: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
     admin: Option<TcpListener>,
 }
 
@@ -208,7 +212,7 @@ impl Server {
         let config = shared.config();
         let mut listeners = Vec::new();
         for addr in config.listen_addrs() {
-            listeners.push((addr, bind(addr).await?));
+            listeners.push((addr, bind_shared(addr, config.server.workers)?));
         }
         let admin = match config.server.admin_listen {
             Some(addr) => Some(bind(addr).await?),
@@ -226,7 +230,7 @@ impl Server {
         self.listeners
             .iter()
             .find(|(c, _)| *c == configured)
-            .and_then(|(_, l)| l.local_addr().ok())
+            .and_then(|(_, l)| l.first()?.local_addr().ok())
     }
 
     /// The bound admin address, when `admin_listen` is set.
@@ -246,6 +250,12 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains connections for at most
     /// `shutdown_grace` and stops the token refreshers. SIGHUP reloads the config.
+    ///
+    /// The proxy listeners are served by `workers` threads, each running its own
+    /// single-threaded event loop with its own upstream pool: a request and the
+    /// upstream connection it uses stay on one thread (no cross-thread wake-ups, no
+    /// shared pool lock). Token refresh, the admin listener and signals run on the
+    /// caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         self.shared.store.start();
@@ -253,34 +263,51 @@ impl Server {
         let grace = config.server.shutdown_grace;
         let limits = config.server.limits.clone();
         let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
-        let settings = |kind, permits: &Arc<Semaphore>| ListenerSettings {
-            kind,
-            limits: limits.clone(),
-            permits: permits.clone(),
-            grace,
-        };
-        let mut tasks = Vec::new();
-        for (configured, listener) in self.listeners {
-            let proxy = self.shared.proxy.clone();
-            let handler = move |req| {
-                let proxy = proxy.clone();
-                async move { proxy.handle(configured, req).await }
-            };
-            tasks.push(tokio::spawn(accept_loop(
-                settings("proxy", &permits),
-                listener,
-                self.shared.proxy.clone(),
-                handler,
-                stop.clone(),
-            )));
+        let workers = config.server.workers;
+        // Transpose: worker w gets socket w of every listener.
+        let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for (configured, sockets) in self.listeners {
+            for (w, socket) in sockets.into_iter().enumerate() {
+                if let Some(slot) = per_worker.get_mut(w) {
+                    slot.push((configured, socket));
+                }
+            }
         }
+        let mut threads = Vec::new();
+        for (w, sockets) in per_worker.into_iter().enumerate() {
+            let proxy = Arc::new(self.shared.proxy.with_client(upstream_client(
+                self.shared.tls.clone(),
+                config.server.connect_timeout,
+            )));
+            let settings = ListenerSettings {
+                kind: "proxy",
+                limits: limits.clone(),
+                permits: permits.clone(),
+                grace,
+            };
+            let stop = stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("bearer-proxy-w{w}"))
+                .spawn(move || serve_worker(sockets, proxy, settings, stop));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(error) => tracing::error!(%error, "cannot start a worker thread"),
+            }
+        }
+        let mut tasks = Vec::new();
         if let Some(listener) = self.admin {
             let shared = self.shared.clone();
             let handler = move |req| admin::handle(shared.clone(), req);
             // The admin listener has its own small cap, so a saturated proxy stays observable.
-            let admin_permits = Arc::new(Semaphore::new(64));
+            let settings = ListenerSettings {
+                kind: "admin",
+                limits: limits.clone(),
+                permits: Arc::new(Semaphore::new(64)),
+                grace,
+            };
             tasks.push(tokio::spawn(accept_loop(
-                settings("admin", &admin_permits),
+                settings,
                 listener,
                 self.shared.proxy.clone(),
                 handler,
@@ -294,9 +321,96 @@ impl Server {
         for task in tasks {
             let _ = task.await;
         }
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         let _ = hup.await;
         self.shared.store.stop();
     }
+}
+
+/// One worker thread: a single-threaded runtime serving its share of every listener.
+fn serve_worker(
+    sockets: Vec<(SocketAddr, std::net::TcpListener)>,
+    proxy: Arc<Proxy>,
+    settings: ListenerSettings,
+    stop: CancellationToken,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a worker runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut tasks = Vec::new();
+        for (configured, socket) in sockets {
+            let listener = match TcpListener::from_std(socket) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(%error, "cannot serve a listener socket");
+                    continue;
+                }
+            };
+            let handler_proxy = proxy.clone();
+            let handler = move |req| {
+                let proxy = handler_proxy.clone();
+                async move { proxy.handle(configured, req).await }
+            };
+            tasks.push(tokio::spawn(accept_loop(
+                settings.clone(),
+                listener,
+                proxy.clone(),
+                handler,
+                stop.clone(),
+            )));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    });
+}
+
+/// Binds `workers` sockets to `addr` with SO_REUSEPORT (port 0: the first picks the
+/// port, the others join it). Non-blocking std sockets, so each worker registers its
+/// own with its own runtime.
+fn bind_shared(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpListener>, StartError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| StartError::Bind { addr, source };
+    // SO_REUSEPORT would let a second proxy started by mistake (same user) share the
+    // port silently; a plain bind first turns that into "address in use".
+    if addr.port() != 0 {
+        drop(std::net::TcpListener::bind(addr).map_err(err)?);
+    }
+    let mut sockets = Vec::with_capacity(workers);
+    let mut target = addr;
+    for _ in 0..workers.max(1) {
+        let socket = Socket::new(
+            Domain::for_address(target),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true).map_err(err)?;
+        socket.set_nonblocking(true).map_err(err)?;
+        socket.bind(&target.into()).map_err(err)?;
+        socket.listen(1024).map_err(err)?;
+        let listener: std::net::TcpListener = socket.into();
+        if let Ok(bound) = listener.local_addr() {
+            target = bound;
+        }
+        sockets.push(listener);
+    }
+    Ok(sockets)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -352,6 +466,7 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How one listener accepts and serves connections.
+#[derive(Clone)]
 struct ListenerSettings {
     kind: &'static str,
     limits: Limits,

@@ -75,6 +75,9 @@ pub struct ServerConfig {
     pub extra_ca_file: Option<PathBuf>,
     pub allow_insecure_token_url: bool,
     pub limits: Limits,
+    /// Worker threads serving the proxy listeners, each with its own event loop and
+    /// upstream pool (default: one per CPU).
+    pub workers: usize,
 }
 
 /// Limits on what clients may send (`[server]`), with safe defaults.
@@ -529,6 +532,11 @@ impl Validator<'_> {
                 .map(|p| self.relative(&p)),
             allow_insecure_token_url: s.allow_insecure_token_url.unwrap_or(false),
             limits: self.limits(s)?,
+            workers: match s.workers {
+                Some(0) => return Err(self.err("server.workers", "must be at least 1")),
+                Some(n) => n.min(256) as usize,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            },
         })
     }
 

@@ -41,6 +41,7 @@ pub struct RawServer {
     pub max_uri_length: Option<String>,
     pub header_read_timeout: Option<String>,
     pub max_concurrent_streams: Option<u32>,
+    pub workers: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

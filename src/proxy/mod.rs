@@ -76,7 +76,8 @@ impl RoutingTable {
 
 /// The service shared by every connection of every listener.
 pub struct Proxy {
-    table: ArcSwap<RoutingTable>,
+    /// Shared by every worker's `Proxy`, so a reload swaps it once for all.
+    table: Arc<ArcSwap<RoutingTable>>,
     client: UpstreamClient,
     metrics: Arc<Metrics>,
 }
@@ -100,9 +101,19 @@ impl Proxy {
     /// A proxy over `table`, forwarding through `client`.
     pub fn new(table: RoutingTable, client: UpstreamClient, metrics: Arc<Metrics>) -> Self {
         Self {
-            table: ArcSwap::from_pointee(table),
+            table: Arc::new(ArcSwap::from_pointee(table)),
             client,
             metrics,
+        }
+    }
+
+    /// A proxy for another worker thread: the same routes and metrics, its own
+    /// upstream connection pool (so workers never contend on one pool lock).
+    pub fn with_client(&self, client: UpstreamClient) -> Self {
+        Self {
+            table: self.table.clone(),
+            client,
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -132,16 +143,19 @@ impl Proxy {
         let _in_flight = InFlight(&self.metrics);
         let table = self.table.load_full();
         let route = table.router(&listen).and_then(|router| {
-            let host = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    req.headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .and_then(routing::host_without_port);
+            let host = if router.has_hosts() {
+                req.uri()
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| {
+                        req.headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                    })
+                    .and_then(routing::host_without_port)
+            } else {
+                None
+            };
             router.find(host.as_deref(), req.uri().path())
         });
         let log = tracing::enabled!(tracing::Level::INFO).then(|| {

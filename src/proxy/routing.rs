@@ -18,6 +18,8 @@ pub struct Route {
 /// The routes of one listener, most specific first.
 pub struct Router {
     routes: Vec<Route>,
+    /// Whether any route matches on `host`; when none does, requests skip host parsing.
+    has_hosts: bool,
 }
 
 impl Router {
@@ -31,7 +33,13 @@ impl Router {
                 .cmp(&a.config.path_prefix.len())
                 .then(b.config.host.is_some().cmp(&a.config.host.is_some()))
         });
-        Self { routes }
+        let has_hosts = routes.iter().any(|r| r.config.host.is_some());
+        Self { routes, has_hosts }
+    }
+
+    /// True when some route has a `host`.
+    pub fn has_hosts(&self) -> bool {
+        self.has_hosts
     }
 
     /// The route for `host` (lower-case, no port) and `path`.
