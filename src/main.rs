@@ -14,11 +14,6 @@ use bearer_proxy::server::Server;
 use bearer_proxy::token::cache::TokenCache;
 use bearer_proxy::{demo, logging, tls};
 
-// glibc malloc showed up at ~7 % of the proxy's CPU under load (many small, short-lived
-// allocations spread over worker threads); mimalloc's thread-local free lists are cheaper.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
