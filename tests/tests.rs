@@ -11,4 +11,5 @@ mod leaks;
 mod lifecycle;
 mod properties;
 mod security;
+mod tls;
 mod tokens;

@@ -1,0 +1,143 @@
+//! Outbound TLS: certificates verified against the system roots plus `extra_ca_file`,
+//! HTTP/2 chosen by ALPN, and graceful shutdown of requests in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+/// An HTTPS upstream for `localhost` with a self-signed certificate, speaking HTTP/2
+/// and HTTP/1.1 by ALPN; answers with the protocol version and the Authorization seen.
+async fn tls_upstream() -> (std::net::SocketAddr, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .map(|v| v.to_str().unwrap_or("").to_owned());
+                    let body = serde_json::json!({
+                        "version": format!("{:?}", req.version()),
+                        "authorization": auth,
+                        "uri": req.uri().path(),
+                    });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full(body.to_string())))
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, cert.cert.pem())
+}
+
+fn tls_config(issuer: &Issuer, port: u16, ca_file: Option<&std::path::Path>) -> String {
+    let ca = ca_file
+        .map(|p| format!("extra_ca_file = \"{}\"\n", p.display()))
+        .unwrap_or_default();
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n{ca}\n[providers.p]\ntoken_url = \"{}\"\nclient_id = \"i\"\nclient_secret = \"secret-value\"\n\n[[routes]]\nupstream = \"https://localhost:{port}/base\"\nprovider = \"p\"\n",
+        issuer.url()
+    )
+}
+
+#[tokio::test]
+async fn https_upstream_with_extra_ca_speaks_http2() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let (addr, ca_pem) = tls_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let proxy = Proxy::start(&tls_config(&issuer, addr.port(), Some(&ca))).await;
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    let body = answer.json();
+    assert_eq!(body["version"], "HTTP/2.0", "ALPN chose HTTP/2");
+    assert_eq!(body["uri"], "/base/x");
+    assert_eq!(body["authorization"], format!("Bearer {}", issuer.token(1)));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn untrusted_certificate_is_refused() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let (addr, _) = tls_upstream().await;
+    let proxy = Proxy::start(&tls_config(&issuer, addr.port(), None)).await;
+    let answer = get(&client(), &proxy.url("/x")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.json()["error"], "upstream_unreachable");
+    let message = answer.json()["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("certificate"), "{message}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_millis(500));
+    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    assert!(eventually(Duration::from_secs(2), || proxy.store.slot("p").unwrap().current().is_some()).await);
+    let url = proxy.url("/slow");
+    let request = tokio::spawn(async move { get(&client(), &url).await.status });
+    assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);
+    let addr = proxy.addr;
+    proxy.stop().await;
+    assert_eq!(request.await.unwrap(), 200, "the request in flight completed");
+    // And the listener is gone.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_upstream_request() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    upstream.set_delay(Duration::from_secs(3));
+    let toml = basic_config(&issuer, &upstream, "").replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
+    let proxy = Proxy::start(&toml).await;
+    assert!(eventually(Duration::from_secs(2), || proxy.store.slot("p").unwrap().current().is_some()).await);
+    let url = proxy.url("/slow");
+    let request = tokio::spawn(async move { get(&client(), &url).await });
+    assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);
+    request.abort();
+    let c = client();
+    let mut in_flight = f64::MAX;
+    for _ in 0..100 {
+        let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+        in_flight = text
+            .lines()
+            .find(|l| l.starts_with("bearer_proxy_requests_in_flight"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        if in_flight == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(in_flight, 0.0, "the proxy stopped waiting for the upstream");
+    proxy.stop().await;
+}
