@@ -352,3 +352,66 @@ async fn bad_reload_keeps_serving() {
     assert_eq!(issuer.hits(), 1);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn json_logs_have_one_object_per_line_with_the_request_fields() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    std::fs::write(
+        &file,
+        basic_config(&issuer, &upstream, "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+        .args(["--log-format", "json", "run", "-c"])
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let url = format!("http://127.0.0.1:{port}/orders/7?secret-query=1");
+    let mut ok = false;
+    for _ in 0..300 {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            c.request(Request::get(&url).body(full("")).unwrap()),
+        )
+        .await;
+        if let Ok(Ok(response)) = attempt {
+            ok = response.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(ok && status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let request = lines
+        .iter()
+        .find(|l| l["message"] == "request")
+        .unwrap_or_else(|| panic!("no request line in {text}"));
+    assert_eq!(request["method"], "GET");
+    assert_eq!(request["route"], "/");
+    assert_eq!(request["path"], "/orders/7", "path without the query string");
+    assert_eq!(request["status"], 200);
+    assert_eq!(request["replayed"], false);
+    assert!(request["bytes"].as_u64().unwrap() > 0);
+    assert!(request["duration_ms"].as_f64().is_some());
+    assert!(!text.contains("secret-query"));
+    let fetched = lines.iter().find(|l| l["message"] == "token fetched").unwrap();
+    assert_eq!(fetched["provider"], "p");
+    assert_eq!(fetched["outcome"], "ok");
+}
