@@ -357,7 +357,11 @@ async fn bad_reload_keeps_serving() {
 async fn json_logs_have_one_object_per_line_with_the_request_fields() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
     std::fs::write(
@@ -392,7 +396,10 @@ async fn json_logs_have_one_object_per_line_with_the_request_fields() {
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(ok && status.success());
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<serde_json::Value> = text
@@ -405,13 +412,19 @@ async fn json_logs_have_one_object_per_line_with_the_request_fields() {
         .unwrap_or_else(|| panic!("no request line in {text}"));
     assert_eq!(request["method"], "GET");
     assert_eq!(request["route"], "/");
-    assert_eq!(request["path"], "/orders/7", "path without the query string");
+    assert_eq!(
+        request["path"], "/orders/7",
+        "path without the query string"
+    );
     assert_eq!(request["status"], 200);
     assert_eq!(request["replayed"], false);
     assert!(request["bytes"].as_u64().unwrap() > 0);
     assert!(request["duration_ms"].as_f64().is_some());
     assert!(!text.contains("secret-query"));
-    let fetched = lines.iter().find(|l| l["message"] == "token fetched").unwrap();
+    let fetched = lines
+        .iter()
+        .find(|l| l["message"] == "token fetched")
+        .unwrap();
     assert_eq!(fetched["provider"], "p");
     assert_eq!(fetched["outcome"], "ok");
 }

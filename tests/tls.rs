@@ -32,7 +32,9 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
         while let Ok((stream, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
                 let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
                     let auth = req
                         .headers()
@@ -73,7 +75,12 @@ async fn https_upstream_with_extra_ca_speaks_http2() {
     std::fs::write(&ca, ca_pem).unwrap();
     let proxy = Proxy::start(&tls_config(&issuer, addr.port(), Some(&ca))).await;
     let answer = get(&client(), &proxy.url("/x")).await;
-    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
     let body = answer.json();
     assert_eq!(body["version"], "HTTP/2.0", "ALPN chose HTTP/2");
     assert_eq!(body["uri"], "/base/x");
@@ -100,13 +107,25 @@ async fn shutdown_lets_requests_in_flight_finish() {
     let upstream = Upstream::start().await;
     upstream.set_delay(Duration::from_millis(500));
     let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
-    assert!(eventually(Duration::from_secs(2), || proxy.store.slot("p").unwrap().current().is_some()).await);
+    assert!(
+        eventually(Duration::from_secs(2), || proxy
+            .store
+            .slot("p")
+            .unwrap()
+            .current()
+            .is_some())
+        .await
+    );
     let url = proxy.url("/slow");
     let request = tokio::spawn(async move { get(&client(), &url).await.status });
     assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);
     let addr = proxy.addr;
     proxy.stop().await;
-    assert_eq!(request.await.unwrap(), 200, "the request in flight completed");
+    assert_eq!(
+        request.await.unwrap(),
+        200,
+        "the request in flight completed"
+    );
     // And the listener is gone.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
@@ -116,9 +135,18 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
     upstream.set_delay(Duration::from_secs(3));
-    let toml = basic_config(&issuer, &upstream, "").replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
+    let toml = basic_config(&issuer, &upstream, "")
+        .replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
     let proxy = Proxy::start(&toml).await;
-    assert!(eventually(Duration::from_secs(2), || proxy.store.slot("p").unwrap().current().is_some()).await);
+    assert!(
+        eventually(Duration::from_secs(2), || proxy
+            .store
+            .slot("p")
+            .unwrap()
+            .current()
+            .is_some())
+        .await
+    );
     let url = proxy.url("/slow");
     let request = tokio::spawn(async move { get(&client(), &url).await });
     assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);
@@ -126,7 +154,8 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
     let c = client();
     let mut in_flight = f64::MAX;
     for _ in 0..100 {
-        let text = String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+        let text =
+            String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
         in_flight = text
             .lines()
             .find(|l| l.starts_with("bearer_proxy_requests_in_flight"))
