@@ -835,3 +835,36 @@ fn client_secret_file_must_be_a_small_regular_file() {
         "{err}"
     );
 }
+
+#[test]
+fn redis_store_needs_a_plain_redis_url_and_never_quotes_it() {
+    let base = "[providers.p]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n";
+    let parse = |store: &str| {
+        bearer_proxy::config::Config::parse(
+            &format!("{store}\n{base}"),
+            Path::new("x.toml"),
+            &|_| None,
+        )
+    };
+    assert!(
+        parse("[store]\nbackend = \"redis\"\nredis_url = \"redis://:pw@127.0.0.1:6379/0\"").is_ok()
+    );
+    let err = parse("[store]\nbackend = \"redis\"\nredis_url = \"rediss://:hunter2@db:6380\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("store.redis_url") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let err = parse("[store]\nbackend = \"redis\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("store.redis_url") && err.contains("required"),
+        "{err}"
+    );
+    let err = parse("[store]\nbackend = \"etcd\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("store.backend"), "{err}");
+}

@@ -438,10 +438,11 @@ impl Validator<'_> {
                         "is not a URL like redis://127.0.0.1:6379/0",
                     )
                 })?;
-                if !matches!(parsed.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+                if !matches!(parsed.scheme(), "redis" | "unix" | "redis+unix") {
                     return Err(self.err(
                         "store.redis_url",
-                        "must be a redis:// (or rediss://, unix://) URL",
+                        "must be a redis:// or unix:// URL (rediss:// is not supported by this \
+                         build: keep Redis on a private network or behind a TLS tunnel)",
                     ));
                 }
                 Ok(StoreConfig::Redis {
