@@ -1,0 +1,682 @@
+//! Validation: raw TOML values to typed settings, with `${VAR}` expanded and every
+//! problem reported with its key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, StatusCode};
+use ipnet::IpNet;
+use url::Url;
+
+use super::raw::{RawConfig, RawProvider, RawRoute, RawServer, RawStore};
+use super::values;
+use super::*;
+use crate::secret::Secret;
+
+pub(super) struct Validator<'a> {
+    pub(super) path: &'a Path,
+    pub(super) env: &'a dyn Fn(&str) -> Option<String>,
+    pub(super) inline_secrets: std::cell::RefCell<Vec<String>>,
+}
+
+type VResult<T> = std::result::Result<T, ConfigError>;
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn string(&self, key: &str, raw: &str) -> VResult<String> {
+        values::interpolate(raw, self.env).map_err(|p| self.err(key, p))
+    }
+
+    fn opt_string(&self, key: &str, raw: Option<&String>) -> VResult<Option<String>> {
+        raw.map(|r| self.string(key, r)).transpose()
+    }
+
+    fn parsed<T>(
+        &self,
+        key: &str,
+        raw: Option<&String>,
+        default: T,
+        parse: impl Fn(&str) -> std::result::Result<T, String>,
+    ) -> VResult<T> {
+        match raw {
+            None => Ok(default),
+            Some(r) => parse(&self.string(key, r)?).map_err(|p| self.err(key, p)),
+        }
+    }
+
+    pub(super) fn config(&self, raw: RawConfig) -> VResult<Config> {
+        let server = self.server(&raw.server)?;
+        let store = match &raw.store {
+            None => StoreConfig::Memory,
+            Some(store) => self.store(store)?,
+        };
+        let mut providers = BTreeMap::new();
+        for (name, p) in &raw.providers {
+            let provider = self.provider(name, p, &server)?;
+            providers.insert(name.clone(), Arc::new(provider));
+        }
+        if raw.routes.is_empty() {
+            return Err(self.err("routes", "no [[routes]] defined: nothing to proxy"));
+        }
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        let mut seen: HashSet<(SocketAddr, Option<String>, String)> = HashSet::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let route = self.route(i, r, &server, &providers)?;
+            let key = (route.listen, route.host.clone(), route.path_prefix.clone());
+            if !seen.insert(key) {
+                return Err(self.err(
+                    format!("routes[{i}]"),
+                    format!(
+                        "cannot be told apart from an earlier route: same listener {}, host {} and path_prefix {}",
+                        route.listen,
+                        route.host.as_deref().unwrap_or("(any)"),
+                        route.path_prefix
+                    ),
+                ));
+            }
+            routes.push(route);
+        }
+        Ok(Config {
+            source: self.path.to_owned(),
+            server,
+            providers,
+            routes,
+            store,
+            tuning: Tuning::default(),
+            warnings: Vec::new(),
+            inline_secrets: Vec::new(),
+        })
+    }
+
+    fn store(&self, store: &RawStore) -> VResult<StoreConfig> {
+        let backend = self.opt_string("store.backend", store.backend.as_ref())?;
+        let url = self.opt_string("store.redis_url", store.redis_url.as_ref())?;
+        let key_prefix = self
+            .opt_string("store.key_prefix", store.key_prefix.as_ref())?
+            .unwrap_or_else(|| "bearer-proxy:".to_owned());
+        match backend.as_deref() {
+            None | Some("memory") => {
+                if url.is_some() {
+                    return Err(self.err(
+                        "store.redis_url",
+                        "is set but store.backend is not \"redis\"",
+                    ));
+                }
+                Ok(StoreConfig::Memory)
+            }
+            Some("redis") => {
+                let url = url.ok_or_else(|| {
+                    self.err("store.redis_url", "is required with backend = \"redis\"")
+                })?;
+                // Checked here so a typo fails `check`; the URL may hold a password,
+                // so the message never quotes it.
+                let parsed = Url::parse(&url).map_err(|_| {
+                    self.err(
+                        "store.redis_url",
+                        "is not a URL like redis://127.0.0.1:6379/0",
+                    )
+                })?;
+                if !matches!(parsed.scheme(), "redis" | "unix" | "redis+unix") {
+                    return Err(self.err(
+                        "store.redis_url",
+                        "must be a redis:// or unix:// URL (rediss:// is not supported by this \
+                         build: keep Redis on a private network or behind a TLS tunnel)",
+                    ));
+                }
+                Ok(StoreConfig::Redis {
+                    url: Secret::new(url),
+                    key_prefix,
+                })
+            }
+            Some(other) => Err(self.err(
+                "store.backend",
+                format!("`{other}` is not a store backend (expected \"memory\" or \"redis\")"),
+            )),
+        }
+    }
+
+    fn listen_addr(&self, key: &str, raw: &str, allow_non_loopback: bool) -> VResult<SocketAddr> {
+        let addr = values::socket_addr(&self.string(key, raw)?).map_err(|p| self.err(key, p))?;
+        if !addr.ip().is_loopback() && !allow_non_loopback {
+            return Err(self.err(
+                key,
+                format!(
+                    "{addr} is not a loopback address; anyone who can reach it uses your credentials. \
+                     Set server.allow_non_loopback = true (and server.allowed_clients) if you mean it"
+                ),
+            ));
+        }
+        Ok(addr)
+    }
+
+    fn server(&self, s: &RawServer) -> VResult<ServerConfig> {
+        let allow_non_loopback = s.allow_non_loopback.unwrap_or(false);
+        let listen = match &s.listen {
+            Some(raw) => self.listen_addr("server.listen", raw, allow_non_loopback)?,
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        };
+        let admin_listen = s
+            .admin_listen
+            .as_ref()
+            .map(|raw| self.listen_addr("server.admin_listen", raw, allow_non_loopback))
+            .transpose()?;
+        let allowed_clients = match &s.allowed_clients {
+            None => vec![
+                "127.0.0.0/8".parse().expect("static CIDR"),
+                "::1/128".parse().expect("static CIDR"),
+            ],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, raw)| {
+                    let key = format!("server.allowed_clients[{i}]");
+                    let v = self.string(&key, raw)?;
+                    parse_cidr(&v).map_err(|p| self.err(&key, p))
+                })
+                .collect::<VResult<_>>()?,
+        };
+        let dur = |key: &str, raw: &Option<String>, default: u64| -> VResult<Duration> {
+            let d = self.parsed(
+                key,
+                raw.as_ref(),
+                Duration::from_secs(default),
+                values::duration,
+            )?;
+            if d.is_zero() {
+                return Err(self.err(key, "must be more than zero"));
+            }
+            Ok(d)
+        };
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            allow_non_loopback,
+            allowed_clients,
+            token_cache_dir: self
+                .opt_string("server.token_cache_dir", s.token_cache_dir.as_ref())?
+                .map(|p| expand_home(&p)),
+            connect_timeout: dur("server.connect_timeout", &s.connect_timeout, 10)?,
+            upstream_timeout: dur("server.upstream_timeout", &s.upstream_timeout, 60)?,
+            token_timeout: dur("server.token_timeout", &s.token_timeout, 10)?,
+            token_wait: dur("server.token_wait", &s.token_wait, 10)?,
+            max_replay_body: self.parsed(
+                "server.max_replay_body",
+                s.max_replay_body.as_ref(),
+                1024 * 1024,
+                values::size,
+            )?,
+            shutdown_grace: dur("server.shutdown_grace", &s.shutdown_grace, 10)?,
+            extra_ca_file: self
+                .opt_string("server.extra_ca_file", s.extra_ca_file.as_ref())?
+                .map(|p| self.relative(&p)),
+            allow_insecure_token_url: s.allow_insecure_token_url.unwrap_or(false),
+            limits: self.limits(s)?,
+            workers: match s.workers {
+                Some(0) => return Err(self.err("server.workers", "must be at least 1")),
+                Some(n) => n.min(256) as usize,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            },
+        })
+    }
+
+    fn limits(&self, s: &RawServer) -> VResult<Limits> {
+        let d = Limits::default();
+        let at_least = |key: &str, value: u64, min: u64| {
+            if value < min {
+                Err(self.err(key, format!("must be at least {min}")))
+            } else {
+                Ok(value)
+            }
+        };
+        let limits = Limits {
+            max_connections: at_least(
+                "server.max_connections",
+                u64::from(s.max_connections.unwrap_or(d.max_connections)),
+                1,
+            )? as u32,
+            // hyper needs room for at least one small request in its read buffer.
+            max_header_bytes: at_least(
+                "server.max_header_bytes",
+                self.parsed(
+                    "server.max_header_bytes",
+                    s.max_header_bytes.as_ref(),
+                    d.max_header_bytes,
+                    values::size,
+                )?,
+                8192,
+            )?,
+            max_headers: at_least(
+                "server.max_headers",
+                u64::from(s.max_headers.unwrap_or(d.max_headers)),
+                8,
+            )? as u32,
+            max_uri_length: at_least(
+                "server.max_uri_length",
+                self.parsed(
+                    "server.max_uri_length",
+                    s.max_uri_length.as_ref(),
+                    d.max_uri_length,
+                    values::size,
+                )?,
+                256,
+            )?,
+            header_read_timeout: self.parsed(
+                "server.header_read_timeout",
+                s.header_read_timeout.as_ref(),
+                d.header_read_timeout,
+                values::duration,
+            )?,
+            max_concurrent_streams: at_least(
+                "server.max_concurrent_streams",
+                u64::from(s.max_concurrent_streams.unwrap_or(d.max_concurrent_streams)),
+                1,
+            )? as u32,
+        };
+        if limits.header_read_timeout.is_zero() {
+            return Err(self.err("server.header_read_timeout", "must be more than zero"));
+        }
+        Ok(limits)
+    }
+
+    /// Resolves a path in the config relative to the config file's directory.
+    fn relative(&self, p: &str) -> PathBuf {
+        let p = expand_home(p);
+        if p.is_absolute() {
+            p
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    fn provider(
+        &self,
+        name: &str,
+        p: &RawProvider,
+        server: &ServerConfig,
+    ) -> VResult<ProviderConfig> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let token_url_raw = p
+            .token_url
+            .as_ref()
+            .ok_or_else(|| self.err(key("token_url"), "is required"))?;
+        let token_url = self.url(&key("token_url"), token_url_raw)?;
+        if token_url.scheme() == "http"
+            && !is_loopback_host(&token_url)
+            && !server.allow_insecure_token_url
+        {
+            return Err(self.err(
+                key("token_url"),
+                "is http:// to a non-loopback host, which would send the client secret in clear text; \
+                 use https:// or set server.allow_insecure_token_url = true",
+            ));
+        }
+        let client_id = self.string(
+            &key("client_id"),
+            p.client_id
+                .as_ref()
+                .ok_or_else(|| self.err(key("client_id"), "is required"))?,
+        )?;
+        let client_secret = match (&p.client_secret, &p.client_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    key("client_secret"),
+                    "client_secret and client_secret_file are both set; keep exactly one",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(key("client_secret"), "is required (or client_secret_file)"))
+            }
+            (Some(raw), None) => {
+                if !raw.contains("${") {
+                    self.inline_secrets.borrow_mut().push(name.to_owned());
+                }
+                Secret::new(self.string(&key("client_secret"), raw)?)
+            }
+            (None, Some(raw)) => {
+                let file = self.relative(&self.string(&key("client_secret_file"), raw)?);
+                let text = read_secret_file(&file).map_err(|e| {
+                    self.err(
+                        key("client_secret_file"),
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?;
+                Secret::new(text.trim_end_matches(['\r', '\n']).to_owned())
+            }
+        };
+        if client_secret.is_empty() {
+            return Err(self.err(key("client_secret"), "is empty"));
+        }
+        let mut extra_params = Vec::new();
+        for (k, v) in p.extra_params.iter().flatten() {
+            let pkey = key(&format!("extra_params.{k}"));
+            if matches!(k.as_str(), "grant_type" | "client_id" | "client_secret") {
+                return Err(self.err(pkey, "is set by the proxy itself and cannot be overridden"));
+            }
+            extra_params.push((k.clone(), self.string(&pkey, v)?));
+        }
+        let request_format = match self
+            .opt_string(&key("request_format"), p.request_format.as_ref())?
+            .as_deref()
+        {
+            None | Some("form") => RequestFormat::Form,
+            Some("json") => RequestFormat::Json,
+            Some(other) => {
+                return Err(self.err(
+                    key("request_format"),
+                    format!("`{other}` is not \"form\" or \"json\""),
+                ))
+            }
+        };
+        let client_auth = match self
+            .opt_string(&key("client_auth"), p.client_auth.as_ref())?
+            .as_deref()
+        {
+            None | Some("body") => ClientAuth::Body,
+            Some("basic") => ClientAuth::Basic,
+            Some(other) => {
+                return Err(self.err(
+                    key("client_auth"),
+                    format!("`{other}` is not \"body\" or \"basic\""),
+                ))
+            }
+        };
+        let field = |k: &str, raw: Option<&String>, default: &str| -> VResult<FieldPath> {
+            let v = match raw {
+                Some(r) => self.string(&key(k), r)?,
+                None => default.to_owned(),
+            };
+            FieldPath::parse(&v).map_err(|p| self.err(key(k), p))
+        };
+        let header_raw = self
+            .opt_string(&key("header"), p.header.as_ref())?
+            .unwrap_or_else(|| "Authorization".to_owned());
+        let header = HeaderName::from_bytes(header_raw.as_bytes()).map_err(|_| {
+            self.err(
+                key("header"),
+                format!("`{header_raw}` is not a valid header name"),
+            )
+        })?;
+        if is_hop_by_hop_name(&header) || header == http::header::HOST {
+            return Err(self.err(key("header"), format!("`{header}` cannot carry a token")));
+        }
+        let header_prefix = self
+            .opt_string(&key("header_prefix"), p.header_prefix.as_ref())?
+            .unwrap_or_else(|| "Bearer ".to_owned());
+        if HeaderValue::from_str(&header_prefix).is_err() {
+            return Err(self.err(
+                key("header_prefix"),
+                "holds characters not allowed in a header",
+            ));
+        }
+        let invalidate_on = match &p.invalidate_on {
+            None => vec![StatusCode::UNAUTHORIZED],
+            Some(list) => list
+                .iter()
+                .map(|&code| {
+                    u16::try_from(code)
+                        .ok()
+                        .filter(|c| (400..=599).contains(c))
+                        .and_then(|c| StatusCode::from_u16(c).ok())
+                        .ok_or_else(|| {
+                            self.err(
+                                key("invalidate_on"),
+                                format!("{code} is not an HTTP error status (400-599)"),
+                            )
+                        })
+                })
+                .collect::<VResult<_>>()?,
+        };
+        let refresh_before = self.parsed(
+            &key("refresh_before"),
+            p.refresh_before.as_ref(),
+            RefreshBefore::Fraction(0.1),
+            parse_refresh_before,
+        )?;
+        let default_lifetime = self.parsed(
+            &key("default_lifetime"),
+            p.default_lifetime.as_ref(),
+            Duration::from_secs(300),
+            values::duration,
+        )?;
+        if default_lifetime < Duration::from_secs(1) {
+            return Err(self.err(key("default_lifetime"), "must be at least 1s"));
+        }
+        Ok(ProviderConfig {
+            name: name.to_owned(),
+            token_url,
+            client_id,
+            client_secret,
+            audience: self.opt_string(&key("audience"), p.audience.as_ref())?,
+            scope: self.opt_string(&key("scope"), p.scope.as_ref())?,
+            extra_params,
+            request_format,
+            client_auth,
+            token_field: field("token_field", p.token_field.as_ref(), "access_token")?,
+            expires_in_field: field(
+                "expires_in_field",
+                p.expires_in_field.as_ref(),
+                "expires_in",
+            )?,
+            expires_at_field: p
+                .expires_at_field
+                .as_ref()
+                .map(|r| field("expires_at_field", Some(r), ""))
+                .transpose()?,
+            refresh_before,
+            default_lifetime,
+            header,
+            header_prefix,
+            invalidate_on,
+            prefetch: p.prefetch.unwrap_or(true),
+        })
+    }
+
+    fn url(&self, key: &str, raw: &str) -> VResult<Url> {
+        let value = self.string(key, raw)?;
+        let url = Url::parse(&value)
+            .map_err(|e| self.err(key, format!("`{value}` is not a valid URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(self.err(key, format!("`{value}` must be an http:// or https:// URL")));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(self.err(key, format!("`{value}` has no host")));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.err(key, "must not carry credentials in the URL"));
+        }
+        if url.fragment().is_some() {
+            return Err(self.err(key, format!("`{value}` must not have a #fragment")));
+        }
+        Ok(url)
+    }
+
+    fn route(
+        &self,
+        i: usize,
+        r: &RawRoute,
+        server: &ServerConfig,
+        providers: &BTreeMap<String, Arc<ProviderConfig>>,
+    ) -> VResult<RouteConfig> {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        let upstream_raw = r
+            .upstream
+            .as_ref()
+            .ok_or_else(|| self.err(key("upstream"), "is required"))?;
+        let url = self.url(&key("upstream"), upstream_raw)?;
+        if url.query().is_some() {
+            return Err(self.err(
+                key("upstream"),
+                "must not have a ?query (the request's query is appended)",
+            ));
+        }
+        let upstream = upstream_parts(url).map_err(|p| self.err(key("upstream"), p))?;
+        let listen = match &r.listen {
+            Some(raw) => self.listen_addr(&key("listen"), raw, server.allow_non_loopback)?,
+            None => server.listen,
+        };
+        let host = self
+            .opt_string(&key("host"), r.host.as_ref())?
+            .map(|h| {
+                let h = h.trim().to_ascii_lowercase();
+                if h.is_empty() || h.contains(['/', ':', ' ']) && !h.starts_with('[') {
+                    Err(self.err(
+                        key("host"),
+                        format!("`{h}` is not a host name (give it without scheme or port)"),
+                    ))
+                } else {
+                    Ok(h)
+                }
+            })
+            .transpose()?;
+        let prefix = self
+            .opt_string(&key("path_prefix"), r.path_prefix.as_ref())?
+            .unwrap_or_else(|| "/".to_owned());
+        if !prefix.starts_with('/') || prefix.contains(['?', '#']) {
+            return Err(self.err(
+                key("path_prefix"),
+                format!("`{prefix}` must start with / and hold no ? or #"),
+            ));
+        }
+        let path_prefix = match prefix.trim_end_matches('/') {
+            "" => "/".to_owned(),
+            p => p.to_owned(),
+        };
+        let provider = match self.opt_string(&key("provider"), r.provider.as_ref())? {
+            None => None,
+            Some(name) if providers.contains_key(&name) => Some(name),
+            Some(name) => {
+                let known: Vec<&str> = providers.keys().map(String::as_str).collect();
+                return Err(self.err(
+                    key("provider"),
+                    format!(
+                        "no provider named `{name}` (defined: {})",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+        };
+        let mut name = String::new();
+        if listen != server.listen {
+            name.push_str(&listen.to_string());
+        }
+        if let Some(h) = &host {
+            name.push_str(h);
+        }
+        name.push_str(&path_prefix);
+        Ok(RouteConfig {
+            name,
+            listen,
+            host,
+            path_prefix,
+            strip_prefix: r.strip_prefix.unwrap_or(true),
+            preserve_host: r.preserve_host.unwrap_or(false),
+            pass_client_authorization: r.pass_client_authorization.unwrap_or(false),
+            upstream,
+            provider,
+        })
+    }
+}
+
+fn upstream_parts(url: Url) -> std::result::Result<Upstream, String> {
+    let scheme: http::uri::Scheme = url
+        .scheme()
+        .parse()
+        .map_err(|_| "has an unusable scheme".to_owned())?;
+    let host = url.host_str().unwrap_or_default();
+    let authority_str = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    };
+    let authority: http::uri::Authority = authority_str
+        .parse()
+        .map_err(|_| format!("`{authority_str}` is not a valid authority"))?;
+    let host_header = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| "has a host that cannot be sent in a Host header".to_owned())?;
+    Ok(Upstream {
+        base_path: url.path().trim_end_matches('/').to_owned(),
+        scheme,
+        authority,
+        host_header,
+        url,
+    })
+}
+
+fn parse_refresh_before(value: &str) -> std::result::Result<RefreshBefore, String> {
+    if let Some(pct) = value.trim().strip_suffix('%') {
+        let pct: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{value}` is not a percentage like \"10%\""))?;
+        if !(0.0..=90.0).contains(&pct) {
+            return Err(format!(
+                "`{value}` must be between 0% and 90% of the lifetime"
+            ));
+        }
+        return Ok(RefreshBefore::Fraction(pct / 100.0));
+    }
+    values::duration(value).map(RefreshBefore::Duration)
+}
+
+/// The parser's message with its line, column and key path, but without the quoted
+/// source line the parser's own `Display` adds: that line may hold a literal client secret.
+pub(super) fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    // Without its input, the error displays as its message plus "in `key.path`".
+    let mut bare = e.clone();
+    bare.set_input(None);
+    let message = bare.to_string().trim_end().replace('\n', " ");
+    let Some(before) = e.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
+}
+
+fn parse_cidr(value: &str) -> std::result::Result<IpNet, String> {
+    let value = value.trim();
+    value
+        .parse::<IpNet>()
+        .or_else(|_| value.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{value}` is not a CIDR like \"10.0.0.0/8\" or an IP address"))
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+/// Reads a secret file: a regular file of at most 64 KiB (a device or FIFO named by
+/// mistake must not hang or exhaust the proxy).
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    const LIMIT: u64 = 64 * 1024;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > LIMIT {
+        return Err(std::io::Error::other("larger than 64 KiB"));
+    }
+    let mut text = String::new();
+    file.take(LIMIT).read_to_string(&mut text)?;
+    Ok(text)
+}
