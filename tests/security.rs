@@ -272,3 +272,89 @@ fn a_readable_config_with_a_literal_secret_gets_a_warning() {
     std::fs::write(&file, text.replace("literal-s3cret", "${HOME}")).unwrap();
     assert!(!check(0o644).contains("chmod"));
 }
+
+/// An h2c connection to the proxy, driven in the background; the returned handle
+/// finishes when the server closes the connection.
+async fn h2c(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<(usize, Result<(), h2::Error>)>,
+    tokio::sync::oneshot::Receiver<usize>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let (settings_tx, settings_rx) = tokio::sync::oneshot::channel();
+    let driver = tokio::spawn(async move {
+        // Report the server's stream limit once its SETTINGS have arrived.
+        let mut settings_tx = Some(settings_tx);
+        let result = std::future::poll_fn(|cx| {
+            let polled = std::future::Future::poll(std::pin::Pin::new(&mut conn), cx);
+            if conn.max_concurrent_send_streams() != usize::MAX {
+                if let Some(tx) = settings_tx.take() {
+                    let _ = tx.send(conn.max_concurrent_send_streams());
+                }
+            }
+            polled
+        })
+        .await;
+        (conn.max_concurrent_send_streams(), result)
+    });
+    (send, driver, settings_rx)
+}
+
+#[tokio::test]
+async fn http2_stream_limit_is_advertised() {
+    let (_i, _u, proxy) = setup("max_concurrent_streams = 7").await;
+    let (mut send, driver, settings) = h2c(proxy.addr).await;
+    let req = http::Request::get(format!("http://{}/x", proxy.addr))
+        .body(())
+        .unwrap();
+    send = send.ready().await.unwrap();
+    let (response, _) = send.send_request(req, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    let limit = tokio::time::timeout(Duration::from_secs(2), settings)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(limit, 7);
+    drop(send);
+    driver.abort();
+    still_serves(&proxy).await;
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_flood_is_cut_off() {
+    let (_i, upstream, proxy) = setup("").await;
+    upstream.set_delay(Duration::from_millis(200));
+    let (mut send, driver, _settings) = h2c(proxy.addr).await;
+    // Open streams and reset each at once, far beyond what any client needs.
+    let mut sent = 0;
+    for _ in 0..20_000 {
+        send = match tokio::time::timeout(Duration::from_secs(2), send.ready()).await {
+            Ok(Ok(send)) => send,
+            _ => break,
+        };
+        let req = http::Request::get(format!("http://{}/x", proxy.addr))
+            .body(())
+            .unwrap();
+        match send.send_request(req, false) {
+            Ok((_response, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => break,
+        }
+        sent += 1;
+        tokio::task::yield_now().await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(
+        closed.is_ok(),
+        "the server kept a flooding connection open after {sent} resets"
+    );
+    assert!(sent < 20_000, "the flood was never refused");
+    assert!(
+        upstream.hits() < 1000,
+        "most reset streams never reached the upstream: {}",
+        upstream.hits()
+    );
+    still_serves(&proxy).await;
+}
