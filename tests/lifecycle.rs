@@ -60,16 +60,7 @@ async fn every_failure_kind_backs_off_and_recovers() {
             assert_eq!(answer.status, 503, "{name}");
             assert_eq!(answer.json()["error"], "token_unavailable");
             issuer.set_fault(Fault::None);
-            assert!(
-                eventually(Duration::from_secs(5), || proxy
-                    .store
-                    .slot("p")
-                    .unwrap()
-                    .current()
-                    .is_some())
-                .await,
-                "{name}: no recovery"
-            );
+            proxy.token_ready(Duration::from_secs(5)).await;
             assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
             proxy.stop().await;
         }));

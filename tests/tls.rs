@@ -107,15 +107,7 @@ async fn shutdown_lets_requests_in_flight_finish() {
     let upstream = Upstream::start().await;
     upstream.set_delay(Duration::from_millis(500));
     let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
-    assert!(
-        eventually(Duration::from_secs(2), || proxy
-            .store
-            .slot("p")
-            .unwrap()
-            .current()
-            .is_some())
-        .await
-    );
+    proxy.token_ready(Duration::from_secs(2)).await;
     let url = proxy.url("/slow");
     let request = tokio::spawn(async move { get(&client(), &url).await.status });
     assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);
@@ -138,15 +130,7 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
     let toml = basic_config(&issuer, &upstream, "")
         .replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
     let proxy = Proxy::start(&toml).await;
-    assert!(
-        eventually(Duration::from_secs(2), || proxy
-            .store
-            .slot("p")
-            .unwrap()
-            .current()
-            .is_some())
-        .await
-    );
+    proxy.token_ready(Duration::from_secs(2)).await;
     let url = proxy.url("/slow");
     let request = tokio::spawn(async move { get(&client(), &url).await });
     assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);

@@ -188,15 +188,7 @@ async fn refresh_ahead_keeps_requests_off_a_slow_issuer() {
     .await;
     let client = client();
     assert!(eventually(Duration::from_secs(5), || issuer.hits() == 1).await);
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .store
-            .slot("p")
-            .unwrap()
-            .current()
-            .is_some())
-        .await
-    );
+    proxy.token_ready(Duration::from_secs(5)).await;
     issuer.set_delay(Duration::from_millis(700));
     // Requests for 5 s, across at least two refreshes of a 3 s token.
     let started = tokio::time::Instant::now();
@@ -256,16 +248,7 @@ async fn failing_provider_does_not_stop_startup_and_recovers() {
         .unwrap()
         .contains("server_error"));
     issuer.set_fault(Fault::None);
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .store
-            .slot("p")
-            .unwrap()
-            .current()
-            .is_some())
-        .await,
-        "retried in the background"
-    );
+    proxy.token_ready(Duration::from_secs(5)).await;
     assert_eq!(get(&client, &proxy.url("/x")).await.status, 200);
     proxy.stop().await;
 }

@@ -572,6 +572,15 @@ impl Proxy {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Waits until provider `p` holds a valid token; fails the test after `within`.
+    pub async fn token_ready(&self, within: Duration) {
+        let slot = self.store.slot("p").expect("provider p");
+        assert!(
+            eventually(within, || slot.current().is_some()).await,
+            "provider p got no token within {within:?}"
+        );
+    }
+
     /// A URL on the admin listener.
     pub fn admin_url(&self, path: &str) -> String {
         format!(
