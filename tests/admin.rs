@@ -12,14 +12,6 @@ fn with_admin(toml: String) -> String {
     toml.replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n")
 }
 
-/// The value of the first metric line starting with `prefix` (name plus labels).
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn readiness_flips_with_the_token() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
@@ -61,8 +53,7 @@ async fn metrics_and_tokens_move_with_traffic() {
     for _ in 0..7 {
         assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     }
-    let text =
-        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = proxy.metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -96,8 +87,7 @@ async fn metrics_and_tokens_move_with_traffic() {
     // An upstream rejection shows up as an invalidation, a replay and a second fetch.
     upstream.reject(&issuer.token(1), 401);
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
-    let text =
-        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = proxy.metrics().await;
     assert_eq!(
         metric(
             &text,
@@ -142,8 +132,7 @@ async fn metrics_and_tokens_move_with_traffic() {
             >= 1)
         .await
     );
-    let text =
-        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = proxy.metrics().await;
     assert!(
         metric(
             &text,
@@ -177,8 +166,7 @@ async fn upstream_errors_and_unrouted_requests_are_counted() {
     let c = client();
     assert_eq!(get(&c, &proxy.url("/down/x")).await.status, 502);
     assert_eq!(get(&c, &proxy.url("/nowhere")).await.status, 404);
-    let text =
-        String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let text = proxy.metrics().await;
     assert_eq!(
         metric(
             &text,

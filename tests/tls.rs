@@ -135,17 +135,10 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
     let request = tokio::spawn(async move { get(&client(), &url).await });
     assert!(eventually(Duration::from_secs(2), || upstream.hits() == 1).await);
     request.abort();
-    let c = client();
     let mut in_flight = f64::MAX;
     for _ in 0..100 {
-        let text =
-            String::from_utf8(get(&c, &proxy.admin_url("/metrics")).await.body.to_vec()).unwrap();
-        in_flight = text
-            .lines()
-            .find(|l| l.starts_with("bearer_proxy_requests_in_flight"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap();
+        in_flight = metric(&proxy.metrics().await, "bearer_proxy_requests_in_flight")
+            .expect("in-flight gauge");
         if in_flight == 0.0 {
             break;
         }

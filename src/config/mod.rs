@@ -21,7 +21,6 @@ use url::Url;
 use crate::secret::Secret;
 use raw::RawConfig;
 use validate::{syntax_message, Validator};
-pub use values::{duration as parse_duration, size as parse_size};
 
 /// A configuration problem, with where it is.
 #[derive(Debug, thiserror::Error)]

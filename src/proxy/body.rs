@@ -18,13 +18,6 @@ pub enum OutBody {
     Prefixed { head: Option<Bytes>, rest: Incoming },
 }
 
-impl OutBody {
-    /// An empty body.
-    pub fn empty() -> Self {
-        Self::Full(None)
-    }
-}
-
 /// The outcome of trying to keep a body for replay.
 pub enum Kept {
     /// The whole body, small enough to send again.

@@ -52,11 +52,6 @@ impl Router {
                 && prefix_matches(&r.config.path_prefix, path)
         })
     }
-
-    /// The routes, most specific first.
-    pub fn routes(&self) -> &[Route] {
-        &self.routes
-    }
 }
 
 /// True when `path` is `prefix` or continues it at a `/`.

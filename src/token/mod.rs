@@ -307,11 +307,25 @@ impl ProviderSlot {
             expires_in_s = remaining.as_secs(),
             "token loaded from the token cache"
         );
+        self.publish(token, "cached");
+        true
+    }
+
+    /// Makes `token` the current one and wakes every request waiting for it.
+    /// `outcome` is where it came from: `ok` (fetched here), `shared` (the fleet) or
+    /// `cached` (the disk cache); only `ok` counts as a token-endpoint call.
+    fn publish(&self, token: Token, outcome: &'static str) {
         self.current.store(Some(Arc::new(token)));
         self.settings
             .metrics
-            .token_fetch(&self.config.name, "cached");
-        true
+            .token_fetch(&self.config.name, outcome);
+        self.wanted.store(false, Ordering::Release);
+        self.update_status(|s| {
+            s.fetching = false;
+            s.fetches += u64::from(outcome == "ok");
+            s.last_error = None;
+            s.next_attempt = None;
+        });
     }
 
     fn update_status(&self, f: impl FnOnce(&mut SlotStatus)) {

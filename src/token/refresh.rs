@@ -157,17 +157,7 @@ async fn fetch_once(
                 generation = token.generation,
                 "token fetched"
             );
-            slot.current.store(Some(Arc::new(token)));
-            slot.settings
-                .metrics
-                .token_fetch(&slot.config.name, obtained.outcome);
-            slot.wanted.store(false, Ordering::Release);
-            slot.update_status(|s| {
-                s.fetching = false;
-                s.fetches += u64::from(obtained.outcome == "ok");
-                s.last_error = None;
-                s.next_attempt = None;
-            });
+            slot.publish(token, obtained.outcome);
             Ok(())
         }
         Err(e) => {
@@ -324,12 +314,7 @@ async fn adopt_from_fleet(slot: &ProviderSlot, fleet: &Fleet, rejected: Option<u
     }
     if let Some(obtained) = adoptable(slot, shared, current, rejected) {
         tracing::info!(provider = %slot.config.name, outcome = "shared", "token adopted from the fleet");
-        slot.current.store(Some(Arc::new(obtained.token)));
-        slot.settings
-            .metrics
-            .token_fetch(&slot.config.name, "shared");
-        slot.wanted.store(false, Ordering::Release);
-        slot.update_status(|s| s.last_error = None);
+        slot.publish(obtained.token, obtained.outcome);
     }
 }
 

@@ -581,6 +581,12 @@ impl Proxy {
         );
     }
 
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let answer = get(&client(), &self.admin_url("/metrics")).await;
+        String::from_utf8(answer.body.to_vec()).expect("metrics are UTF-8")
+    }
+
     /// A URL on the admin listener.
     pub fn admin_url(&self, path: &str) -> String {
         format!(
@@ -693,4 +699,12 @@ pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bo
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The value of the first metric line starting with `prefix` (name plus labels).
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
