@@ -344,6 +344,11 @@ async fn bad_reload_keeps_serving() {
 #[tokio::test]
 async fn json_logs_have_one_object_per_line_with_the_request_fields() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
+    // The first fetch fails, so the log also shows a failure with its next attempt.
+    issuer.set_fault(Fault::Status(
+        503,
+        r#"{"error":"temporarily_unavailable"}"#.into(),
+    ));
     let upstream = Upstream::start().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -365,6 +370,8 @@ async fn json_logs_have_one_object_per_line_with_the_request_fields() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    assert!(eventually(Duration::from_secs(5), || issuer.hits() >= 1).await);
+    issuer.set_fault(Fault::None);
     let c = client();
     let url = format!("http://127.0.0.1:{port}/orders/7?secret-query=1");
     let mut ok = false;
@@ -409,6 +416,22 @@ async fn json_logs_have_one_object_per_line_with_the_request_fields() {
     assert!(request["bytes"].as_u64().unwrap() > 0);
     assert!(request["duration_ms"].as_f64().is_some());
     assert!(!text.contains("secret-query"));
+    let failed = lines
+        .iter()
+        .find(|l| l["message"] == "token fetch failed")
+        .unwrap_or_else(|| panic!("no failure line in {text}"));
+    assert_eq!(failed["provider"], "p");
+    assert_eq!(failed["outcome"], "error");
+    assert!(failed["error"]
+        .as_str()
+        .unwrap()
+        .contains("temporarily_unavailable"));
+    assert!(failed["duration_ms"].as_u64().is_some());
+    let retry_in_ms = failed["retry_in_ms"].as_u64().unwrap();
+    assert!(
+        (500..=1000).contains(&retry_in_ms),
+        "first retry about 1 s: {retry_in_ms}"
+    );
     let fetched = lines
         .iter()
         .find(|l| l["message"] == "token fetched")

@@ -68,18 +68,15 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Refresher, cancel: Cancellat
         let due = next_due(&slot, now).map(|due| not_before.map_or(due, |nb| due.max(nb)));
         if due.is_some_and(|due| due <= now) {
             last_fetch = Some(now);
-            match fetch_once(&slot, &r, rejected).await {
+            match fetch_once(&slot, &r, rejected, failures.saturating_add(1)).await {
                 Ok(()) => {
                     failures = 0;
                     not_before = None;
                     rejected = None;
                 }
-                Err(asked) => {
+                Err(next_attempt) => {
                     failures = failures.saturating_add(1);
-                    let delay = asked.max(backoff(&slot, failures));
-                    not_before = Some(Instant::now() + delay);
-                    tracing::info!(provider = %slot.config.name, failures, retry_in_ms = delay.as_millis() as u64, "next token fetch scheduled");
-                    slot.update_status(|s| s.next_attempt = not_before);
+                    not_before = Some(next_attempt);
                 }
             }
             continue;
@@ -123,12 +120,14 @@ fn backoff(slot: &ProviderSlot, failures: u32) -> Duration {
     rand::rng().random_range(ceiling / 2..=ceiling)
 }
 
-/// One attempt; on failure returns the least delay the provider asked for.
+/// One attempt, the `attempt`-th in a row; on failure returns when to try next
+/// (backoff, or later if the provider asked with `Retry-After`).
 async fn fetch_once(
     slot: &ProviderSlot,
     r: &Refresher,
     rejected: Option<u64>,
-) -> Result<(), Duration> {
+    attempt: u32,
+) -> Result<(), Instant> {
     slot.update_status(|s| s.fetching = true);
     let started = Instant::now();
     let result = match &r.fleet {
@@ -161,12 +160,18 @@ async fn fetch_once(
             Ok(())
         }
         Err(e) => {
-            let retry_after = e.retry_after().unwrap_or_default();
+            let delay = e
+                .retry_after()
+                .unwrap_or_default()
+                .max(backoff(slot, attempt));
+            let next_attempt = Instant::now() + delay;
             tracing::warn!(
                 provider = %slot.config.name,
                 outcome = "error",
                 duration_ms = elapsed_ms,
                 error = %e,
+                failures_in_a_row = attempt,
+                retry_in_ms = delay.as_millis() as u64,
                 "token fetch failed"
             );
             slot.settings
@@ -177,8 +182,9 @@ async fn fetch_once(
                 s.fetches += 1;
                 s.failures += 1;
                 s.last_error = Some(e.to_string());
+                s.next_attempt = Some(next_attempt);
             });
-            Err(retry_after)
+            Err(next_attempt)
         }
     }
 }
