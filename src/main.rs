@@ -144,11 +144,11 @@ fn describe(config: &Config) -> String {
     for p in config.providers.values() {
         let _ = writeln!(
             out,
-            "provider {}: {} ({:?} body, {:?} auth{})",
+            "provider {}: {} ({}, {}{})",
             p.name,
             p.token_url,
-            p.request_format,
-            p.client_auth,
+            p.request_format.describe(),
+            p.client_auth.describe(),
             p.audience
                 .as_ref()
                 .map(|a| format!(", audience {a}"))

@@ -268,6 +268,10 @@ impl Server {
         let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
             (0..workers).map(|_| Vec::new()).collect();
         for (configured, sockets) in self.listeners {
+            // Once per listener, not once per worker socket.
+            if let Some(addr) = sockets.first().and_then(|s| s.local_addr().ok()) {
+                tracing::info!(%addr, kind = "proxy", workers, "listening");
+            }
             for (w, socket) in sockets.into_iter().enumerate() {
                 if let Some(slot) = per_worker.get_mut(w) {
                     slot.push((configured, socket));
@@ -281,7 +285,6 @@ impl Server {
                 config.server.connect_timeout,
             )));
             let settings = ListenerSettings {
-                kind: "proxy",
                 limits: limits.clone(),
                 permits: permits.clone(),
                 grace,
@@ -297,11 +300,13 @@ impl Server {
         }
         let mut tasks = Vec::new();
         if let Some(listener) = self.admin {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, kind = "admin", "listening");
+            }
             let shared = self.shared.clone();
             let handler = move |req| admin::handle(shared.clone(), req);
             // The admin listener has its own small cap, so a saturated proxy stays observable.
             let settings = ListenerSettings {
-                kind: "admin",
                 limits: limits.clone(),
                 permits: Arc::new(Semaphore::new(64)),
                 grace,
@@ -468,7 +473,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How one listener accepts and serves connections.
 #[derive(Clone)]
 struct ListenerSettings {
-    kind: &'static str,
     limits: Limits,
     /// Shared by the proxy listeners: at most `max_connections` at once.
     permits: Arc<Semaphore>,
@@ -488,9 +492,6 @@ async fn accept_loop<H, Fut, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, kind = settings.kind, "listening");
-    }
     let builder = connection_builder(&settings.limits);
     let graceful = GracefulShutdown::new();
     loop {

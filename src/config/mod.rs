@@ -5,6 +5,8 @@
 //! names the file, the key and the problem.
 
 mod raw;
+#[cfg(test)]
+mod reference;
 mod validate;
 mod values;
 
@@ -164,6 +166,26 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic, RFC 6749 §2.3.1.
     Basic,
+}
+
+impl RequestFormat {
+    /// What goes on the wire, in the words `check` prints.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Form => "form-encoded body",
+            Self::Json => "JSON body",
+        }
+    }
+}
+
+impl ClientAuth {
+    /// How the client authenticates, in the words `check` prints.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Body => "client_id and client_secret in the body",
+            Self::Basic => "client_id and client_secret as HTTP Basic",
+        }
+    }
 }
 
 /// How long before expiry a token is refreshed.

@@ -29,7 +29,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The status and error code of the SPEC's table.
+    /// The status and the `error` code users see (README: "The proxy's own answers").
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
