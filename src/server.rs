@@ -21,7 +21,7 @@ use crate::admin;
 use crate::config::{self, Config, Limits};
 use crate::metrics::Metrics;
 use crate::provider::TokenClient;
-use crate::proxy::client::upstream_client;
+use crate::proxy::client::ClientFactory;
 use crate::proxy::error::ProxyError;
 use crate::proxy::{Proxy, RoutingTable};
 use crate::tls::{self, TlsError};
@@ -56,8 +56,8 @@ pub struct Shared {
     pub store: Arc<TokenStore>,
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
-    /// For each worker's own upstream client.
-    tls: rustls::ClientConfig,
+    /// For each worker's own upstream clients, and `preserve_host` routes' pinned ones.
+    clients: ClientFactory,
     /// Serializes reloads (SIGHUP and `POST /reload` may race).
     reloading: tokio::sync::Mutex<()>,
 }
@@ -91,15 +91,15 @@ impl Shared {
             metrics.clone(),
         )?);
         store.load_cache();
-        let table = RoutingTable::new(&config, &store, &metrics);
-        let client = upstream_client(tls.clone(), config.server.connect_timeout);
-        let proxy = Arc::new(Proxy::new(table, client, metrics.clone()));
+        let clients = ClientFactory::new(tls, config.server.connect_timeout);
+        let table = RoutingTable::new(&config, &store, &metrics, &clients);
+        let proxy = Arc::new(Proxy::new(table, clients.clients(), metrics.clone()));
         Ok(Self {
             config: Mutex::new(config),
             store,
             proxy,
             metrics,
-            tls,
+            clients,
             reloading: tokio::sync::Mutex::new(()),
         })
     }
@@ -156,8 +156,12 @@ impl Shared {
                 }
             }
             let providers = this.store.apply(&new);
-            this.proxy
-                .swap_table(RoutingTable::new(&new, &this.store, &this.metrics));
+            this.proxy.swap_table(RoutingTable::new(
+                &new,
+                &this.store,
+                &this.metrics,
+                &this.clients,
+            ));
             let routes = new.routes.len();
             if let Ok(mut current) = this.config.lock() {
                 *current = new;
@@ -280,10 +284,11 @@ impl Server {
         }
         let mut threads = Vec::new();
         for (w, sockets) in per_worker.into_iter().enumerate() {
-            let proxy = Arc::new(self.shared.proxy.with_client(upstream_client(
-                self.shared.tls.clone(),
-                config.server.connect_timeout,
-            )));
+            let proxy = Arc::new(
+                self.shared
+                    .proxy
+                    .with_clients(self.shared.clients.clients()),
+            );
             let settings = ListenerSettings {
                 limits: limits.clone(),
                 permits: permits.clone(),

@@ -7,6 +7,7 @@ mod cli;
 mod config;
 mod fleet;
 mod forwarding;
+mod interop;
 mod leaks;
 mod lifecycle;
 mod properties;

@@ -15,6 +15,12 @@ use crate::support::*;
 /// An HTTPS upstream for `localhost` with a self-signed certificate, speaking HTTP/2
 /// and HTTP/1.1 by ALPN; answers with the protocol version and the Authorization seen.
 async fn tls_upstream() -> (std::net::SocketAddr, String) {
+    tls_upstream_alpn(&[b"h2", b"http/1.1"]).await
+}
+
+/// Like `tls_upstream`, offering `alpn`; the answer also has the request's authority
+/// and every `host` field that arrived.
+async fn tls_upstream_alpn(alpn: &[&[u8]]) -> (std::net::SocketAddr, String) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -24,7 +30,7 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert.der().clone()], key)
         .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -40,10 +46,18 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
                         .headers()
                         .get("authorization")
                         .map(|v| v.to_str().unwrap_or("").to_owned());
+                    let hosts: Vec<String> = req
+                        .headers()
+                        .get_all("host")
+                        .iter()
+                        .map(|v| v.to_str().unwrap_or("").to_owned())
+                        .collect();
                     let body = serde_json::json!({
                         "version": format!("{:?}", req.version()),
                         "authorization": auth,
                         "uri": req.uri().path(),
+                        "authority": req.uri().authority().map(|a| a.to_string()),
+                        "host_fields": hosts,
                     });
                     Ok::<_, std::convert::Infallible>(http::Response::new(full(body.to_string())))
                 });
@@ -85,6 +99,107 @@ async fn https_upstream_with_extra_ca_speaks_http2() {
     assert_eq!(body["version"], "HTTP/2.0", "ALPN chose HTTP/2");
     assert_eq!(body["uri"], "/base/x");
     assert_eq!(body["authorization"], format!("Bearer {}", issuer.token(1)));
+    proxy.stop().await;
+}
+
+/// Over HTTP/2 the authority travels as `:authority` alone; a `host` field beside it
+/// is what nginx refuses. Over HTTP/1.1 it is the `Host` field. With `preserve_host`
+/// the client's Host takes its place in both, and the connection still goes to the
+/// route's upstream.
+#[tokio::test]
+async fn authority_over_http2_and_host_over_http1() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let (h2, ca_pem) = tls_upstream_alpn(&[b"h2", b"http/1.1"]).await;
+    let (h1, ca1_pem) = tls_upstream_alpn(&[b"http/1.1"]).await;
+    let other = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, format!("{ca_pem}{ca1_pem}")).unwrap();
+    let route = |prefix: &str, port: u16, preserve: bool| {
+        format!("[[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"https://localhost:{port}/base\"\nprovider = \"p\"\npreserve_host = {preserve}\n")
+    };
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\nextra_ca_file = \"{}\"\n\n[providers.p]\ntoken_url = \"{}\"\nclient_id = \"i\"\nclient_secret = \"secret-value\"\n\n{}{}{}{}",
+        ca.display(),
+        issuer.url(),
+        route("/h2", h2.port(), false),
+        route("/h2-host", h2.port(), true),
+        route("/h1", h1.port(), false),
+        route("/h1-host", h1.port(), true),
+    );
+    let proxy = Proxy::start(&toml).await;
+    let c = client();
+    let ask = |path: &str, host: Option<&str>| {
+        let mut req = http::Request::get(proxy.url(path));
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        send(&c, req.body(full("")).unwrap())
+    };
+
+    let body = ask("/h2/x", None).await.json();
+    assert_eq!(body["version"], "HTTP/2.0");
+    assert_eq!(body["authority"], format!("localhost:{}", h2.port()));
+    assert_eq!(
+        body["host_fields"],
+        serde_json::json!([]),
+        "no host field on HTTP/2"
+    );
+
+    let body = ask("/h2-host/x", Some("legacy.example:9000")).await.json();
+    assert_eq!(body["version"], "HTTP/2.0");
+    assert_eq!(body["authority"], "legacy.example:9000");
+    assert_eq!(body["host_fields"], serde_json::json!([]));
+    assert_eq!(body["authorization"], format!("Bearer {}", issuer.token(1)));
+
+    let body = ask("/h1/x", None).await.json();
+    assert_eq!(body["version"], "HTTP/1.1");
+    assert_eq!(
+        body["host_fields"],
+        serde_json::json!([format!("localhost:{}", h1.port())])
+    );
+
+    let body = ask("/h1-host/x", Some("legacy.example:9000")).await.json();
+    assert_eq!(body["version"], "HTTP/1.1");
+    assert_eq!(
+        body["host_fields"],
+        serde_json::json!(["legacy.example:9000"])
+    );
+
+    // A Host naming another server changes only the header: the token goes to the
+    // route's upstream, over a connection verified for it.
+    for prefix in ["/h2-host", "/h1-host"] {
+        let ans = ask(&format!("{prefix}/y"), Some(&other.addr.to_string())).await;
+        assert_eq!(ans.status, 200, "{prefix}");
+        assert_eq!(
+            ans.json()["authority"].as_str().is_some(),
+            prefix == "/h2-host"
+        );
+    }
+    assert_eq!(other.hits(), 0, "the server named by Host received nothing");
+
+    // Without a Host (HTTP/1.0), a preserve_host route sends the upstream's.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /h2-host/z HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    assert!(
+        out.contains(&format!("\"authority\":\"localhost:{}\"", h2.port())),
+        "{out}"
+    );
+
+    // A Host that is no host[:port] is refused on a preserve_host route.
+    let ans = ask("/h2-host/x", Some("user@evil.example")).await;
+    assert_eq!(ans.status, 400);
+    assert_eq!(ans.json()["error"], "bad_request");
     proxy.stop().await;
 }
 

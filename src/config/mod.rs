@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, StatusCode};
+use http::{HeaderName, StatusCode};
 use ipnet::IpNet;
 use url::Url;
 
@@ -265,8 +265,6 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// The URL's path without a trailing `/`; empty for the root.
     pub base_path: String,
-    /// The `Host` value sent upstream.
-    pub host_header: HeaderValue,
 }
 
 /// `[[routes]]`.

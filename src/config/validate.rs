@@ -604,13 +604,10 @@ fn upstream_parts(url: Url) -> std::result::Result<Upstream, String> {
     let authority: http::uri::Authority = authority_str
         .parse()
         .map_err(|_| format!("`{authority_str}` is not a valid authority"))?;
-    let host_header = HeaderValue::from_str(authority.as_str())
-        .map_err(|_| "has a host that cannot be sent in a Host header".to_owned())?;
     Ok(Upstream {
         base_path: url.path().trim_end_matches('/').to_owned(),
         scheme,
         authority,
-        host_header,
         url,
     })
 }

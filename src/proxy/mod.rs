@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use http::uri::Authority;
 use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -26,7 +27,7 @@ use crate::token::{Token, TokenStore};
 use access_log::RequestLog;
 pub use access_log::ResBody;
 use body::{keep_for_replay, Kept, OutBody};
-use client::UpstreamClient;
+use client::{ClientFactory, Clients, UpstreamClient};
 use error::{chain, ProxyError};
 use routing::{Route, Router};
 
@@ -42,8 +43,14 @@ pub struct RoutingTable {
 }
 
 impl RoutingTable {
-    /// Builds the routers, resolving each route's provider slot and metrics once.
-    pub fn new(config: &Config, store: &TokenStore, metrics: &Arc<Metrics>) -> Self {
+    /// Builds the routers, resolving each route's provider slot and metrics once, and
+    /// the pinned client of each `preserve_host` route.
+    pub fn new(
+        config: &Config,
+        store: &TokenStore,
+        metrics: &Arc<Metrics>,
+        clients: &ClientFactory,
+    ) -> Self {
         let mut by_listener: HashMap<SocketAddr, Vec<Route>> = HashMap::new();
         for rc in &config.routes {
             let slot = rc.provider.as_ref().and_then(|p| store.slot(p));
@@ -52,6 +59,7 @@ impl RoutingTable {
                 slot,
                 metrics: metrics.route(&rc.name),
                 name: rc.name.as_str().into(),
+                pinned: rc.preserve_host.then(|| clients.pinned(&rc.upstream)),
             });
         }
         let routers = by_listener
@@ -78,7 +86,7 @@ impl RoutingTable {
 pub struct Proxy {
     /// Shared by every worker's `Proxy`, so a reload swaps it once for all.
     table: Arc<ArcSwap<RoutingTable>>,
-    client: UpstreamClient,
+    clients: Clients,
     metrics: Arc<Metrics>,
 }
 
@@ -98,21 +106,21 @@ impl Drop for InFlight<'_> {
 }
 
 impl Proxy {
-    /// A proxy over `table`, forwarding through `client`.
-    pub fn new(table: RoutingTable, client: UpstreamClient, metrics: Arc<Metrics>) -> Self {
+    /// A proxy over `table`, forwarding through `clients`.
+    pub fn new(table: RoutingTable, clients: Clients, metrics: Arc<Metrics>) -> Self {
         Self {
             table: Arc::new(ArcSwap::from_pointee(table)),
-            client,
+            clients,
             metrics,
         }
     }
 
     /// A proxy for another worker thread: the same routes and metrics, its own
-    /// upstream connection pool (so workers never contend on one pool lock).
-    pub fn with_client(&self, client: UpstreamClient) -> Self {
+    /// upstream connection pools (so workers never contend on one pool lock).
+    pub fn with_clients(&self, clients: Clients) -> Self {
         Self {
             table: self.table.clone(),
-            client,
+            clients,
             metrics: self.metrics.clone(),
         }
     }
@@ -230,23 +238,27 @@ impl Proxy {
         }
         let rc = &route.config;
         let (parts, body) = req.into_parts();
-        let uri = upstream_uri(route, &parts.uri)?;
+        // The authority in the URI is what goes out as `:authority` (HTTP/2) or `Host`
+        // (HTTP/1.1): see `client`. The connection always goes to the route's upstream.
+        let preserved = match &route.pinned {
+            Some(pinned) => client_authority(&parts)?.map(|authority| (authority, pinned)),
+            None => None,
+        };
+        let (uri, client) = match preserved {
+            Some((authority, pinned)) => (upstream_uri(route, &parts.uri, authority)?, pinned),
+            None => (
+                upstream_uri(route, &parts.uri, rc.upstream.authority.clone())?,
+                &self.clients.pooled,
+            ),
+        };
         let mut headers = parts.headers;
         headers::strip_hop_by_hop(&mut headers);
-        if rc.preserve_host {
-            if !headers.contains_key(header::HOST) {
-                if let Some(host) = parts.uri.authority().and_then(|a| a.as_str().parse().ok()) {
-                    headers.insert(header::HOST, host);
-                }
-            }
-        } else {
-            headers.insert(header::HOST, rc.upstream.host_header.clone());
-        }
+        headers.remove(header::HOST);
 
         let Some(slot) = &route.slot else {
             let request = build(&parts.method, uri, headers, OutBody::Stream(body));
             return Ok(Forwarded {
-                response: self.send(request, table.upstream_timeout).await?,
+                response: self.send(client, request, table.upstream_timeout).await?,
                 replayed: false,
             });
         };
@@ -254,7 +266,7 @@ impl Proxy {
         if rc.pass_client_authorization && headers.contains_key(token_header) {
             let request = build(&parts.method, uri, headers, OutBody::Stream(body));
             return Ok(Forwarded {
-                response: self.send(request, table.upstream_timeout).await?,
+                response: self.send(client, request, table.upstream_timeout).await?,
                 replayed: false,
             });
         }
@@ -275,7 +287,7 @@ impl Proxy {
             with_token(headers, token_header, &token),
             first_body,
         );
-        let response = self.send(request, table.upstream_timeout).await?;
+        let response = self.send(client, request, table.upstream_timeout).await?;
         if !slot.config.invalidate_on.contains(&response.status()) {
             return Ok(Forwarded {
                 response,
@@ -308,7 +320,7 @@ impl Proxy {
         );
         // A fresh token rejected again is left alone here: the next request that
         // sees it rejected invalidates it, so one request never causes two fetches.
-        let response = self.send(request, table.upstream_timeout).await?;
+        let response = self.send(client, request, table.upstream_timeout).await?;
         Ok(Forwarded {
             response,
             replayed: true,
@@ -317,10 +329,11 @@ impl Proxy {
 
     async fn send(
         &self,
+        client: &UpstreamClient,
         request: Request<OutBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
+        match tokio::time::timeout(timeout, client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
             Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
@@ -328,10 +341,30 @@ impl Proxy {
     }
 }
 
-/// The absolute upstream URI: route's scheme, authority and base path, then the
-/// request's path and its query byte for byte. Nothing of the client's authority
-/// is used, so no request can steer the token elsewhere.
-fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
+/// The client's Host: the request URI's authority (absolute form, or HTTP/2's
+/// `:authority`), else the `Host` field. `None` when the client sent neither.
+fn client_authority(parts: &http::request::Parts) -> Result<Option<Authority>, ProxyError> {
+    let raw = match parts.uri.authority() {
+        Some(authority) => authority.as_str().as_bytes(),
+        None => match parts.headers.get(header::HOST) {
+            Some(host) => host.as_bytes(),
+            None => return Ok(None),
+        },
+    };
+    match Authority::try_from(raw) {
+        // A Host never carries user info; refuse rather than pass it on.
+        Ok(authority) if !authority.as_str().contains('@') => Ok(Some(authority)),
+        _ => Err(ProxyError::BadRequest(
+            "the Host header is not a valid host[:port]",
+        )),
+    }
+}
+
+/// The absolute upstream URI: route's scheme and base path, `authority`, then the
+/// request's path and its query byte for byte. The connection is made to the route's
+/// upstream whatever `authority` says (see `client`), so no request can steer the
+/// token elsewhere.
+fn upstream_uri(route: &Route, uri: &Uri, authority: Authority) -> Result<Uri, ProxyError> {
     let rc = &route.config;
     let mut pq = routing::upstream_path(
         &rc.upstream.base_path,
@@ -345,7 +378,7 @@ fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
     }
     Uri::builder()
         .scheme(rc.upstream.scheme.clone())
-        .authority(rc.upstream.authority.clone())
+        .authority(authority)
         .path_and_query(pq)
         .build()
         .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))

@@ -6,6 +6,8 @@ use crate::config::RouteConfig;
 use crate::metrics::RouteMetrics;
 use crate::token::ProviderSlot;
 
+use super::client::UpstreamClient;
+
 /// A route with its provider's slot resolved once, at build time.
 pub struct Route {
     pub config: RouteConfig,
@@ -13,6 +15,9 @@ pub struct Route {
     pub metrics: RouteMetrics,
     /// The route's name, shared with log lines.
     pub name: Arc<str>,
+    /// `preserve_host` routes: a client whose connections always go to this route's
+    /// upstream, so the client's Host can be sent as the authority.
+    pub pinned: Option<UpstreamClient>,
 }
 
 /// The routes of one listener, most specific first.

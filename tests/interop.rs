@@ -1,0 +1,35 @@
+//! Interoperability with software nobody here wrote, started by the tests on loopback:
+//! nginx as an HTTPS upstream (HTTP/2 by ALPN and HTTP/1.1 only), curl as a client, and
+//! a WebSocket client and server from tokio-tungstenite.
+
+mod nginx;
+
+use std::path::PathBuf;
+
+/// The path of `program` when it is installed. When it is not: in CI (`CI=true`) the
+/// test fails, since CI installs it; on a developer machine the test is skipped with a
+/// message saying what to install.
+pub fn require(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // nginx lives in sbin, which a non-root PATH often lacks.
+    let extra = ["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from);
+    let found = std::env::split_paths(&path)
+        .chain(extra)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file());
+    if found.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{program} is not installed; .ci/run installs it in CI");
+        }
+        eprintln!("SKIPPED: {program} is not installed (apt-get install {program})");
+    }
+    found
+}
+
+/// A port that was free a moment ago, for programs that take a port number.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

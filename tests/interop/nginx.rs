@@ -1,0 +1,327 @@
+//! nginx (the Debian package) as the HTTPS upstream: one server block speaking HTTP/2
+//! by ALPN, one HTTP/1.1 only, both proxying to the in-process echo upstream so the test
+//! sees exactly what arrived. nginx refuses an HTTP/2 request that carries a `host`
+//! field beside `:authority` (400), which is what these tests guard against.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use http::Request;
+use sha2::Digest;
+
+use super::{free_port, require};
+use crate::support::*;
+
+/// A running nginx with its own prefix, logs and temp dirs in a temporary directory.
+pub struct Nginx {
+    child: tokio::process::Child,
+    pub dir: tempfile::TempDir,
+    /// `listen ... ssl http2`: HTTP/2 when the client offers it by ALPN.
+    pub h2_port: u16,
+    /// `listen ... ssl`: HTTP/1.1 only.
+    pub h1_port: u16,
+    /// The self-signed certificate for `localhost`, to trust as `extra_ca_file`.
+    pub ca_file: PathBuf,
+}
+
+/// The part of nginx.conf that both server blocks share: `/base/` goes to the echo
+/// upstream with the Host and protocol nginx saw, `/base/nocontent` is a 204 of nginx's
+/// own and `/base/static/` serves a file (ETag, so a conditional GET gets 304).
+fn locations(dir: &std::path::Path, echo: SocketAddr) -> String {
+    format!(
+        r#"
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        location /base/ {{
+            proxy_pass http://{echo}/;
+            proxy_http_version 1.1;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_set_header X-Seen-Host $http_host;
+            proxy_set_header X-Seen-Protocol $server_protocol;
+        }}
+        location = /base/nocontent {{
+            return 204;
+        }}
+        location /base/static/ {{
+            alias {dir}/www/;
+        }}
+        location / {{
+            return 404;
+        }}
+"#,
+        dir = dir.display()
+    )
+}
+
+impl Nginx {
+    /// Starts nginx in front of `echo`; `None` when nginx is not installed (and not in CI).
+    pub async fn start(echo: SocketAddr) -> Option<Self> {
+        let program = require("nginx")?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("certificate");
+        std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+        std::fs::create_dir(dir.path().join("www")).unwrap();
+        std::fs::write(dir.path().join("www/hello.txt"), "hello from nginx\n").unwrap();
+        // A port taken between choosing and nginx binding it: try again with others.
+        for _attempt in 0..3 {
+            let (h2_port, h1_port) = (free_port(), free_port());
+            let d = dir.path().display();
+            let conf = format!(
+                r#"
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 256; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    client_max_body_size 64m;
+    server {{
+        listen 127.0.0.1:{h2_port} ssl http2;
+        server_name localhost;
+        {loc}
+    }}
+    server {{
+        listen 127.0.0.1:{h1_port} ssl;
+        server_name localhost;
+        {loc}
+    }}
+}}
+"#,
+                loc = locations(dir.path(), echo)
+            );
+            let conf_path = dir.path().join("nginx.conf");
+            std::fs::write(&conf_path, conf).unwrap();
+            let mut child = tokio::process::Command::new(&program)
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("spawn nginx");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited: most likely a port clash; retry
+                }
+                let up = |port| tokio::net::TcpStream::connect(("127.0.0.1", port));
+                if up(h2_port).await.is_ok() && up(h1_port).await.is_ok() {
+                    return Some(Self {
+                        child,
+                        ca_file: dir.path().join("cert.pem"),
+                        dir,
+                        h2_port,
+                        h1_port,
+                    });
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "nginx did not start listening: {}",
+                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!(
+            "nginx would not start: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+    }
+
+    /// nginx's error log, for assertion messages.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Four routes to nginx: HTTP/2 and HTTP/1.1 server blocks, each with and without
+/// `preserve_host`.
+fn nginx_config(issuer: &Issuer, nginx: &Nginx) -> String {
+    let route = |prefix: &str, port: u16, preserve: bool| {
+        format!(
+            "[[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"https://localhost:{port}/base\"\nprovider = \"p\"\npreserve_host = {preserve}\n\n"
+        )
+    };
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nextra_ca_file = \"{ca}\"\nconnect_timeout = \"5s\"\nupstream_timeout = \"30s\"\n\n[providers.p]\ntoken_url = \"{token_url}\"\nclient_id = \"c\"\nclient_secret = \"secret-value\"\n\n{a}{b}{c}{d}",
+        ca = nginx.ca_file.display(),
+        token_url = issuer.url(),
+        a = route("/h2", nginx.h2_port, false),
+        b = route("/h2-host", nginx.h2_port, true),
+        c = route("/h1", nginx.h1_port, false),
+        d = route("/h1-host", nginx.h1_port, true),
+    )
+}
+
+const FOUR_MIB: u64 = 4 * 1024 * 1024;
+const CLIENT_HOST: &str = "api.example.test:8443";
+
+/// One route's checks: what nginx saw (protocol, Host, token, path), bodies both ways,
+/// HEAD, and nginx's own 204 and 304.
+async fn exercise(proxy: &Proxy, nginx: &Nginx, issuer: &Issuer, prefix: &str) {
+    let c = client();
+    let h2 = prefix.starts_with("/h2");
+    let preserve = prefix.ends_with("-host");
+    let port = if h2 { nginx.h2_port } else { nginx.h1_port };
+    let expected_host = if preserve {
+        CLIENT_HOST.to_owned()
+    } else {
+        format!("localhost:{port}")
+    };
+    let with_host = |builder: http::request::Builder| {
+        if preserve {
+            builder.header("host", CLIENT_HOST)
+        } else {
+            builder
+        }
+    };
+    let ctx = |what: &str| format!("{prefix} {what}; nginx error log:\n{}", nginx.error_log());
+
+    // GET: nginx accepted it and passed on what it saw.
+    let req = with_host(Request::get(proxy.url(&format!("{prefix}/x?q=1&b=%20"))))
+        .body(full(""))
+        .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(
+        ans.status,
+        200,
+        "{}",
+        ctx(&String::from_utf8_lossy(&ans.body))
+    );
+    assert_eq!(ans.json()["uri"], "/x?q=1&b=%20", "{prefix}");
+    assert_eq!(
+        ans.echoed("x-seen-protocol"),
+        [if h2 { "HTTP/2.0" } else { "HTTP/1.1" }],
+        "{prefix}"
+    );
+    assert_eq!(
+        ans.echoed("x-seen-host"),
+        [expected_host.as_str()],
+        "{prefix}"
+    );
+    assert_eq!(
+        ans.echoed("authorization"),
+        [format!("Bearer {}", issuer.token(1))],
+        "{prefix}"
+    );
+
+    // POST 4 MiB up.
+    let req = with_host(Request::post(proxy.url(&format!("{prefix}/upload"))))
+        .body(stream_bytes(FOUR_MIB))
+        .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(ans.status, 200, "{}", ctx("upload"));
+    assert_eq!(ans.json()["body_len"], FOUR_MIB, "{prefix}");
+    assert_eq!(
+        ans.json()["body_sha256"],
+        stream_sha256(FOUR_MIB),
+        "{prefix}"
+    );
+    assert_eq!(
+        ans.echoed("x-seen-host"),
+        [expected_host.as_str()],
+        "{prefix}"
+    );
+
+    // 4 MiB down, chunked by the echo (no Content-Length) and streamed by nginx.
+    let req = with_host(Request::get(
+        proxy.url(&format!("{prefix}/download/{FOUR_MIB}")),
+    ))
+    .body(full(""))
+    .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(ans.status, 200, "{}", ctx("download"));
+    assert!(
+        ans.headers.get("content-length").is_none(),
+        "{prefix}: a chunked answer"
+    );
+    assert_eq!(ans.body.len() as u64, FOUR_MIB, "{prefix}");
+    assert_eq!(
+        hex(&sha2::Sha256::digest(&ans.body)),
+        stream_sha256(FOUR_MIB),
+        "{prefix}"
+    );
+
+    // HEAD: headers only.
+    let req = with_host(Request::head(proxy.url(&format!("{prefix}/x"))))
+        .body(full(""))
+        .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(ans.status, 200, "{}", ctx("HEAD"));
+    assert!(ans.body.is_empty(), "{prefix}: HEAD has no body");
+
+    // nginx's own 204.
+    let req = with_host(Request::get(proxy.url(&format!("{prefix}/nocontent"))))
+        .body(full(""))
+        .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(ans.status, 204, "{}", ctx("204"));
+    assert!(ans.body.is_empty());
+
+    // A static file, then the same with its ETag: 304 without a body.
+    let req = with_host(Request::get(
+        proxy.url(&format!("{prefix}/static/hello.txt")),
+    ))
+    .body(full(""))
+    .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(ans.status, 200, "{}", ctx("static"));
+    assert_eq!(ans.body, "hello from nginx\n");
+    let etag = ans
+        .headers
+        .get("etag")
+        .expect("nginx sends an ETag")
+        .clone();
+    let req = with_host(Request::get(
+        proxy.url(&format!("{prefix}/static/hello.txt")),
+    ))
+    .header("if-none-match", etag)
+    .body(full(""))
+    .unwrap();
+    let ans = send(&c, req).await;
+    assert_eq!(ans.status, 304, "{}", ctx("304"));
+    assert!(ans.body.is_empty(), "{prefix}: 304 has no body");
+}
+
+#[tokio::test]
+async fn nginx_upstream_over_http2_and_http1_with_and_without_preserve_host() {
+    let echo = Upstream::start().await;
+    let Some(nginx) = Nginx::start(echo.addr).await else {
+        return;
+    };
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let proxy = Proxy::start(&nginx_config(&issuer, &nginx)).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    for prefix in ["/h2", "/h2-host", "/h1", "/h1-host"] {
+        exercise(&proxy, &nginx, &issuer, prefix).await;
+    }
+    assert!(
+        !nginx.error_log().contains("duplicate host"),
+        "{}",
+        nginx.error_log()
+    );
+    proxy.stop().await;
+}
