@@ -102,7 +102,11 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
             }
         }
     }
-    let client = TokenClient::new(tls, config.server.connect_timeout)?;
+    let client = TokenClient::new(
+        tls,
+        config.server.connect_timeout,
+        config.server.outbound.as_ref(),
+    )?;
     let fetched = client
         .fetch(&provider, config.server.token_timeout)
         .await
@@ -140,6 +144,9 @@ fn describe(config: &Config) -> String {
                 r.provider.as_deref().unwrap_or("(none, no token)")
             );
         }
+    }
+    if let Some(outbound) = &config.server.outbound {
+        let _ = writeln!(out, "{}", outbound.describe());
     }
     for p in config.providers.values() {
         let _ = writeln!(

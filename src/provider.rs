@@ -4,13 +4,17 @@
 //! quote the provider's own message but never its raw body, and any echo of the
 //! client secret is cut out first.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use http::StatusCode;
 use serde_json::Value;
 
-use crate::config::{ClientAuth, ProviderConfig, RequestFormat};
+use hyper_util::client::proxy::matcher::Matcher;
+
+use crate::config::outbound::shown;
+use crate::config::{ClientAuth, OutboundProxy, ProviderConfig, RequestFormat};
 use crate::secret::{redact, Secret};
 
 /// Token-endpoint bodies above this size are refused.
@@ -72,24 +76,87 @@ impl FetchError {
 #[derive(Clone)]
 pub struct TokenClient {
     http: reqwest::Client,
+    /// The outbound proxy's rules, to name the proxy a failed fetch went through.
+    outbound: Option<Arc<Matcher>>,
 }
 
 impl TokenClient {
-    /// Builds the client with the proxy's TLS settings.
+    /// Builds the client with the proxy's TLS settings, through `outbound` when set
+    /// (`None`: direct connections; the environment's proxy variables are ignored).
     pub fn new(
         tls: rustls::ClientConfig,
         connect_timeout: Duration,
+        outbound: Option<&OutboundProxy>,
     ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .connect_timeout(connect_timeout)
             // A token endpoint that redirects is misconfigured; following it would
             // send the credentials somewhere the operator did not name.
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self { http })
+            .user_agent(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION")));
+        match outbound {
+            // Without this, reqwest would read HTTPS_PROXY and friends by itself.
+            None => builder = builder.no_proxy(),
+            Some(o) => {
+                let direct = reqwest::NoProxy::from_string(&o.no_proxy.join(","));
+                if let Some(p) = &o.https {
+                    builder =
+                        builder.proxy(reqwest::Proxy::https(p.expose())?.no_proxy(direct.clone()));
+                }
+                if let Some(p) = &o.http {
+                    builder = builder.proxy(reqwest::Proxy::http(p.expose())?.no_proxy(direct));
+                }
+            }
+        }
+        Ok(Self {
+            http: builder.build()?,
+            outbound: outbound.map(|o| Arc::new(o.matcher())),
+        })
+    }
+
+    /// A network failure's description, naming the outbound proxy (never its
+    /// credentials) when the token endpoint is reached through one.
+    fn network_error(&self, provider: &ProviderConfig, e: &reqwest::Error) -> FetchError {
+        let described = describe_reqwest(e);
+        let url = &provider.token_url;
+        let proxy = self
+            .outbound
+            .as_ref()
+            .zip(url.as_str().parse::<http::Uri>().ok())
+            .and_then(|(m, uri)| m.intercept(&uri));
+        let Some(proxy) = proxy else {
+            return FetchError::Network(described);
+        };
+        let name = shown(&proxy);
+        let target = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(443)
+        );
+        // hyper-util's tunnel error type is not exported, so its kind is read from its
+        // message; anything unrecognised still names the proxy.
+        let mut source = std::error::Error::source(e);
+        let mut tunnel = None;
+        while let Some(s) = source {
+            if let Some(kind) = s.to_string().strip_prefix("tunnel error: ") {
+                tunnel = Some(kind.to_owned());
+                break;
+            }
+            source = s.source();
+        }
+        FetchError::Network(match tunnel.as_deref() {
+            Some("failed to create underlying connection") => {
+                format!("outbound proxy {name} unreachable: {described}")
+            }
+            Some("proxy authorization required") => format!(
+                "outbound proxy {name} refused the tunnel to {target}: it answered 407 Proxy Authentication Required"
+            ),
+            Some("unsuccessful") => format!(
+                "outbound proxy {name} refused the tunnel to {target}: it answered a status other than 200"
+            ),
+            _ => format!("through outbound proxy {name}: {described}"),
+        })
     }
 
     /// Runs one client-credentials request, bounded by `timeout` start to end.
@@ -109,7 +176,7 @@ impl TokenClient {
             .request(provider)
             .send()
             .await
-            .map_err(|e| FetchError::Network(describe_reqwest(&e)))?;
+            .map_err(|e| self.network_error(provider, &e))?;
         let status = response.status();
         let retry_after = response
             .headers()

@@ -76,7 +76,11 @@ impl Shared {
     /// Reads files (CA bundle, token cache): run it off the async runtime.
     pub fn build(config: Config) -> Result<Self, StartError> {
         let tls = tls::client_config(config.server.extra_ca_file.as_deref())?;
-        let token_client = TokenClient::new(tls.clone(), config.server.connect_timeout)?;
+        let token_client = TokenClient::new(
+            tls.clone(),
+            config.server.connect_timeout,
+            config.server.outbound.as_ref(),
+        )?;
         let cache = config
             .server
             .token_cache_dir
@@ -91,7 +95,12 @@ impl Shared {
             metrics.clone(),
         )?);
         store.load_cache();
-        let clients = ClientFactory::new(tls, config.server.connect_timeout);
+        let outbound = config
+            .server
+            .outbound
+            .as_ref()
+            .map(|o| Arc::new(o.matcher()));
+        let clients = ClientFactory::new(tls, config.server.connect_timeout, outbound);
         let table = RoutingTable::new(&config, &store, &metrics, &clients);
         let proxy = Arc::new(Proxy::new(table, clients.clients(), metrics.clone()));
         Ok(Self {
@@ -149,6 +158,12 @@ impl Shared {
                 (
                     "connect_timeout",
                     new.server.connect_timeout != old.server.connect_timeout,
+                ),
+                // Both clients are built with it, and pooled connections were opened
+                // through (or around) the old proxy.
+                (
+                    "outbound_proxy/no_proxy",
+                    new.server.outbound != old.server.outbound,
                 ),
             ] {
                 if changed {

@@ -4,6 +4,7 @@
 //! check every key and build the settings the rest of the proxy uses. Every error
 //! names the file, the key and the problem.
 
+pub mod outbound;
 mod raw;
 #[cfg(test)]
 mod reference;
@@ -21,6 +22,7 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::secret::Secret;
+pub use outbound::{OutboundProxy, ProxyUrl};
 use raw::RawConfig;
 use validate::{syntax_message, Validator};
 
@@ -81,6 +83,9 @@ pub struct ServerConfig {
     /// Worker threads serving the proxy listeners, each with its own event loop and
     /// upstream pool (default: one per CPU).
     pub workers: usize,
+    /// The HTTP proxy token and upstream requests go through (`outbound_proxy`,
+    /// `no_proxy`); `None`: direct connections.
+    pub outbound: Option<OutboundProxy>,
 }
 
 /// Limits on what clients may send (`[server]`), with safe defaults.

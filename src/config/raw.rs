@@ -42,6 +42,8 @@ pub struct RawServer {
     pub header_read_timeout: Option<String>,
     pub max_concurrent_streams: Option<u32>,
     pub workers: Option<u32>,
+    pub outbound_proxy: Option<String>,
+    pub no_proxy: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

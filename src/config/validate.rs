@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use url::Url;
 
 use super::raw::{RawConfig, RawProvider, RawRoute, RawServer, RawStore};
-use super::values;
 use super::*;
+use super::{outbound, values};
 use crate::secret::Secret;
 
 pub(super) struct Validator<'a> {
@@ -226,7 +226,41 @@ impl Validator<'_> {
                 Some(n) => n.min(256) as usize,
                 None => std::thread::available_parallelism().map_or(1, |n| n.get()),
             },
+            outbound: self.outbound(s)?,
         })
+    }
+
+    fn outbound(&self, s: &RawServer) -> VResult<Option<OutboundProxy>> {
+        let no_proxy = s
+            .no_proxy
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, raw)| {
+                let key = format!("server.no_proxy[{i}]");
+                outbound::check_no_proxy_entry(&self.string(&key, raw)?)
+                    .map_err(|p| self.err(&key, p))
+            })
+            .collect::<VResult<Vec<_>>>()?;
+        let Some(raw) = &s.outbound_proxy else {
+            if s.no_proxy.is_some() {
+                return Err(self.err("server.no_proxy", "is set but server.outbound_proxy is not"));
+            }
+            return Ok(None);
+        };
+        let key = "server.outbound_proxy";
+        let value = self.string(key, raw)?;
+        if value.trim() == "env" {
+            return OutboundProxy::from_env(self.env, no_proxy)
+                .map_err(|p| self.err(key, format!("is \"env\", but the environment's {p}")));
+        }
+        let url = ProxyUrl::parse(&value, false).map_err(|p| self.err(key, p))?;
+        Ok(Some(OutboundProxy {
+            http: Some(url.clone()),
+            https: Some(url),
+            no_proxy,
+            from_env: false,
+        }))
     }
 
     fn limits(&self, s: &RawServer) -> VResult<Limits> {

@@ -10,31 +10,69 @@
 //! the client's Host, so the connection must not be dialled from the URI: a pinned
 //! client's connector always dials the route's upstream (TLS name included), and its
 //! pool only ever holds connections to that upstream.
+//!
+//! With an outbound proxy, connections go through it (see `outbound`): https:// by
+//! `CONNECT` with TLS inside the tunnel; http:// in absolute form with the proxy's
+//! `Proxy-Authorization`, except on pinned clients, whose URI names the client's Host
+//! and so must not steer the proxy: they tunnel http:// upstreams too.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Uri;
+use std::sync::Arc;
+
+use http::uri::Scheme;
+use http::{header, Request, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 use super::body::OutBody;
+use super::outbound::{OutboundConnector, OutboundStream};
 use crate::config::Upstream;
 
 /// A pooled client the proxy forwards through.
-pub type UpstreamClient = Client<UpstreamConnector, OutBody>;
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pool: Client<UpstreamConnector, OutBody>,
+    /// The outbound proxy's rules when this client sends plain-http requests to it in
+    /// absolute form (they carry `Proxy-Authorization`; tunnels carry theirs in the
+    /// `CONNECT`).
+    forwarding: Option<Arc<Matcher>>,
+}
 
-/// Builds upstream clients that share one TLS configuration and connect timeout.
+impl UpstreamClient {
+    /// Sends `request` (absolute URI) on a pooled connection.
+    pub fn request(&self, mut request: Request<OutBody>) -> ResponseFuture {
+        if let Some(matcher) = &self.forwarding {
+            if request.uri().scheme() == Some(&Scheme::HTTP) {
+                if let Some(auth) = matcher
+                    .intercept(request.uri())
+                    .and_then(|proxy| proxy.basic_auth().cloned())
+                {
+                    request
+                        .headers_mut()
+                        .insert(header::PROXY_AUTHORIZATION, auth);
+                }
+            }
+        }
+        self.pool.request(request)
+    }
+}
+
+/// Builds upstream clients that share one TLS configuration, connect timeout and
+/// outbound proxy.
 #[derive(Clone)]
 pub struct ClientFactory {
     tls: rustls::ClientConfig,
     connect_timeout: Duration,
+    /// The outbound proxy's rules; `None`: direct connections.
+    outbound: Option<Arc<Matcher>>,
 }
 
 /// The clients one worker forwards through (each worker has its own pools).
@@ -46,11 +84,17 @@ pub struct Clients {
 }
 
 impl ClientFactory {
-    /// `connect_timeout` bounds TCP and TLS together.
-    pub fn new(tls: rustls::ClientConfig, connect_timeout: Duration) -> Self {
+    /// `connect_timeout` bounds TCP, the proxy's `CONNECT` and TLS together;
+    /// `outbound`: the outbound proxy's rules (`None`: direct connections).
+    pub fn new(
+        tls: rustls::ClientConfig,
+        connect_timeout: Duration,
+        outbound: Option<Arc<Matcher>>,
+    ) -> Self {
         Self {
             tls,
             connect_timeout,
+            outbound,
         }
     }
 
@@ -79,16 +123,22 @@ impl ClientFactory {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(self.connect_timeout));
+        // A pinned client's request URI names the client's Host, which must not pick
+        // the proxy's destination: it tunnels to the pinned upstream instead.
+        let tunnel_http = pin.is_some();
+        let outbound = OutboundConnector::new(http, self.outbound.clone(), tunnel_http);
+        // TLS sits on top of the outbound connector, so through a proxy it runs inside
+        // the tunnel and checks the real host's certificate.
         let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(self.tls.clone())
             .https_or_http()
             .enable_http1();
         let https = if http2 {
-            builder.enable_http2().wrap_connector(http)
+            builder.enable_http2().wrap_connector(outbound)
         } else {
-            builder.wrap_connector(http)
+            builder.wrap_connector(outbound)
         };
-        Client::builder(TokioExecutor::new())
+        let pool = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -97,15 +147,23 @@ impl ClientFactory {
                 https,
                 pin,
                 timeout: self.connect_timeout,
-            })
+            });
+        UpstreamClient {
+            pool,
+            forwarding: if tunnel_http {
+                None
+            } else {
+                self.outbound.clone()
+            },
+        }
     }
 }
 
-/// Dials the request's upstream (or the pinned one) over TCP and TLS, bounded by
-/// `connect_timeout` as a whole.
+/// Dials the request's upstream (or the pinned one) over TCP (directly or through the
+/// outbound proxy) and TLS, bounded by `connect_timeout` as a whole.
 #[derive(Clone)]
 pub struct UpstreamConnector {
-    https: HttpsConnector<HttpConnector>,
+    https: HttpsConnector<OutboundConnector>,
     /// When set, every connection goes here, whatever the request URI names.
     pin: Option<Uri>,
     timeout: Duration,
@@ -119,7 +177,7 @@ pub struct ConnectTimeout(Duration);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Service<Uri> for UpstreamConnector {
-    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Response = MaybeHttpsStream<OutboundStream>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 

@@ -5,6 +5,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod outbound;
 pub mod routing;
 
 use std::collections::HashMap;
