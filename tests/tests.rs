@@ -10,6 +10,7 @@ mod forwarding;
 mod interop;
 mod leaks;
 mod lifecycle;
+mod outbound;
 mod properties;
 mod security;
 mod tls;

@@ -40,7 +40,12 @@ impl ProxyUrl {
     /// when `scheme_optional`. Errors never quote the value: it may hold a password.
     pub fn parse(value: &str, scheme_optional: bool) -> Result<Self, String> {
         let value = value.trim();
-        let with_scheme = if scheme_optional && !value.contains("://") {
+        let with_scheme = if !value.contains("://") {
+            if !scheme_optional {
+                return Err(
+                    "must start with http:// (like http://user:pass@proxy.corp:3128)".to_owned(),
+                );
+            }
             format!("http://{value}")
         } else {
             value.to_owned()
