@@ -1057,3 +1057,53 @@ async fn a_reload_that_changes_the_proxy_says_it_needs_a_restart() {
     assert!(recorder.conns().is_empty());
     proxy.stop().await;
 }
+
+#[test]
+fn env_mode_in_the_config_names_bad_variables_and_warns_when_none_is_set() {
+    use bearer_proxy::config::Config;
+    let toml = "[server]\noutbound_proxy = \"env\"\nno_proxy = [\"internal.corp\"]\n\
+                [[routes]]\nupstream = \"https://api.example.com\"\n";
+    let path = std::path::Path::new("env.toml");
+    let config = Config::parse(toml, path, &|name| match name {
+        "HTTPS_PROXY" => Some("http://a:b@proxy.corp:3128".to_owned()),
+        "no_proxy" => Some("localhost".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    let outbound = config
+        .server
+        .outbound
+        .expect("a proxy from the environment");
+    assert_eq!(
+        outbound.https.as_ref().map(|p| p.shown()),
+        Some("http://***@proxy.corp:3128")
+    );
+    assert!(
+        outbound.http.is_none(),
+        "HTTP_PROXY and ALL_PROXY are unset"
+    );
+    assert_eq!(outbound.no_proxy, ["localhost", "internal.corp"]);
+    assert!(config.warnings.is_empty());
+
+    let config = Config::parse(toml, path, &|_| None).unwrap();
+    assert!(config.server.outbound.is_none());
+    assert!(
+        config
+            .warnings
+            .iter()
+            .any(|w| w.contains("connecting directly")),
+        "{:?}",
+        config.warnings
+    );
+
+    let err = Config::parse(toml, path, &|name| {
+        (name == "ALL_PROXY").then(|| "socks5://u:pw-in-env@proxy:1080".to_owned())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("server.outbound_proxy") && err.contains("ALL_PROXY"),
+        "{err}"
+    );
+    assert!(!err.contains("pw-in-env"), "{err}");
+}

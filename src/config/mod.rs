@@ -304,9 +304,11 @@ impl Config {
             path,
             env,
             inline_secrets: Default::default(),
+            warnings: Default::default(),
         };
         let mut config = validator.config(raw)?;
         config.inline_secrets = validator.inline_secrets.into_inner();
+        config.warnings = validator.warnings.into_inner();
         Ok(config)
     }
 

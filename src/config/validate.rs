@@ -20,6 +20,7 @@ pub(super) struct Validator<'a> {
     pub(super) path: &'a Path,
     pub(super) env: &'a dyn Fn(&str) -> Option<String>,
     pub(super) inline_secrets: std::cell::RefCell<Vec<String>>,
+    pub(super) warnings: std::cell::RefCell<Vec<String>>,
 }
 
 type VResult<T> = std::result::Result<T, ConfigError>;
@@ -251,8 +252,16 @@ impl Validator<'_> {
         let key = "server.outbound_proxy";
         let value = self.string(key, raw)?;
         if value.trim() == "env" {
-            return OutboundProxy::from_env(self.env, no_proxy)
-                .map_err(|p| self.err(key, format!("is \"env\", but the environment's {p}")));
+            let resolved = OutboundProxy::from_env(self.env, no_proxy)
+                .map_err(|p| self.err(key, format!("is \"env\", but the environment's {p}")))?;
+            if resolved.is_none() {
+                self.warnings.borrow_mut().push(
+                    "server.outbound_proxy is \"env\" but none of HTTPS_PROXY, HTTP_PROXY, \
+                     ALL_PROXY (or their lower-case forms) is set: connecting directly"
+                        .to_owned(),
+                );
+            }
+            return Ok(resolved);
         }
         let url = ProxyUrl::parse(&value, false).map_err(|p| self.err(key, p))?;
         Ok(Some(OutboundProxy {
