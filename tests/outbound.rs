@@ -1107,3 +1107,58 @@ fn env_mode_in_the_config_names_bad_variables_and_warns_when_none_is_set() {
     );
     assert!(!err.contains("pw-in-env"), "{err}");
 }
+
+#[tokio::test]
+async fn preserve_host_routes_tunnel_to_their_upstream_so_the_client_host_never_steers_the_proxy() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let recorder = RecordingProxy::start().await;
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+outbound_proxy = "http://u:p@127.0.0.1:{recorder}"
+no_proxy = ["127.0.0.1"]
+
+[providers.p]
+token_url = "{token_url}"
+client_id = "c"
+client_secret = "{SECRET}"
+
+[[routes]]
+upstream = "http://localhost:{port}"
+provider = "p"
+preserve_host = true
+"#,
+        recorder = recorder.port,
+        token_url = issuer.url(),
+        port = upstream.addr.port(),
+    );
+    let proxy = Proxy::start(&toml).await;
+    let request = http::Request::get(proxy.url("/x"))
+        .header("host", "elsewhere.example:8443")
+        .body(full(""))
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.echoed("host"), ["elsewhere.example:8443"]);
+    assert!(answer.echoed("proxy-authorization").is_empty());
+    assert_eq!(answer.json()["uri"], "/x");
+    let conns = recorder.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert!(
+        conns[0].head.starts_with(&format!(
+            "CONNECT localhost:{} HTTP/1.1\r\n",
+            upstream.addr.port()
+        )),
+        "{}",
+        conns[0].head
+    );
+    assert!(head_headers(&conns[0].head).contains_key("proxy-authorization"));
+    proxy.stop().await;
+}
