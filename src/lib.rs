@@ -9,6 +9,7 @@
 //! - [`admin`]: health, readiness, metrics, token status, reload endpoints
 //! - [`metrics`]: the Prometheus registry
 //! - [`tls`]: the TLS client settings
+//! - [`outbound`]: connections directly or through the outbound HTTP proxy
 //! - [`demo`]: the self-contained loopback demo
 //! - [`cli`], [`logging`]: the command-line edge
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@ pub mod config;
 pub mod demo;
 pub mod logging;
 pub mod metrics;
+pub mod outbound;
 pub mod provider;
 pub mod proxy;
 pub mod secret;

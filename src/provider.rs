@@ -78,6 +78,7 @@ pub struct TokenClient {
     http: reqwest::Client,
     /// The outbound proxy's rules, to name the proxy a failed fetch went through.
     outbound: Option<Arc<Matcher>>,
+    connect_timeout: Duration,
 }
 
 impl TokenClient {
@@ -112,12 +113,14 @@ impl TokenClient {
         Ok(Self {
             http: builder.build()?,
             outbound: outbound.map(|o| Arc::new(o.matcher())),
+            connect_timeout,
         })
     }
 
     /// A network failure's description, naming the outbound proxy (never its
     /// credentials) when the token endpoint is reached through one.
-    fn network_error(&self, provider: &ProviderConfig, e: &reqwest::Error) -> FetchError {
+    async fn network_error(&self, provider: &ProviderConfig, e: reqwest::Error) -> FetchError {
+        let e = &e;
         let described = describe_reqwest(e);
         let url = &provider.token_url;
         let proxy = self
@@ -152,9 +155,21 @@ impl TokenClient {
             Some("proxy authorization required") => format!(
                 "outbound proxy {name} refused the tunnel to {target}: it answered 407 Proxy Authentication Required"
             ),
-            Some("unsuccessful") => format!(
-                "outbound proxy {name} refused the tunnel to {target}: it answered a status other than 200"
-            ),
+            Some("unsuccessful") => {
+                // reqwest does not say which status; one more CONNECT asks (only after a
+                // failure, which the refresher backs off from).
+                let probe = format!("https://{target}/").parse::<http::Uri>().ok();
+                let status = match (probe, &self.outbound) {
+                    (Some(uri), Some(m)) => {
+                        crate::outbound::refusal_status(m.clone(), uri, self.connect_timeout).await
+                    }
+                    _ => None,
+                };
+                format!(
+                    "outbound proxy {name} refused the tunnel to {target}: it answered {}",
+                    status.as_deref().unwrap_or("a status other than 200")
+                )
+            }
             _ => format!("through outbound proxy {name}: {described}"),
         })
     }
@@ -172,11 +187,11 @@ impl TokenClient {
     }
 
     async fn fetch_inner(&self, provider: &ProviderConfig) -> Result<FetchedToken, FetchError> {
-        let mut response = self
-            .request(provider)
-            .send()
-            .await
-            .map_err(|e| self.network_error(provider, &e))?;
+        let sent = self.request(provider).send().await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => return Err(self.network_error(provider, e).await),
+        };
         let status = response.status();
         let retry_after = response
             .headers()

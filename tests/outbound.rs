@@ -398,6 +398,13 @@ async fn a_proxy_refusing_the_tunnel_gives_502_naming_it_and_its_status() {
     );
     assert!(!message.contains("pass"), "{message}");
     assert_eq!(backend.requests.load(Ordering::SeqCst), 0);
+    // The token client's error names the proxy and the status too.
+    let token_error = last_token_error(&proxy).await;
+    assert!(
+        token_error.contains(&format!("{shown} refused the tunnel"))
+            && token_error.contains("it answered 403"),
+        "{token_error}"
+    );
     proxy.stop().await;
 
     // Credentials refused: tinyproxy answers 401 to wrong ones and 407 to none.
@@ -431,6 +438,13 @@ async fn a_proxy_refusing_the_tunnel_gives_502_naming_it_and_its_status() {
             "{message}"
         );
         assert!(!message.contains("wrong-pass"), "{message}");
+        let token_error = last_token_error(&proxy).await;
+        assert!(
+            token_error.contains(&format!("{shown} refused the tunnel"))
+                && token_error.contains(&format!("it answered {status}")),
+            "{token_error}"
+        );
+        assert!(!token_error.contains("wrong-pass"), "{token_error}");
         proxy.stop().await;
     }
     assert_eq!(backend.requests.load(Ordering::SeqCst), 0);
@@ -451,6 +465,20 @@ async fn a_proxy_refusing_the_tunnel_gives_502_naming_it_and_its_status() {
         "{message}"
     );
     proxy.stop().await;
+}
+
+/// Provider `p`'s last token fetch error, once there is one.
+async fn last_token_error(proxy: &Proxy) -> String {
+    let slot = proxy.store.slot("p").expect("provider p");
+    assert!(
+        eventually(Duration::from_secs(10), || slot
+            .status()
+            .last_error
+            .is_some())
+        .await,
+        "no token fetch failed"
+    );
+    slot.status().last_error.unwrap_or_default()
 }
 
 /// A tinyproxy that allows CONNECT to the backend (the test was skipped before if
@@ -1161,4 +1189,42 @@ preserve_host = true
     );
     assert!(head_headers(&conns[0].head).contains_key("proxy-authorization"));
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_command_goes_through_the_proxy_too() {
+    let backend = Backend::start().await;
+    let recorder = RecordingProxy::start().await;
+    let toml = backend_config(
+        &backend,
+        &format!(
+            "outbound_proxy = \"http://u:p@127.0.0.1:{}\"",
+            recorder.port
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token.toml");
+    std::fs::write(&file, toml).unwrap();
+    let mut cmd = bin_command(&["token", "-c", file.to_str().unwrap(), "p"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Off the runtime: the backend and the recorder run on it.
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()),
+    )
+    .await
+    .expect("token command timed out")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "proxied-token-1");
+    let conns = recorder.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert!(conns[0]
+        .head
+        .starts_with(&format!("CONNECT localhost:{} ", backend.port)));
 }

@@ -33,8 +33,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 use super::body::OutBody;
-use super::outbound::{OutboundConnector, OutboundStream};
 use crate::config::Upstream;
+use crate::outbound::{OutboundConnector, OutboundStream};
 
 /// A pooled client the proxy forwards through.
 #[derive(Clone)]

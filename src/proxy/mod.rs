@@ -5,7 +5,6 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
-pub mod outbound;
 pub mod routing;
 
 use std::collections::HashMap;

@@ -11,6 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::uri::Scheme;
 use http::Uri;
@@ -157,6 +158,25 @@ impl Service<Uri> for OutboundConnector {
                 }),
             }
         })
+    }
+}
+
+/// Asks the proxy that `matcher` picks for `target` (`https://host:port/`) for a tunnel,
+/// once, and returns the status it refuses it with; `None` when it does not refuse (or
+/// cannot be reached) within `timeout`. For clients whose own error does not carry the
+/// status (reqwest reports any refusal but 407 as "unsuccessful").
+pub async fn refusal_status(
+    matcher: Arc<Matcher>,
+    target: Uri,
+    timeout: Duration,
+) -> Option<String> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(timeout));
+    let mut connector = OutboundConnector::new(http, Some(matcher), true);
+    match tokio::time::timeout(timeout, connector.call(target)).await {
+        Ok(Err(OutboundError::ProxyRefused { status, .. })) => Some(status),
+        _ => None,
     }
 }
 
