@@ -97,6 +97,7 @@ fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
         Some(true) => "redis",
         Some(false) => "memory (redis unavailable)",
     };
+    let node = shared.store.redis_node();
     let providers: serde_json::Map<String, Value> = shared
         .store
         .slots()
@@ -104,6 +105,9 @@ fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
         .map(|slot| {
             let mut status = token_status(slot);
             status["store"] = store.into();
+            if let Some(node) = &node {
+                status["redis_node"] = node.as_str().into();
+            }
             (slot.name().to_owned(), status)
         })
         .collect();

@@ -148,6 +148,9 @@ fn describe(config: &Config) -> String {
     if let Some(outbound) = &config.server.outbound {
         let _ = writeln!(out, "{}", outbound.describe());
     }
+    if let config::StoreConfig::Redis(redis) = &config.store {
+        let _ = writeln!(out, "store {}", redis.describe());
+    }
     for p in config.providers.values() {
         let _ = writeln!(
             out,

@@ -10,6 +10,7 @@ mod forwarding;
 mod interop;
 mod leaks;
 mod lifecycle;
+mod managed_redis;
 mod outbound;
 mod properties;
 mod security;

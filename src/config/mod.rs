@@ -8,6 +8,7 @@ pub mod outbound;
 mod raw;
 #[cfg(test)]
 mod reference;
+mod store;
 mod validate;
 mod values;
 
@@ -124,11 +125,35 @@ impl Default for Limits {
 pub enum StoreConfig {
     Memory,
     /// One token per provider for every proxy sharing this Redis.
-    Redis {
-        /// May hold a password: kept as a secret.
-        url: Secret,
-        key_prefix: String,
-    },
+    Redis(RedisConfig),
+}
+
+/// `[store] backend = "redis"`: how to reach the Redis the fleet shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    /// As written: may hold a password, so kept as a secret. With Sentinels only its
+    /// user, password, database and scheme are used.
+    pub url: Secret,
+    pub key_prefix: String,
+    /// `rediss://`: TLS, certificates verified against the system roots plus `ca_pem`.
+    pub tls: bool,
+    /// `redis_ca_file`, read and checked at load: PEM certificates.
+    pub ca_pem: Option<Vec<u8>>,
+    /// `redis_client_cert_file` + `redis_client_key_file`, read and checked at load.
+    pub client_cert: Option<RedisClientCert>,
+    /// `redis_sentinels` as `host:port`; empty without Sentinel.
+    pub sentinels: Vec<(String, u16)>,
+    /// `redis_sentinel_master`: the name the Sentinels know the master by.
+    pub sentinel_master: Option<String>,
+}
+
+/// A client certificate for Redis over TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisClientCert {
+    /// PEM certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key.
+    pub key_pem: Secret,
 }
 
 /// Timing knobs of the token store that are not user settings.

@@ -52,6 +52,11 @@ pub struct RawStore {
     pub backend: Option<String>,
     pub redis_url: Option<String>,
     pub key_prefix: Option<String>,
+    pub redis_ca_file: Option<String>,
+    pub redis_client_cert_file: Option<String>,
+    pub redis_client_key_file: Option<String>,
+    pub redis_sentinels: Option<Vec<String>>,
+    pub redis_sentinel_master: Option<String>,
 }
 
 // No Debug: it holds the client secret before it is wrapped.

@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use url::Url;
 
-use super::raw::{RawConfig, RawProvider, RawRoute, RawServer, RawStore};
+use super::raw::{RawConfig, RawProvider, RawRoute, RawServer};
 use super::*;
 use super::{outbound, values};
 use crate::secret::Secret;
@@ -23,10 +23,10 @@ pub(super) struct Validator<'a> {
     pub(super) warnings: std::cell::RefCell<Vec<String>>,
 }
 
-type VResult<T> = std::result::Result<T, ConfigError>;
+pub(super) type VResult<T> = std::result::Result<T, ConfigError>;
 
 impl Validator<'_> {
-    fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
             key: key.into(),
@@ -34,11 +34,11 @@ impl Validator<'_> {
         }
     }
 
-    fn string(&self, key: &str, raw: &str) -> VResult<String> {
+    pub(super) fn string(&self, key: &str, raw: &str) -> VResult<String> {
         values::interpolate(raw, self.env).map_err(|p| self.err(key, p))
     }
 
-    fn opt_string(&self, key: &str, raw: Option<&String>) -> VResult<Option<String>> {
+    pub(super) fn opt_string(&self, key: &str, raw: Option<&String>) -> VResult<Option<String>> {
         raw.map(|r| self.string(key, r)).transpose()
     }
 
@@ -97,53 +97,6 @@ impl Validator<'_> {
             warnings: Vec::new(),
             inline_secrets: Vec::new(),
         })
-    }
-
-    fn store(&self, store: &RawStore) -> VResult<StoreConfig> {
-        let backend = self.opt_string("store.backend", store.backend.as_ref())?;
-        let url = self.opt_string("store.redis_url", store.redis_url.as_ref())?;
-        let key_prefix = self
-            .opt_string("store.key_prefix", store.key_prefix.as_ref())?
-            .unwrap_or_else(|| "bearer-proxy:".to_owned());
-        match backend.as_deref() {
-            None | Some("memory") => {
-                if url.is_some() {
-                    return Err(self.err(
-                        "store.redis_url",
-                        "is set but store.backend is not \"redis\"",
-                    ));
-                }
-                Ok(StoreConfig::Memory)
-            }
-            Some("redis") => {
-                let url = url.ok_or_else(|| {
-                    self.err("store.redis_url", "is required with backend = \"redis\"")
-                })?;
-                // Checked here so a typo fails `check`; the URL may hold a password,
-                // so the message never quotes it.
-                let parsed = Url::parse(&url).map_err(|_| {
-                    self.err(
-                        "store.redis_url",
-                        "is not a URL like redis://127.0.0.1:6379/0",
-                    )
-                })?;
-                if !matches!(parsed.scheme(), "redis" | "unix" | "redis+unix") {
-                    return Err(self.err(
-                        "store.redis_url",
-                        "must be a redis:// or unix:// URL (rediss:// is not supported by this \
-                         build: keep Redis on a private network or behind a TLS tunnel)",
-                    ));
-                }
-                Ok(StoreConfig::Redis {
-                    url: Secret::new(url),
-                    key_prefix,
-                })
-            }
-            Some(other) => Err(self.err(
-                "store.backend",
-                format!("`{other}` is not a store backend (expected \"memory\" or \"redis\")"),
-            )),
-        }
     }
 
     fn listen_addr(&self, key: &str, raw: &str, allow_non_loopback: bool) -> VResult<SocketAddr> {
@@ -332,7 +285,7 @@ impl Validator<'_> {
     }
 
     /// Resolves a path in the config relative to the config file's directory.
-    fn relative(&self, p: &str) -> PathBuf {
+    pub(super) fn relative(&self, p: &str) -> PathBuf {
         let p = expand_home(p);
         if p.is_absolute() {
             p
@@ -705,7 +658,7 @@ fn is_loopback_host(url: &Url) -> bool {
 
 /// Reads a secret file: a regular file of at most 64 KiB (a device or FIFO named by
 /// mistake must not hang or exhaust the proxy).
-fn read_secret_file(path: &Path) -> std::io::Result<String> {
+pub(super) fn read_secret_file(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     const LIMIT: u64 = 64 * 1024;
     let file = std::fs::File::open(path)?;

@@ -21,7 +21,8 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::fingerprint;
-use crate::config::ProviderConfig;
+use super::redis_link::RedisLink;
+use crate::config::{ProviderConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -72,7 +73,7 @@ pub enum FleetEvent {
 
 /// The Redis side of the token store.
 pub struct Fleet {
-    client: redis::Client,
+    link: RedisLink,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     prefix: String,
     timeout: Duration,
@@ -115,20 +116,18 @@ fn cipher(p: &ProviderConfig) -> Aes256Gcm {
 
 impl Fleet {
     /// Prepares the Redis client (no connection yet: Redis may be down at startup).
+    /// Reads the system roots with `redis_ca_file`: call off the async runtime.
     pub fn new(
-        url: &Secret,
-        prefix: &str,
+        config: &RedisConfig,
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, FleetError> {
-        // The URL may hold a password: the error never quotes it.
-        let client = redis::Client::open(url.expose())
-            .map_err(|_| FleetError::Redis("store.redis_url is not a usable Redis URL".into()))?;
+        let link = RedisLink::new(config)?;
         metrics.set_redis_up(true);
         Ok(Self {
-            client,
+            link,
             conn: tokio::sync::Mutex::new(None),
-            prefix: prefix.to_owned(),
+            prefix: config.key_prefix.clone(),
             timeout,
             up: AtomicBool::new(true),
             metrics,
@@ -140,12 +139,22 @@ impl Fleet {
         self.up.load(Ordering::Acquire)
     }
 
+    /// `host:port` of the Redis node in use, when known.
+    pub fn node(&self) -> Option<String> {
+        self.link.node()
+    }
+
     fn mark(&self, up: bool, why: Option<&FleetError>) {
         if self.up.swap(up, Ordering::AcqRel) != up {
             self.metrics.set_redis_up(up);
+            let node = self.node().unwrap_or_default();
             match why {
-                None => tracing::info!("redis is back: tokens are shared with the fleet again"),
+                None => tracing::info!(
+                    %node,
+                    "redis is back: tokens are shared with the fleet again"
+                ),
                 Some(error) => tracing::warn!(
+                    %node,
                     %error,
                     "redis unavailable: each proxy keeps and fetches its own tokens until it returns"
                 ),
@@ -163,9 +172,10 @@ impl Fleet {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
+        let client = self.link.client(self.timeout * 2).await?;
         let conn = tokio::time::timeout(
             self.timeout * 2,
-            ConnectionManager::new_with_config(self.client.clone(), config),
+            ConnectionManager::new_with_config(client, config),
         )
         .await
         .map_err(|_| FleetError::Timeout(self.timeout))?
@@ -183,6 +193,11 @@ impl Fleet {
                 .map_err(|e| FleetError::Redis(e.to_string()))
         }
         .await;
+        if result.is_err() && self.link.follows_sentinels() {
+            // The master may have moved (a failover): ask the Sentinels again next time
+            // rather than letting the connection manager retry the old address.
+            *self.conn.lock().await = None;
+        }
         self.mark(result.is_ok(), result.as_ref().err());
         result
     }
@@ -306,10 +321,17 @@ impl Fleet {
         on_connect: impl Fn() + Send,
     ) {
         loop {
-            let connected = tokio::time::timeout(self.timeout * 2, async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
-                pubsub.subscribe(self.channel()).await?;
-                Ok::<_, redis::RedisError>(pubsub)
+            let connected = tokio::time::timeout(self.timeout * 4, async {
+                let client = self.link.client(self.timeout * 2).await?;
+                let mut pubsub = client
+                    .get_async_pubsub()
+                    .await
+                    .map_err(|e| FleetError::Redis(e.to_string()))?;
+                pubsub
+                    .subscribe(self.channel())
+                    .await
+                    .map_err(|e| FleetError::Redis(e.to_string()))?;
+                Ok::<_, FleetError>(pubsub)
             })
             .await;
             if let Ok(Ok(mut pubsub)) = connected {

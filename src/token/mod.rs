@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod fleet;
+mod redis_link;
 mod refresh;
 
 use std::collections::BTreeMap;
@@ -370,9 +371,8 @@ impl TokenStore {
     ) -> Result<Self, FleetError> {
         let fleet = match &config.store {
             StoreConfig::Memory => None,
-            StoreConfig::Redis { url, key_prefix } => Some(Arc::new(Fleet::new(
-                url,
-                key_prefix,
+            StoreConfig::Redis(redis) => Some(Arc::new(Fleet::new(
+                redis,
                 config.tuning.redis_timeout,
                 metrics.clone(),
             )?)),
@@ -489,6 +489,12 @@ impl TokenStore {
                 slot.wake.notify_one();
             });
         }
+    }
+
+    /// `host:port` of the Redis node in use: `None` without `[store]` or before a
+    /// Sentinel named the master.
+    pub fn redis_node(&self) -> Option<String> {
+        self.fleet.as_ref().and_then(|f| f.node())
     }
 
     /// Whether tokens are shared through Redis right now: `None` without `[store]`.
