@@ -837,7 +837,7 @@ fn client_secret_file_must_be_a_small_regular_file() {
 }
 
 #[test]
-fn redis_store_needs_a_plain_redis_url_and_never_quotes_it() {
+fn redis_store_needs_a_redis_url_and_never_quotes_it() {
     let base = "[providers.p]\ntoken_url = \"https://issuer.example/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n";
     let parse = |store: &str| {
         bearer_proxy::config::Config::parse(
@@ -849,7 +849,10 @@ fn redis_store_needs_a_plain_redis_url_and_never_quotes_it() {
     assert!(
         parse("[store]\nbackend = \"redis\"\nredis_url = \"redis://:pw@127.0.0.1:6379/0\"").is_ok()
     );
-    let err = parse("[store]\nbackend = \"redis\"\nredis_url = \"rediss://:hunter2@db:6380\"")
+    assert!(
+        parse("[store]\nbackend = \"redis\"\nredis_url = \"rediss://:hunter2@db:6380\"").is_ok()
+    );
+    let err = parse("[store]\nbackend = \"redis\"\nredis_url = \"https://:hunter2@db:6380\"")
         .unwrap_err()
         .to_string();
     assert!(
