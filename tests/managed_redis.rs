@@ -215,7 +215,8 @@ fn store_toml(store: &str, issuer: &Issuer, upstream: &Upstream, provider_extra:
 
 fn parse(toml: &str) -> Config {
     let mut config = Config::parse(toml, Path::new("managed.toml"), &|_| None).unwrap();
-    config.tuning.redis_timeout = Duration::from_millis(300);
+    // TLS handshakes in a debug build on a loaded machine take a while.
+    config.tuning.redis_timeout = Duration::from_millis(1000);
     config
 }
 
@@ -336,7 +337,15 @@ async fn client_certificate_required_by_redis() {
         ),
     );
     let proxies = fleet(&parse(&store_toml(&with_cert, &issuer, &upstream, "")), 2).await;
-    assert!(eventually(Duration::from_secs(5), || converged(&proxies)).await);
+    assert!(
+        eventually(Duration::from_secs(5), || converged(&proxies)).await,
+        "{:?} {:?}",
+        token_ids(&proxies),
+        proxies
+            .iter()
+            .map(|p| p.store.fleet_up())
+            .collect::<Vec<_>>()
+    );
     assert_eq!(
         issuer.hits(),
         1,
