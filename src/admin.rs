@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::server::Shared;
-use crate::token::ProviderSlot;
+use crate::token::{KeyCounts, ProviderSlot};
 
 /// Answers one admin request.
 pub async fn handle(
@@ -84,6 +84,9 @@ fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
         });
         shared.metrics.set_token_expires_in(slot.name(), seconds);
     }
+    for keyed in shared.store.keyed_providers() {
+        shared.metrics.set_token_keys(keyed.name(), keyed.counts());
+    }
     text(
         StatusCode::OK,
         shared.metrics.encode(),
@@ -98,7 +101,7 @@ fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
         Some(false) => "memory (redis unavailable)",
     };
     let node = shared.store.redis_node();
-    let providers: serde_json::Map<String, Value> = shared
+    let mut providers: serde_json::Map<String, Value> = shared
         .store
         .slots()
         .iter()
@@ -111,6 +114,30 @@ fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
             (slot.name().to_owned(), status)
         })
         .collect();
+    // Keyed providers: counts only, since keys are personal data.
+    for keyed in shared.store.keyed_providers() {
+        let counts = keyed.counts();
+        let state = match counts {
+            KeyCounts { held: 0, .. } => "idle",
+            KeyCounts { failing, .. } if failing > 0 => "some_failing",
+            _ => "valid",
+        };
+        providers.insert(
+            keyed.name().to_owned(),
+            json!({
+                "state": state,
+                "keyed": true,
+                "key_header": keyed.keys().header.as_str(),
+                "max_keys": keyed.keys().max_keys,
+                "keys_held": counts.held,
+                "keys_valid": counts.valid,
+                "keys_fetching": counts.fetching,
+                "keys_failing": counts.failing,
+                "token_url": keyed.config.token_url.as_str(),
+                "store": store,
+            }),
+        );
+    }
     json_response(StatusCode::OK, Value::Object(providers))
 }
 

@@ -35,6 +35,9 @@ pub enum Command {
     Token {
         /// The provider's name in the config
         provider: String,
+        /// The key (member, tenant) for a provider with key_header
+        #[arg(long, value_name = "VALUE")]
+        key: Option<String>,
     },
     /// Run a self-contained demo on loopback: token issuer, echo upstream, proxy
     Demo {

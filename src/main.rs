@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use bearer_proxy::provider::{Expiry, TokenClient};
 use bearer_proxy::server::Server;
 use bearer_proxy::token::cache::TokenCache;
+use bearer_proxy::token::KeyBinding;
 use bearer_proxy::{demo, logging, tls};
 
 fn main() -> ExitCode {
@@ -48,7 +49,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", describe(&config));
             Ok(())
         }
-        Some(Command::Token { provider }) => token(&load(&cli)?, provider).await,
+        Some(Command::Token { provider, key }) => {
+            token(&load(&cli)?, provider, key.as_deref()).await
+        }
         Some(Command::Demo { listen }) => demo::run(*listen, shutdown_signal()).await,
     }
 }
@@ -67,7 +70,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
+async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result<()> {
     let provider = config.providers.get(name).cloned().with_context(|| {
         let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
         format!(
@@ -76,6 +79,23 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
             known.join(", ")
         )
     })?;
+    // The key is personal data: no message here quotes it.
+    let binding = match (&provider.keys, key) {
+        (Some(keys), Some(key)) if keys.pattern.accepts(key) => {
+            Some(KeyBinding::new(&provider, key))
+        }
+        (Some(keys), Some(_)) => anyhow::bail!(
+            "provider {name}: the --key value does not match key_pattern `{}`",
+            keys.pattern.as_str()
+        ),
+        (Some(keys), None) => anyhow::bail!(
+            "provider {name} holds one token per {} value: pass --key VALUE",
+            keys.header
+        ),
+        (None, Some(_)) => anyhow::bail!("provider {name} has no key_header: --key does not apply"),
+        (None, None) => None,
+    };
+    let key_id = binding.as_ref().map(|b| b.id().to_owned());
     let server = config.server.clone();
     let (tls, cache) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let tls = tls::client_config(server.extra_ca_file.as_deref())?;
@@ -88,8 +108,10 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
     })
     .await??;
     if let Some(cache) = &cache {
-        let (cache, p) = (cache.clone(), provider.clone());
-        if let Some(cached) = tokio::task::spawn_blocking(move || cache.load(&p)).await? {
+        let (cache, p, id) = (cache.clone(), provider.clone(), key_id.clone());
+        if let Some(cached) =
+            tokio::task::spawn_blocking(move || cache.load(&p, id.as_deref())).await?
+        {
             // Reuse it unless the proxy itself would already be refreshing it.
             let lifetime = cached
                 .expires_at
@@ -108,7 +130,11 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
         config.server.outbound.as_ref(),
     )?;
     let fetched = client
-        .fetch(&provider, config.server.token_timeout)
+        .fetch(
+            &provider,
+            binding.as_ref().map(KeyBinding::value),
+            config.server.token_timeout,
+        )
         .await
         .with_context(|| format!("provider {name}"))?;
     if let Some(cache) = cache {
@@ -118,9 +144,10 @@ async fn token(config: &Config, name: &str) -> anyhow::Result<()> {
             Expiry::At(at) => at,
         };
         let value = fetched.value.clone();
-        let written =
-            tokio::task::spawn_blocking(move || cache.store(&provider, &value, now, expires_at))
-                .await?;
+        let written = tokio::task::spawn_blocking(move || {
+            cache.store(&provider, key_id.as_deref(), &value, now, expires_at)
+        })
+        .await?;
         if let Err(error) = written {
             tracing::warn!(%error, "cannot write the token cache");
         }
@@ -154,7 +181,7 @@ fn describe(config: &Config) -> String {
     for p in config.providers.values() {
         let _ = writeln!(
             out,
-            "provider {}: {} ({}, {}{})",
+            "provider {}: {} ({}, {}{}{})",
             p.name,
             p.token_url,
             p.request_format.describe(),
@@ -162,6 +189,10 @@ fn describe(config: &Config) -> String {
             p.audience
                 .as_ref()
                 .map(|a| format!(", audience {a}"))
+                .unwrap_or_default(),
+            p.keys
+                .as_ref()
+                .map(|k| format!(", one token per {} value", k.header))
                 .unwrap_or_default()
         );
     }

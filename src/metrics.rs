@@ -35,6 +35,12 @@ struct FetchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    provider: Arc<str>,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
     provider: Arc<str>,
 }
@@ -57,6 +63,7 @@ pub struct Metrics {
     token_fetches: Family<FetchLabels, Counter>,
     token_expires_in: Family<ProviderLabels, Gauge<f64, AtomicU64>>,
     token_invalidations: Family<ProviderLabels, Counter>,
+    token_keys: Family<KeyLabels, Gauge>,
     redis_up: Gauge,
 }
 
@@ -86,6 +93,7 @@ impl Metrics {
         let token_expires_in = Family::<ProviderLabels, Gauge<f64, AtomicU64>>::default();
         let token_invalidations = Family::<ProviderLabels, Counter>::default();
         let redis_up = Gauge::default();
+        let token_keys = Family::<KeyLabels, Gauge>::default();
         registry.register(
             "requests",
             "Requests answered, by route and status",
@@ -127,6 +135,11 @@ impl Metrics {
             token_invalidations.clone(),
         );
         registry.register(
+            "token_keys",
+            "Keys of a keyed provider (key_header) by state: held (with a token or getting one), valid, fetching, failing",
+            token_keys.clone(),
+        );
+        registry.register(
             "store_redis_up",
             "1 while the shared Redis store answers, 0 while this proxy falls back to memory (0 without a Redis [store])",
             redis_up.clone(),
@@ -142,6 +155,7 @@ impl Metrics {
             token_fetches,
             token_expires_in,
             token_invalidations,
+            token_keys,
         }
     }
 
@@ -186,6 +200,24 @@ impl Metrics {
                 provider: provider.into(),
             })
             .set(seconds);
+    }
+
+    /// Sets a keyed provider's key counts (called at scrape time).
+    pub fn set_token_keys(&self, provider: &str, counts: crate::token::KeyCounts) {
+        let provider: Arc<str> = provider.into();
+        for (state, n) in [
+            ("held", counts.held),
+            ("valid", counts.valid),
+            ("fetching", counts.fetching),
+            ("failing", counts.failing),
+        ] {
+            self.token_keys
+                .get_or_create(&KeyLabels {
+                    provider: provider.clone(),
+                    state,
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records whether Redis answers.

@@ -4,6 +4,7 @@
 //! quote the provider's own message but never its raw body, and any echo of the
 //! client secret is cut out first.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,7 +15,7 @@ use serde_json::Value;
 use hyper_util::client::proxy::matcher::Matcher;
 
 use crate::config::outbound::shown;
-use crate::config::{ClientAuth, OutboundProxy, ProviderConfig, RequestFormat};
+use crate::config::{ClientAuth, OutboundProxy, ProviderConfig, RequestFormat, KEY_PLACEHOLDER};
 use crate::secret::{redact, Secret};
 
 /// Token-endpoint bodies above this size are refused.
@@ -175,19 +176,26 @@ impl TokenClient {
     }
 
     /// Runs one client-credentials request, bounded by `timeout` start to end.
+    /// `key` (for a keyed provider) replaces `{key}` in the request's values; an
+    /// error never quotes it, even when the provider echoes it.
     pub async fn fetch(
         &self,
         provider: &ProviderConfig,
+        key: Option<&Secret>,
         timeout: Duration,
     ) -> Result<FetchedToken, FetchError> {
-        match tokio::time::timeout(timeout, self.fetch_inner(provider)).await {
+        match tokio::time::timeout(timeout, self.fetch_inner(provider, key)).await {
             Ok(result) => result,
             Err(_) => Err(FetchError::Timeout(timeout)),
         }
     }
 
-    async fn fetch_inner(&self, provider: &ProviderConfig) -> Result<FetchedToken, FetchError> {
-        let sent = self.request(provider).send().await;
+    async fn fetch_inner(
+        &self,
+        provider: &ProviderConfig,
+        key: Option<&Secret>,
+    ) -> Result<FetchedToken, FetchError> {
+        let sent = self.request(provider, key).send().await;
         let mut response = match sent {
             Ok(response) => response,
             Err(e) => return Err(self.network_error(provider, e).await),
@@ -221,23 +229,38 @@ impl TokenClient {
             }
             body.extend_from_slice(&chunk);
         }
-        parse_response(provider, status, retry_after, &content_type, &body)
+        let answer = Answer {
+            status,
+            retry_after,
+            content_type: &content_type,
+            body: &body,
+        };
+        parse_answer(provider, key, &answer)
     }
 
-    fn request(&self, p: &ProviderConfig) -> reqwest::RequestBuilder {
-        let mut fields: Vec<(&str, &str)> = vec![("grant_type", "client_credentials")];
+    fn request(&self, p: &ProviderConfig, key: Option<&Secret>) -> reqwest::RequestBuilder {
+        // The key goes in verbatim: keys are visible ASCII without `"` or `\`
+        // (KeyPattern::accepts), and the body encoders below escape whole values.
+        fn keyed<'a>(v: &'a str, key: Option<&Secret>) -> Cow<'a, str> {
+            match key {
+                Some(key) => Cow::Owned(v.replace(KEY_PLACEHOLDER, key.expose())),
+                None => Cow::Borrowed(v),
+            }
+        }
+        let mut fields: Vec<(&str, Cow<'_, str>)> =
+            vec![("grant_type", Cow::Borrowed("client_credentials"))];
         if p.client_auth == ClientAuth::Body {
-            fields.push(("client_id", &p.client_id));
-            fields.push(("client_secret", p.client_secret.expose()));
+            fields.push(("client_id", Cow::Borrowed(&p.client_id)));
+            fields.push(("client_secret", Cow::Borrowed(p.client_secret.expose())));
         }
         if let Some(a) = &p.audience {
-            fields.push(("audience", a));
+            fields.push(("audience", keyed(a, key)));
         }
         if let Some(s) = &p.scope {
-            fields.push(("scope", s));
+            fields.push(("scope", keyed(s, key)));
         }
         for (k, v) in &p.extra_params {
-            fields.push((k, v));
+            fields.push((k, keyed(v, key)));
         }
         let mut req = self
             .http
@@ -250,14 +273,14 @@ impl TokenClient {
             RequestFormat::Json => {
                 let map: serde_json::Map<String, Value> = fields
                     .into_iter()
-                    .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+                    .map(|(k, v)| (k.to_owned(), Value::String(v.into_owned())))
                     .collect();
                 req.header(http::header::CONTENT_TYPE, "application/json")
                     .body(Value::Object(map).to_string())
             }
             RequestFormat::Form => {
                 let body = url::form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(fields)
+                    .extend_pairs(fields.iter().map(|(k, v)| (*k, v.as_ref())))
                     .finish();
                 req.header(
                     http::header::CONTENT_TYPE,
@@ -316,8 +339,38 @@ pub fn parse_response(
     content_type: &str,
     body: &[u8],
 ) -> Result<FetchedToken, FetchError> {
+    let answer = Answer {
+        status,
+        retry_after,
+        content_type,
+        body,
+    };
+    parse_answer(p, None, &answer)
+}
+
+/// A token endpoint's answer, as received.
+struct Answer<'a> {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    content_type: &'a str,
+    body: &'a [u8],
+}
+
+/// [`parse_response`] for the token of `key` (a keyed provider), which no error
+/// message may quote.
+fn parse_answer(
+    p: &ProviderConfig,
+    key: Option<&Secret>,
+    answer: &Answer<'_>,
+) -> Result<FetchedToken, FetchError> {
+    let Answer {
+        status,
+        retry_after,
+        content_type,
+        body,
+    } = *answer;
     let doc: Option<Value> = serde_json::from_slice(body).ok();
-    let message = doc.as_ref().and_then(|d| provider_message(d, p));
+    let message = doc.as_ref().and_then(|d| provider_message(d, p, key));
     if !status.is_success() {
         return Err(FetchError::Status {
             status,
@@ -406,24 +459,27 @@ pub fn jwt_exp(token: &str) -> Option<SystemTime> {
 /// Cuts the client secret out of provider text in every form the provider may have
 /// echoed it: raw, form- or percent-encoded, JSON-escaped, or inside a Basic header.
 fn redact_credentials(text: &str, p: &ProviderConfig) -> String {
-    let raw = p.client_secret.expose();
-    let form: String = url::form_urlencoded::byte_serialize(raw.as_bytes()).collect();
-    let json = serde_json::to_string(raw).unwrap_or_default();
-    let json = json.trim_matches('"').to_owned();
     let basic = basic_auth(p);
     let basic = basic.to_str().unwrap_or_default();
-    let basic = basic.strip_prefix("Basic ").unwrap_or(basic).to_owned();
-    let variants = [
-        Secret::new(raw),
-        Secret::new(form),
-        Secret::new(json),
-        Secret::new(basic),
-    ];
+    let basic = basic.strip_prefix("Basic ").unwrap_or(basic);
+    let mut variants: Vec<Secret> = encodings(p.client_secret.expose())
+        .into_iter()
+        .map(Secret::new)
+        .collect();
+    variants.push(Secret::new(basic));
     redact(text, &variants.iter().collect::<Vec<_>>())
 }
 
+/// `raw` as a provider may echo it: raw, form- or percent-encoded, JSON-escaped.
+fn encodings(raw: &str) -> [String; 3] {
+    let form: String = url::form_urlencoded::byte_serialize(raw.as_bytes()).collect();
+    let json = serde_json::to_string(raw).unwrap_or_default();
+    let json = json.trim_matches('"').to_owned();
+    [raw.to_owned(), form, json]
+}
+
 /// The provider's own explanation, from the fields the seed dialects use.
-fn provider_message(doc: &Value, p: &ProviderConfig) -> Option<String> {
+fn provider_message(doc: &Value, p: &ProviderConfig, key: Option<&Secret>) -> Option<String> {
     const FIELDS: [&str; 7] = [
         "error",
         "error_description",
@@ -454,13 +510,20 @@ fn provider_message(doc: &Value, p: &ProviderConfig) -> Option<String> {
         return None;
     }
     parts.dedup();
-    let joined = parts.join(": ");
+    // Redacted before shortening, so no cut can leave part of a secret or key.
+    let mut joined = redact_credentials(&parts.join(": "), p);
+    if let Some(key) = key {
+        // Unlike secrets, keys may be short ("42"): cut them whatever their length.
+        for variant in encodings(key.expose()).iter().filter(|v| !v.is_empty()) {
+            joined = joined.replace(variant.as_str(), "***");
+        }
+    }
     let clean: String = joined
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(300)
         .collect();
-    Some(redact_credentials(&clean, p))
+    Some(clean)
 }
 
 #[cfg(test)]

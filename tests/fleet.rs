@@ -268,7 +268,7 @@ async fn a_dead_holders_lock_is_taken_over() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
     let config = fleet_config(&redis, &issuer, &upstream, "");
-    let (name, fp) = provider_tag(&config.providers["p"]);
+    let (name, fp) = provider_tag(&config.providers["p"], None);
     let mut conn = redis.conn().await;
     // A holder that died right after taking the lock.
     let _: () = redis::cmd("SET")
@@ -301,7 +301,7 @@ async fn values_in_redis_are_sealed_and_expire_with_the_token() {
     let config = fleet_config(&redis, &issuer, &upstream, "");
     let proxy = Proxy::start_config(config.clone()).await;
     assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
-    let (name, fp) = provider_tag(&config.providers["p"]);
+    let (name, fp) = provider_tag(&config.providers["p"], None);
     let key = format!("test:token:{name}:{fp}");
     let mut conn = redis.conn().await;
     let raw: String = redis::cmd("GET")

@@ -449,6 +449,7 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
     cache
         .store(
             &config.providers["p"],
+            None,
             &Secret::new("old-token"),
             now - Duration::from_secs(95),
             now + Duration::from_secs(5),
@@ -481,6 +482,7 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
     cache
         .store(
             &config2.providers["p"],
+            None,
             &Secret::new("cached-token"),
             now,
             now + Duration::from_secs(3600),

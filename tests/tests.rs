@@ -8,6 +8,7 @@ mod config;
 mod fleet;
 mod forwarding;
 mod interop;
+mod keyed;
 mod leaks;
 mod lifecycle;
 mod managed_redis;

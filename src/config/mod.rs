@@ -285,6 +285,73 @@ pub struct ProviderConfig {
     pub header_prefix: String,
     pub invalidate_on: Vec<StatusCode>,
     pub prefetch: bool,
+    /// Set for a keyed provider: one token per value of a request header.
+    pub keys: Option<KeyConfig>,
+}
+
+/// `key_header` and friends: a keyed provider holds one token per key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyConfig {
+    /// The request header holding the key; removed before forwarding.
+    pub header: HeaderName,
+    pub pattern: KeyPattern,
+    /// Tokens held at most; past it the least recently used key is dropped.
+    pub max_keys: usize,
+    /// A key unused this long is no longer refreshed ahead.
+    pub idle: Duration,
+}
+
+/// The placeholder replaced by the key in `scope`, `audience` and `extra_params`.
+pub const KEY_PLACEHOLDER: &str = "{key}";
+
+/// Which header values are keys (`key_pattern`).
+#[derive(Debug, Clone)]
+pub struct KeyPattern(regex::Regex);
+
+impl KeyPattern {
+    /// The default `key_pattern`.
+    pub const DEFAULT: &'static str = "^[A-Za-z0-9._@+-]{1,128}$";
+
+    /// Compiles `pattern`, refusing ones too large to match cheaply per request.
+    pub fn new(pattern: &str) -> Result<Self, regex::Error> {
+        regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map(Self)
+    }
+
+    /// True when `key` may select a token: it matches the pattern and, whatever the
+    /// pattern allows, is at most 1024 bytes of visible ASCII without `"` or `\`,
+    /// so once placed in a value it cannot end the JSON string around it (as in
+    /// `scope = '["LOGIN","{key}"]'`) nor add a space-separated scope.
+    pub fn accepts(&self, key: &str) -> bool {
+        key.len() <= 1024
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+            && self.0.is_match(key)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for KeyPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl ProviderConfig {
+    /// True when `{key}` appears in a value sent to the token endpoint.
+    pub fn uses_key_placeholder(&self) -> bool {
+        let has = |v: &str| v.contains(KEY_PLACEHOLDER);
+        self.audience.as_deref().is_some_and(has)
+            || self.scope.as_deref().is_some_and(has)
+            || self.extra_params.iter().any(|(_, v)| has(v))
+    }
 }
 
 /// The parts of an upstream URL a request is forwarded to.

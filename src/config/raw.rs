@@ -81,6 +81,10 @@ pub struct RawProvider {
     pub header_prefix: Option<String>,
     pub invalidate_on: Option<Vec<i64>>,
     pub prefetch: Option<bool>,
+    pub key_header: Option<String>,
+    pub key_pattern: Option<String>,
+    pub max_keys: Option<u32>,
+    pub key_idle: Option<String>,
 }
 
 impl std::fmt::Debug for RawProvider {

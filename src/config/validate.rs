@@ -447,7 +447,8 @@ impl Validator<'_> {
         if default_lifetime < Duration::from_secs(1) {
             return Err(self.err(key("default_lifetime"), "must be at least 1s"));
         }
-        Ok(ProviderConfig {
+        let keys = self.keys(name, p, &header)?;
+        let provider = ProviderConfig {
             name: name.to_owned(),
             token_url,
             client_id,
@@ -474,7 +475,81 @@ impl Validator<'_> {
             header_prefix,
             invalidate_on,
             prefetch: p.prefetch.unwrap_or(true),
-        })
+            keys,
+        };
+        match (&provider.keys, provider.uses_key_placeholder()) {
+            (Some(_), false) => Err(self.err(
+                key("key_header"),
+                "is set but no value holds {key}: put {key} in scope, audience or an extra_params value",
+            )),
+            (None, true) => Err(self.err(
+                key("key_header"),
+                "is required: a value holds {key}, which only a keyed provider can fill in",
+            )),
+            _ => Ok(provider),
+        }
+    }
+
+    /// `key_header`, `key_pattern`, `max_keys` and `key_idle`.
+    fn keys(
+        &self,
+        name: &str,
+        p: &RawProvider,
+        token_header: &HeaderName,
+    ) -> VResult<Option<KeyConfig>> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let Some(raw) = &p.key_header else {
+            let stray = [
+                ("key_pattern", p.key_pattern.is_some()),
+                ("max_keys", p.max_keys.is_some()),
+                ("key_idle", p.key_idle.is_some()),
+            ];
+            if let Some((k, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(self.err(key(k), "only applies with key_header"));
+            }
+            return Ok(None);
+        };
+        let value = self.string(&key("key_header"), raw)?;
+        let header = HeaderName::from_bytes(value.as_bytes()).map_err(|_| {
+            self.err(
+                key("key_header"),
+                format!("`{value}` is not a valid header name"),
+            )
+        })?;
+        if is_hop_by_hop_name(&header) || header == http::header::HOST || header == *token_header {
+            return Err(self.err(
+                key("key_header"),
+                format!("`{header}` cannot select a token"),
+            ));
+        }
+        let pattern_raw = self
+            .opt_string(&key("key_pattern"), p.key_pattern.as_ref())?
+            .unwrap_or_else(|| KeyPattern::DEFAULT.to_owned());
+        let pattern = KeyPattern::new(&pattern_raw).map_err(|e| {
+            self.err(
+                key("key_pattern"),
+                format!("is not a valid regular expression: {e}"),
+            )
+        })?;
+        let max_keys = p.max_keys.unwrap_or(1000);
+        if !(1..=1_000_000).contains(&max_keys) {
+            return Err(self.err(key("max_keys"), "must be between 1 and 1000000"));
+        }
+        let idle = self.parsed(
+            &key("key_idle"),
+            p.key_idle.as_ref(),
+            Duration::from_secs(15 * 60),
+            values::duration,
+        )?;
+        if idle < Duration::from_secs(1) {
+            return Err(self.err(key("key_idle"), "must be at least 1s"));
+        }
+        Ok(Some(KeyConfig {
+            header,
+            pattern,
+            max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
+            idle,
+        }))
     }
 
     fn url(&self, key: &str, raw: &str) -> VResult<Url> {

@@ -16,6 +16,13 @@ pub enum ProxyError {
     NoRoute,
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A keyed route's key header is missing or malformed; names the header only,
+    /// never the value (keys are personal data).
+    #[error("the {header} header {problem}")]
+    BadKey {
+        header: http::HeaderName,
+        problem: &'static str,
+    },
     #[error("{0}")]
     TokenUnavailable(#[from] TokenUnavailable),
     #[error("cannot reach the upstream: {0}")]
@@ -33,7 +40,7 @@ impl ProxyError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
-            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::BadRequest(_) | Self::BadKey { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::TokenUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
             Self::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),

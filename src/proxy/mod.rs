@@ -54,9 +54,11 @@ impl RoutingTable {
         let mut by_listener: HashMap<SocketAddr, Vec<Route>> = HashMap::new();
         for rc in &config.routes {
             let slot = rc.provider.as_ref().and_then(|p| store.slot(p));
+            let keyed = rc.provider.as_ref().and_then(|p| store.keyed(p));
             by_listener.entry(rc.listen).or_default().push(Route {
                 config: rc.clone(),
                 slot,
+                keyed,
                 metrics: metrics.route(&rc.name),
                 name: rc.name.as_str().into(),
                 pinned: rc.preserve_host.then(|| clients.pinned(&rc.upstream)),
@@ -255,14 +257,24 @@ impl Proxy {
         headers::strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
 
-        let Some(slot) = &route.slot else {
-            let request = build(&parts.method, uri, headers, OutBody::Stream(body));
-            return Ok(Forwarded {
-                response: self.send(client, request, table.upstream_timeout).await?,
-                replayed: false,
-            });
+        // The key never goes upstream, whatever happens next.
+        let key = route.keyed.as_ref().map(|keyed| {
+            let header = &keyed.keys().header;
+            let once = headers.get_all(header).iter().nth(1).is_none();
+            (keyed, header, headers.remove(header).filter(|_| once))
+        });
+        let config = match (&route.slot, &key) {
+            (Some(slot), _) => &slot.config,
+            (None, Some((keyed, _, _))) => &keyed.config,
+            (None, None) => {
+                let request = build(&parts.method, uri, headers, OutBody::Stream(body));
+                return Ok(Forwarded {
+                    response: self.send(client, request, table.upstream_timeout).await?,
+                    replayed: false,
+                });
+            }
         };
-        let token_header = &slot.config.header;
+        let token_header = &config.header;
         if rc.pass_client_authorization && headers.contains_key(token_header) {
             let request = build(&parts.method, uri, headers, OutBody::Stream(body));
             return Ok(Forwarded {
@@ -270,6 +282,25 @@ impl Proxy {
                 replayed: false,
             });
         }
+        let keyed_slot;
+        let slot = match (&route.slot, key) {
+            (Some(slot), _) => slot,
+            (None, Some((keyed, header, value))) => {
+                let bad = |problem| ProxyError::BadKey {
+                    header: header.clone(),
+                    problem,
+                };
+                let value = value.ok_or_else(|| bad("is required on this route, exactly once"))?;
+                let value = value
+                    .to_str()
+                    .map_err(|_| bad("does not match the provider's key_pattern"))?;
+                keyed_slot = keyed
+                    .slot(value)
+                    .ok_or_else(|| bad("does not match the provider's key_pattern"))?;
+                &keyed_slot
+            }
+            (None, None) => return Err(ProxyError::NoRoute),
+        };
         let token = slot.get().await?;
         let (first_body, kept) = if slot.config.invalidate_on.is_empty() {
             (OutBody::Stream(body), None)

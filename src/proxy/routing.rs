@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::config::RouteConfig;
 use crate::metrics::RouteMetrics;
-use crate::token::ProviderSlot;
+use crate::token::{KeyedProvider, ProviderSlot};
 
 use super::client::UpstreamClient;
 
@@ -12,6 +12,8 @@ use super::client::UpstreamClient;
 pub struct Route {
     pub config: RouteConfig,
     pub slot: Option<Arc<ProviderSlot>>,
+    /// Set instead of `slot` for a keyed provider: the request's key picks the slot.
+    pub keyed: Option<Arc<KeyedProvider>>,
     pub metrics: RouteMetrics,
     /// The route's name, shared with log lines.
     pub name: Arc<str>,

@@ -85,8 +85,8 @@ impl TokenCache {
         })
     }
 
-    /// The file holding `provider`'s token.
-    pub fn path_for(&self, provider: &ProviderConfig) -> PathBuf {
+    /// The file holding `provider`'s token (of key `key_id` for a keyed provider).
+    pub fn path_for(&self, provider: &ProviderConfig, key_id: Option<&str>) -> PathBuf {
         let name: String = provider
             .name
             .chars()
@@ -98,14 +98,16 @@ impl TokenCache {
                 }
             })
             .collect();
-        self.dir
-            .join(format!("{name}-{}.json", &fingerprint(provider)[..16]))
+        self.dir.join(format!(
+            "{name}-{}.json",
+            &fingerprint_for(provider, key_id)[..16]
+        ))
     }
 
     /// The cached token for `provider`, if there is one that has not expired.
     /// A corrupt or unreadable file is logged and ignored.
-    pub fn load(&self, provider: &ProviderConfig) -> Option<CachedToken> {
-        let path = self.path_for(provider);
+    pub fn load(&self, provider: &ProviderConfig, key_id: Option<&str>) -> Option<CachedToken> {
+        let path = self.path_for(provider, key_id);
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -121,7 +123,7 @@ impl TokenCache {
                 return None;
             }
         };
-        if file.fingerprint != fingerprint(provider) || file.token.is_empty() {
+        if file.fingerprint != fingerprint_for(provider, key_id) || file.token.is_empty() {
             return None;
         }
         let at = |secs: f64| {
@@ -140,6 +142,7 @@ impl TokenCache {
     pub fn store(
         &self,
         provider: &ProviderConfig,
+        key_id: Option<&str>,
         token: &Secret,
         fetched_at: SystemTime,
         expires_at: SystemTime,
@@ -150,12 +153,12 @@ impl TokenCache {
         };
         let file = CacheFile {
             provider: provider.name.clone(),
-            fingerprint: fingerprint(provider),
+            fingerprint: fingerprint_for(provider, key_id),
             token: token.expose().to_owned(),
             fetched_at_unix: unix(fetched_at),
             expires_at_unix: unix(expires_at),
         };
-        let path = self.path_for(provider);
+        let path = self.path_for(provider, key_id);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let result = (|| {
             let mut f = fs::OpenOptions::new()
@@ -172,6 +175,21 @@ impl TokenCache {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+/// [`fingerprint`], and for one key of a keyed provider, of that key's id (a keyed
+/// hash: file and Redis key names derived from it never reveal the key).
+pub fn fingerprint_for(p: &ProviderConfig, key_id: Option<&str>) -> String {
+    match key_id {
+        None => fingerprint(p),
+        Some(id) => {
+            let mut h = Sha256::new();
+            h.update(fingerprint(p).as_bytes());
+            h.update(b"/key/");
+            h.update(id.as_bytes());
+            h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        }
     }
 }
 
@@ -201,5 +219,8 @@ pub fn fingerprint(p: &ProviderConfig) -> String {
     });
     field(&p.token_field.to_string());
     field(&p.header_prefix);
+    if let Some(keys) = &p.keys {
+        field(keys.header.as_str());
+    }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-use super::cache::fingerprint;
+use super::cache::fingerprint_for;
 use super::redis_link::RedisLink;
 use crate::config::{ProviderConfig, RedisConfig};
 use crate::metrics::Metrics;
@@ -98,19 +98,20 @@ fn from_unix(secs: f64) -> Option<SystemTime> {
     (secs.is_finite() && secs > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
 }
 
-/// Short provider tag used in key names: name plus fingerprint prefix.
-pub fn provider_tag(p: &ProviderConfig) -> (String, String) {
-    (p.name.clone(), fingerprint(p)[..16].to_owned())
+/// Short provider tag used in key names: name plus fingerprint prefix (of the key's
+/// id too for a keyed provider, so names never reveal the key).
+pub fn provider_tag(p: &ProviderConfig, key_id: Option<&str>) -> (String, String) {
+    (p.name.clone(), fingerprint_for(p, key_id)[..16].to_owned())
 }
 
-fn cipher(p: &ProviderConfig) -> Aes256Gcm {
+fn cipher(p: &ProviderConfig, key_id: Option<&str>) -> Aes256Gcm {
     let hk = Hkdf::<Sha256>::new(
         Some(b"bearer-proxy/redis/v1"),
         p.client_secret.expose().as_bytes(),
     );
     let mut key = [0u8; 32];
     // 32 bytes is always a valid HKDF-SHA256 output length.
-    let _ = hk.expand(fingerprint(p).as_bytes(), &mut key);
+    let _ = hk.expand(fingerprint_for(p, key_id).as_bytes(), &mut key);
     Aes256Gcm::new(&key.into())
 }
 
@@ -202,13 +203,13 @@ impl Fleet {
         result
     }
 
-    fn token_key(&self, p: &ProviderConfig) -> String {
-        let (name, fp) = provider_tag(p);
+    fn token_key(&self, p: &ProviderConfig, key_id: Option<&str>) -> String {
+        let (name, fp) = provider_tag(p, key_id);
         format!("{}token:{name}:{fp}", self.prefix)
     }
 
-    fn lock_key(&self, p: &ProviderConfig) -> String {
-        let (name, fp) = provider_tag(p);
+    fn lock_key(&self, p: &ProviderConfig, key_id: Option<&str>) -> String {
+        let (name, fp) = provider_tag(p, key_id);
         format!("{}lock:{name}:{fp}", self.prefix)
     }
 
@@ -217,21 +218,27 @@ impl Fleet {
     }
 
     /// The fleet's current token for `p`, if any (and decryptable).
-    pub async fn read(&self, p: &ProviderConfig) -> Result<Option<SharedToken>, FleetError> {
-        let key = self.token_key(p);
+    pub async fn read(
+        &self,
+        p: &ProviderConfig,
+        key_id: Option<&str>,
+    ) -> Result<Option<SharedToken>, FleetError> {
+        let key = self.token_key(p, key_id);
         let raw: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
-        Ok(raw.and_then(|raw| open(p, &key, &raw)))
+        Ok(raw.and_then(|raw| open(p, key_id, &key, &raw)))
     }
 
     /// Stores `t` with a Redis TTL ending at its expiry; `only_if_absent` for NX.
     pub async fn write(
         &self,
         p: &ProviderConfig,
+        key_id: Option<&str>,
         t: &SharedToken,
         only_if_absent: bool,
     ) -> Result<bool, FleetError> {
-        let key = self.token_key(p);
-        let sealed = seal(p, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
+        let key = self.token_key(p, key_id);
+        let sealed =
+            seal(p, key_id, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
         let expires_ms = (unix(t.expires_at) * 1000.0) as u64;
         let mut cmd = redis::cmd("SET");
         cmd.arg(&key).arg(sealed).arg("PXAT").arg(expires_ms);
@@ -246,13 +253,14 @@ impl Fleet {
     pub async fn try_lock(
         &self,
         p: &ProviderConfig,
+        key_id: Option<&str>,
         owner: &str,
         ttl: Duration,
     ) -> Result<bool, FleetError> {
         let set: Option<String> = self
             .query(
                 redis::cmd("SET")
-                    .arg(self.lock_key(p))
+                    .arg(self.lock_key(p, key_id))
                     .arg(owner)
                     .arg("NX")
                     .arg("PX")
@@ -264,7 +272,12 @@ impl Fleet {
 
     /// Releases the lock only if `owner` still holds it (it may have expired and
     /// been taken by another instance meanwhile).
-    pub async fn unlock(&self, p: &ProviderConfig, owner: &str) -> Result<(), FleetError> {
+    pub async fn unlock(
+        &self,
+        p: &ProviderConfig,
+        key_id: Option<&str>,
+        owner: &str,
+    ) -> Result<(), FleetError> {
         const SCRIPT: &str =
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
         let _: i64 = self
@@ -272,7 +285,7 @@ impl Fleet {
                 redis::cmd("EVAL")
                     .arg(SCRIPT)
                     .arg(1)
-                    .arg(self.lock_key(p))
+                    .arg(self.lock_key(p, key_id))
                     .arg(owner),
             )
             .await?;
@@ -280,7 +293,12 @@ impl Fleet {
     }
 
     /// Deletes the fleet's token only if it is still token `id`, and tells the fleet.
-    pub async fn invalidate(&self, p: &ProviderConfig, id: u64) -> Result<bool, FleetError> {
+    pub async fn invalidate(
+        &self,
+        p: &ProviderConfig,
+        key_id: Option<&str>,
+        id: u64,
+    ) -> Result<bool, FleetError> {
         const SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
              if v and cjson.decode(v)['id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
              return 0";
@@ -289,19 +307,23 @@ impl Fleet {
                 redis::cmd("EVAL")
                     .arg(SCRIPT)
                     .arg(1)
-                    .arg(self.token_key(p))
+                    .arg(self.token_key(p, key_id))
                     .arg(id.to_string()),
             )
             .await?;
-        let (name, fp) = provider_tag(p);
+        let (name, fp) = provider_tag(p, key_id);
         self.publish(&format!("invalidated {name} {fp} {id}"))
             .await?;
         Ok(deleted == 1)
     }
 
     /// Tells the fleet a new token for `p` is in Redis.
-    pub async fn publish_changed(&self, p: &ProviderConfig) -> Result<(), FleetError> {
-        let (name, fp) = provider_tag(p);
+    pub async fn publish_changed(
+        &self,
+        p: &ProviderConfig,
+        key_id: Option<&str>,
+    ) -> Result<(), FleetError> {
+        let (name, fp) = provider_tag(p, key_id);
         self.publish(&format!("changed {name} {fp}")).await
     }
 
@@ -377,9 +399,9 @@ fn parse_event(text: &str) -> Option<FleetEvent> {
     }
 }
 
-fn seal(p: &ProviderConfig, key: &str, t: &SharedToken) -> Option<String> {
+fn seal(p: &ProviderConfig, key_id: Option<&str>, key: &str, t: &SharedToken) -> Option<String> {
     let nonce_bytes: [u8; 12] = rand::random();
-    let ciphertext = cipher(p)
+    let ciphertext = cipher(p, key_id)
         .encrypt(
             Nonce::from_slice(&nonce_bytes),
             Payload {
@@ -399,14 +421,14 @@ fn seal(p: &ProviderConfig, key: &str, t: &SharedToken) -> Option<String> {
     .ok()
 }
 
-fn open(p: &ProviderConfig, key: &str, raw: &str) -> Option<SharedToken> {
+fn open(p: &ProviderConfig, key_id: Option<&str>, key: &str, raw: &str) -> Option<SharedToken> {
     let sealed: Sealed = serde_json::from_str(raw).ok()?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let nonce = b64.decode(&sealed.nonce).ok()?;
     if nonce.len() != 12 {
         return None;
     }
-    let plain = cipher(p)
+    let plain = cipher(p, key_id)
         .decrypt(
             Nonce::from_slice(&nonce),
             Payload {

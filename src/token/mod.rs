@@ -7,12 +7,13 @@
 
 pub mod cache;
 pub mod fleet;
+pub mod keyed;
 mod redis_link;
 mod refresh;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -27,6 +28,7 @@ use crate::provider::TokenClient;
 use crate::secret::Secret;
 use cache::TokenCache;
 use fleet::{Fleet, FleetError, FleetEvent};
+pub use keyed::{KeyBinding, KeyCounts, KeyedProvider};
 
 /// A token ready to be sent: the whole header value, with its timing.
 pub struct Token {
@@ -113,6 +115,8 @@ pub struct ProviderSlot {
     settings: StoreSettings,
     /// Stops this slot's refresher (shutdown, or the provider left the config).
     cancel: CancellationToken,
+    /// The key this slot's token is bound to (one slot per key of a keyed provider).
+    key: Option<KeyBinding>,
 }
 
 impl ProviderSlot {
@@ -134,7 +138,14 @@ impl ProviderSlot {
             status: Mutex::new(SlotStatus::default()),
             settings,
             cancel,
+            key: None,
         }
+    }
+
+    /// The keyed hash of the slot's key (keyed providers only): what files and
+    /// Redis names use instead of the key.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key.as_ref().map(KeyBinding::id)
     }
 
     /// The provider's name.
@@ -353,9 +364,11 @@ type Slots = BTreeMap<String, Arc<ProviderSlot>>;
 /// Every provider's slot, shared by all routes and listeners.
 pub struct TokenStore {
     slots: ArcSwap<Slots>,
-    client: TokenClient,
+    /// Keyed providers (`key_header`), by name; not in `slots`.
+    keyed: ArcSwap<BTreeMap<String, Arc<KeyedProvider>>>,
     cache: Option<TokenCache>,
     fleet: Option<Arc<Fleet>>,
+    ingredients: refresh::Ingredients,
     settings: StoreSettings,
     /// Parent of every refresher's cancel token.
     root: CancellationToken,
@@ -384,19 +397,42 @@ impl TokenStore {
             metrics,
         };
         let root = CancellationToken::new();
+        let ingredients = refresh::Ingredients {
+            refresher: refresh::Refresher {
+                client,
+                cache: cache.clone(),
+                fleet: fleet.clone(),
+            },
+            runtime: Arc::new(OnceLock::new()),
+        };
         let slots = config
             .providers
             .iter()
+            .filter(|(_, p)| p.keys.is_none())
             .map(|(name, p)| {
                 let slot = ProviderSlot::new(p.clone(), settings.clone(), root.child_token());
                 (name.clone(), Arc::new(slot))
             })
             .collect();
+        let keyed = config
+            .providers
+            .iter()
+            .filter_map(|(name, p)| {
+                let keyed = KeyedProvider::new(
+                    p.clone(),
+                    settings.clone(),
+                    ingredients.clone(),
+                    root.child_token(),
+                )?;
+                Some((name.clone(), keyed))
+            })
+            .collect();
         Ok(Self {
             slots: ArcSwap::from_pointee(slots),
-            client,
+            keyed: ArcSwap::from_pointee(keyed),
             cache,
             fleet,
+            ingredients,
             settings,
             root,
         })
@@ -411,13 +447,17 @@ impl TokenStore {
     }
 
     fn load_cached(&self, slot: &ProviderSlot) {
-        if let Some(cached) = self.cache.as_ref().and_then(|c| c.load(&slot.config)) {
+        if let Some(cached) = self.cache.as_ref().and_then(|c| c.load(&slot.config, None)) {
             slot.publish_cached(cached);
         }
     }
 
     /// Spawns each slot's refresher, and the fleet listener with a Redis store.
     pub fn start(self: &Arc<Self>) {
+        let _ = self
+            .ingredients
+            .runtime
+            .set(tokio::runtime::Handle::current());
         for slot in self.slots.load().values() {
             self.spawn(slot);
         }
@@ -432,17 +472,16 @@ impl TokenStore {
     }
 
     fn spawn(&self, slot: &Arc<ProviderSlot>) {
-        let refresher = refresh::Refresher {
-            client: self.client.clone(),
-            cache: self.cache.clone(),
-            fleet: self.fleet.clone(),
-        };
-        tokio::spawn(refresh::run(slot.clone(), refresher, slot.cancel.clone()));
+        self.ingredients.spawn(slot);
     }
 
+    /// The slot a fleet event names: a provider's, or one key's of a keyed provider.
     fn slot_for(&self, provider: &str, fp: &str) -> Option<Arc<ProviderSlot>> {
+        if let Some(keyed) = self.keyed(provider) {
+            return keyed.slot_by_tag(fp);
+        }
         self.slot(provider)
-            .filter(|slot| fleet::provider_tag(&slot.config).1 == fp)
+            .filter(|slot| fleet::provider_tag(&slot.config, None).1 == fp)
     }
 
     fn fleet_event(&self, event: FleetEvent) {
@@ -469,7 +508,13 @@ impl TokenStore {
         let Some(fleet) = self.fleet.clone() else {
             return;
         };
-        for slot in self.slots() {
+        let keyed = self
+            .keyed
+            .load()
+            .values()
+            .flat_map(|k| k.slots())
+            .collect::<Vec<_>>();
+        for slot in self.slots().into_iter().chain(keyed) {
             let fleet = fleet.clone();
             tokio::spawn(async move {
                 if let Some(token) = slot.current() {
@@ -480,8 +525,9 @@ impl TokenStore {
                             fetched_at: token.fetched_at,
                             expires_at: token.expires_at_wall,
                         };
-                        if let Ok(true) = fleet.write(&slot.config, &shared, true).await {
-                            let _ = fleet.publish_changed(&slot.config).await;
+                        let (p, key) = (&slot.config, slot.key_id());
+                        if let Ok(true) = fleet.write(p, key, &shared, true).await {
+                            let _ = fleet.publish_changed(p, key).await;
                         }
                     }
                 }
@@ -516,7 +562,11 @@ impl TokenStore {
         let mut changes = ProviderChanges::default();
         let mut next = Slots::new();
         let mut fresh = Vec::new();
+        self.apply_keyed(config, &mut changes);
         for (name, provider) in &config.providers {
+            if provider.keys.is_some() {
+                continue;
+            }
             match old.get(name) {
                 Some(slot) if *slot.config == **provider => {
                     changes.kept.push(name.clone());
@@ -555,13 +605,58 @@ impl TokenStore {
         changes
     }
 
+    /// The keyed part of [`TokenStore::apply`]: an unchanged keyed provider keeps its
+    /// keys and tokens; a changed one starts empty.
+    fn apply_keyed(&self, config: &Config, changes: &mut ProviderChanges) {
+        let old = self.keyed.load_full();
+        let mut next = BTreeMap::new();
+        for (name, provider) in &config.providers {
+            match old.get(name) {
+                Some(keyed) if *keyed.config == **provider => {
+                    changes.kept.push(name.clone());
+                    next.insert(name.clone(), keyed.clone());
+                }
+                _ => {
+                    if let Some(keyed) = KeyedProvider::new(
+                        provider.clone(),
+                        self.settings.clone(),
+                        self.ingredients.clone(),
+                        self.root.child_token(),
+                    ) {
+                        changes.started.push(name.clone());
+                        next.insert(name.clone(), keyed);
+                    }
+                }
+            }
+        }
+        for (name, keyed) in old.iter() {
+            if next.get(name).is_none_or(|now| !Arc::ptr_eq(now, keyed)) {
+                keyed.stop();
+                if !config.providers.contains_key(name) {
+                    changes.stopped.push(name.clone());
+                }
+            }
+        }
+        self.keyed.store(Arc::new(next));
+    }
+
     /// The slot of provider `name`.
     pub fn slot(&self, name: &str) -> Option<Arc<ProviderSlot>> {
         self.slots.load().get(name).cloned()
     }
 
-    /// All slots, by provider name.
+    /// All slots of providers without `key_header`, by provider name.
     pub fn slots(&self) -> Vec<Arc<ProviderSlot>> {
         self.slots.load().values().cloned().collect()
+    }
+
+    /// The keyed provider `name` (one with `key_header`).
+    pub fn keyed(&self, name: &str) -> Option<Arc<KeyedProvider>> {
+        self.keyed.load().get(name).cloned()
+    }
+
+    /// Every keyed provider, by name.
+    pub fn keyed_providers(&self) -> Vec<Arc<KeyedProvider>> {
+        self.keyed.load().values().cloned().collect()
     }
 }

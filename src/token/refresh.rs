@@ -2,7 +2,7 @@
 //! and (with a Redis store) share each token with the fleet.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
@@ -16,10 +16,32 @@ use crate::provider::{Expiry, FetchError, FetchedToken, TokenClient};
 use crate::secret::Secret;
 
 /// What one refresher needs besides its slot.
+#[derive(Clone)]
 pub(super) struct Refresher {
     pub client: TokenClient,
     pub cache: Option<TokenCache>,
     pub fleet: Option<Arc<Fleet>>,
+}
+
+/// What starting a refresher takes: shared by the store and its keyed providers,
+/// which start one per key from the request path.
+#[derive(Clone)]
+pub(super) struct Ingredients {
+    pub refresher: Refresher,
+    /// The store's runtime (set by `TokenStore::start`): refreshers live there,
+    /// not on the worker runtime whose request created a key.
+    pub runtime: Arc<OnceLock<tokio::runtime::Handle>>,
+}
+
+impl Ingredients {
+    /// Starts `slot`'s refresher on the store's runtime.
+    pub fn spawn(&self, slot: &Arc<ProviderSlot>) {
+        let task = run(slot.clone(), self.refresher.clone(), slot.cancel.clone());
+        match self.runtime.get() {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
+    }
 }
 
 /// A token obtained by one attempt, and where it came from.
@@ -39,13 +61,38 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Refresher, cancel: Cancellat
     let mut not_before: Option<Instant> = None;
     let mut last_fetch: Option<Instant> = None;
     let mut rejected: Option<u64> = None;
+    if let (Some(key), Some(cache)) = (&slot.key, &r.cache) {
+        // A key's cached token is read when the key is first used (off the runtime).
+        let (cache, config, id) = (cache.clone(), slot.config.clone(), key.id().to_owned());
+        let cached = tokio::task::spawn_blocking(move || cache.load(&config, Some(&id))).await;
+        if let Ok(Some(cached)) = cached {
+            slot.publish_cached(cached);
+        }
+    }
     loop {
         let now = Instant::now();
+        if let Some(key) = &slot.key {
+            if key.is_idle(now) {
+                // Not refreshed ahead: keep the token until it expires, then leave.
+                let Some(expires_at) = slot.current().map(|t| t.expires_at) else {
+                    if key.retire(&slot) {
+                        return;
+                    }
+                    continue;
+                };
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = slot.wake.notified() => {}
+                    () = tokio::time::sleep_until(expires_at) => {}
+                }
+                continue;
+            }
+        }
         if let Some(id) = slot.take_rejected() {
             rejected = Some(id);
             if let Some(fleet) = &r.fleet {
                 // Drop it for the whole fleet, unless another proxy already replaced it.
-                let _ = fleet.invalidate(&slot.config, id).await;
+                let _ = fleet.invalidate(&slot.config, slot.key_id(), id).await;
             }
             let quick = last_fetch.is_some_and(|at| now.duration_since(at) < QUICK_REJECTION);
             quick_rejections = if quick { quick_rejections + 1 } else { 0 };
@@ -68,7 +115,9 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Refresher, cancel: Cancellat
         let due = next_due(&slot, now).map(|due| not_before.map_or(due, |nb| due.max(nb)));
         if due.is_some_and(|due| due <= now) {
             last_fetch = Some(now);
-            match fetch_once(&slot, &r, rejected, failures.saturating_add(1)).await {
+            // Boxed: the fetch's large future exists only while fetching, which keeps
+            // an idle refresher (one per key of a keyed provider) small.
+            match Box::pin(fetch_once(&slot, &r, rejected, failures.saturating_add(1))).await {
                 Ok(()) => {
                     failures = 0;
                     not_before = None;
@@ -102,7 +151,11 @@ const QUICK_REJECTION: Duration = Duration::from_secs(30);
 fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
     match slot.current.load().as_ref() {
         Some(token) if token.is_valid_at(now) => Some(token.refresh_at),
-        _ if slot.config.prefetch || slot.wanted.load(Ordering::Acquire) => Some(now),
+        _ if (slot.config.prefetch && slot.key.is_none())
+            || slot.wanted.load(Ordering::Acquire) =>
+        {
+            Some(now)
+        }
         _ => None,
     }
 }
@@ -191,12 +244,14 @@ async fn fetch_once(
 
 async fn write_cache(slot: &ProviderSlot, cache: &TokenCache, obtained: &Obtained) {
     let (cache, config) = (cache.clone(), slot.config.clone());
+    let key_id = slot.key_id().map(str::to_owned);
     let value = obtained.value.clone();
     let (fetched_at, expires_at) = (obtained.token.fetched_at, obtained.token.expires_at_wall);
     // Awaited so a restart right after sees the file; off the runtime threads.
-    let written =
-        tokio::task::spawn_blocking(move || cache.store(&config, &value, fetched_at, expires_at))
-            .await;
+    let written = tokio::task::spawn_blocking(move || {
+        cache.store(&config, key_id.as_deref(), &value, fetched_at, expires_at)
+    })
+    .await;
     if let Ok(Err(error)) = written {
         tracing::warn!(provider = %slot.config.name, %error, "cannot write the token cache");
     }
@@ -206,7 +261,11 @@ async fn write_cache(slot: &ProviderSlot, cache: &TokenCache, obtained: &Obtaine
 async fn fetch_here(slot: &ProviderSlot, client: &TokenClient) -> Result<Obtained, FetchError> {
     let started = Instant::now();
     let fetched = client
-        .fetch(&slot.config, slot.settings.token_timeout)
+        .fetch(
+            &slot.config,
+            slot.key.as_ref().map(|k| k.value()),
+            slot.settings.token_timeout,
+        )
         .await?;
     let token = build_token(slot, &fetched, started)?;
     Ok(Obtained {
@@ -225,23 +284,23 @@ async fn coordinate(
     fleet: &Fleet,
     rejected: Option<u64>,
 ) -> Result<Result<Obtained, FetchError>, FleetError> {
-    let p = &slot.config;
+    let (p, key) = (&slot.config, slot.key_id());
     let current = slot.current.load().as_ref().map(|t| t.id);
     // Long enough for a holder to finish one fetch; a dead holder's lock expires.
     let lock_ttl = slot.settings.token_timeout + Duration::from_secs(1);
     let give_up = Instant::now() + lock_ttl * 2;
     let owner = format!("{:016x}", rand::random::<u64>());
     loop {
-        if let Some(shared) = fleet.read(p).await? {
+        if let Some(shared) = fleet.read(p, key).await? {
             if let Some(obtained) = adoptable(slot, shared, current, rejected) {
                 return Ok(Ok(obtained));
             }
         }
-        if fleet.try_lock(p, &owner, lock_ttl).await? {
+        if fleet.try_lock(p, key, &owner, lock_ttl).await? {
             // Look again under the lock: the previous holder may have just written.
-            if let Some(shared) = fleet.read(p).await? {
+            if let Some(shared) = fleet.read(p, key).await? {
                 if let Some(obtained) = adoptable(slot, shared, current, rejected) {
-                    let _ = fleet.unlock(p, &owner).await;
+                    let _ = fleet.unlock(p, key, &owner).await;
                     return Ok(Ok(obtained));
                 }
             }
@@ -253,11 +312,11 @@ async fn coordinate(
                     fetched_at: obtained.token.fetched_at,
                     expires_at: obtained.token.expires_at_wall,
                 };
-                if fleet.write(p, &shared, false).await.is_ok() {
-                    let _ = fleet.publish_changed(p).await;
+                if fleet.write(p, key, &shared, false).await.is_ok() {
+                    let _ = fleet.publish_changed(p, key).await;
                 }
             }
-            let _ = fleet.unlock(p, &owner).await;
+            let _ = fleet.unlock(p, key, &owner).await;
             return Ok(result);
         }
         if Instant::now() >= give_up {
@@ -310,7 +369,7 @@ fn adoptable(
 /// Takes the fleet's token after another proxy announced one.
 async fn adopt_from_fleet(slot: &ProviderSlot, fleet: &Fleet, rejected: Option<u64>) {
     let current = slot.current.load().as_ref().map(|t| t.id);
-    let Ok(Some(shared)) = fleet.read(&slot.config).await else {
+    let Ok(Some(shared)) = fleet.read(&slot.config, slot.key_id()).await else {
         return;
     };
     // Only move to a token that lives longer than ours (or when we have none).
