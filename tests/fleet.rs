@@ -11,13 +11,13 @@ use http::Request;
 use crate::support::*;
 
 /// A redis-server on a loopback port, without persistence; killed on drop.
-struct Redis {
+pub struct Redis {
     port: u16,
     child: Option<Child>,
 }
 
 impl Redis {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -57,11 +57,11 @@ impl Redis {
         }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()

@@ -576,3 +576,48 @@ provider = "p"
     assert_eq!(keys.idle, Duration::from_secs(900));
     assert_eq!(keys.pattern.as_str(), "^[A-Za-z0-9._@+-]{1,128}$");
 }
+
+#[tokio::test]
+async fn a_fleet_shares_each_members_token_under_a_name_without_the_member() {
+    let redis = crate::fleet::Redis::start();
+    let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
+    *issuer.state.delay.lock().unwrap() = Duration::from_millis(200);
+    let upstream = Upstream::start().await;
+    let toml = loyalife_config(&issuer, &upstream, "").replace(
+        "[server]\n",
+        &format!(
+            "[store]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"kt:\"\n\n[server]\n",
+            redis.url()
+        ),
+    );
+    let (one, two) = (Proxy::start(&toml).await, Proxy::start(&toml).await);
+    // Both proxies ask for the same member at once: one fetch for the fleet.
+    let (a, b) = tokio::join!(as_member(&one, "MBR-1001"), as_member(&two, "MBR-1001"));
+    assert_eq!(auth(&a), auth(&b));
+    assert_eq!(issuer.hits_for("MBR-1001"), 1);
+    // Another member is a token of its own.
+    let c = as_member(&two, "MBR-2002").await;
+    assert_eq!(auth(&c), format!("Bearer {}", issuer.token_for("MBR-2002")));
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("kt:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        keys.iter().filter(|k| k.starts_with("kt:token:p:")).count(),
+        2,
+        "{keys:?}"
+    );
+    for key in &keys {
+        assert!(!key.contains("MBR") && !key.contains("1001"), "{key}");
+        let value: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!value.unwrap_or_default().contains("MBR"));
+    }
+    one.stop().await;
+    two.stop().await;
+}

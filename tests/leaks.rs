@@ -261,3 +261,195 @@ provider = "body"
     }
     assert_clean("check output", &check_out, &tokens);
 }
+
+/// Member references that must never leave the proxy except towards the issuer.
+const KEYS: [&str; 3] = ["MBR-PRIVATE-4711", "MBR-REFUSED-0815", "MBR-ABSENT-2323"];
+
+#[tokio::test]
+async fn keys_never_reach_trace_logs_admin_pages_errors_cache_file_names_or_redis() {
+    use crate::keyed::{Binding, KeyedIssuer};
+    let redis = crate::fleet::Redis::start();
+    let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
+    issuer.state.refuse.lock().unwrap().push(KEYS[1].to_owned());
+    let upstream = Upstream::start().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let file = dir.path().join("bp.toml");
+    let toml = format!(
+        r#"
+[store]
+backend = "redis"
+redis_url = "{redis}"
+key_prefix = "leak:"
+
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+token_wait = "2s"
+token_cache_dir = "{cache}"
+
+[providers.member]
+token_url = "{url}"
+client_id = "leak-client"
+client_secret = "{SECRET}"
+request_format = "json"
+scope = '["LOGIN","{{key}}"]'
+key_header = "X-Loyalife-Member"
+token_field = "results.token"
+expires_at_field = "results.tokenExpiresOn"
+
+[[routes]]
+upstream = "{up}"
+provider = "member"
+"#,
+        redis = redis.url(),
+        cache = cache.display(),
+        url = issuer.url(),
+        up = upstream.url()
+    );
+    std::fs::write(&file, &toml).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut child = Child(
+        Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+            .args(["--log-level", "trace", "run", "-c"])
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = client();
+    let (base, admin) = (
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{admin_port}"),
+    );
+    let mut up = false;
+    for _ in 0..500 {
+        let probe = Request::get(format!("{admin}/healthz"))
+            .body(full(""))
+            .unwrap();
+        if tokio::time::timeout(Duration::from_secs(1), c.request(probe))
+            .await
+            .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200))
+        {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "proxy did not start");
+    let member = |key: &str| {
+        Request::get(format!("{base}/profile"))
+            .header("X-Loyalife-Member", key)
+            .body(full(""))
+            .unwrap()
+    };
+    let mut bodies = String::new();
+    // A member served, invalidated and replayed.
+    let ok = send(&c, member(KEYS[0])).await;
+    assert_eq!(ok.status, 200);
+    upstream.reject(&issuer.token_for(KEYS[0]), 401);
+    assert_eq!(send(&c, member(KEYS[0])).await.status, 200);
+    // A member the issuer refuses with an answer echoing the request.
+    let refused = send(&c, member(KEYS[1])).await;
+    assert_eq!(refused.status, 503);
+    // Malformed keys carrying a real key.
+    for bad in [format!("{} x", KEYS[2]), format!("{}\"", KEYS[2])] {
+        let answer = send(&c, member(&bad)).await;
+        assert_eq!(answer.status, 400);
+        bodies.push_str(&String::from_utf8_lossy(&answer.body));
+    }
+    bodies.push_str(&String::from_utf8_lossy(&ok.body));
+    bodies.push_str(&String::from_utf8_lossy(&refused.body));
+    for page in ["/tokens", "/metrics", "/readyz"] {
+        bodies.push_str(&String::from_utf8_lossy(
+            &get(&c, &format!("{admin}{page}")).await.body,
+        ));
+    }
+    // The CLI, at trace level, for a member.
+    let out = Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+        .args([
+            "--log-level",
+            "trace",
+            "token",
+            "member",
+            "--key",
+            KEYS[0],
+            "-c",
+        ])
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        printed,
+        issuer.token_for(KEYS[0]),
+        "the member's cached token"
+    );
+    let mut logs = String::from_utf8_lossy(&out.stderr).into_owned();
+
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    std::fs::File::open(&log_path)
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(logs.contains("TRACE") && logs.contains("token fetched"));
+    assert!(
+        bodies.contains("invalid_scope"),
+        "the provider's words are kept: {bodies}"
+    );
+
+    let mut names = String::new();
+    for entry in std::fs::read_dir(&cache).unwrap() {
+        let entry = entry.unwrap();
+        names.push_str(&entry.file_name().to_string_lossy());
+        names.push_str(&std::fs::read_to_string(entry.path()).unwrap());
+    }
+    let mut conn = redis.conn().await;
+    let redis_keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!redis_keys.is_empty());
+    for key in &redis_keys {
+        names.push_str(key);
+        let value: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None);
+        names.push_str(&value.unwrap_or_default());
+    }
+    for (what, text) in [
+        ("the logs", &logs),
+        ("answers and admin pages", &bodies),
+        ("cache files and redis", &names),
+    ] {
+        for key in KEYS {
+            assert!(!text.contains(key), "{what} hold key {key}:\n{text}");
+            assert!(
+                !text.contains(&key[4..]),
+                "{what} hold part of key {key}:\n{text}"
+            );
+        }
+        assert_clean(what, text, &[]);
+    }
+}
