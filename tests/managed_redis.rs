@@ -420,7 +420,9 @@ async fn wrong_ca_falls_back_to_memory_with_a_clear_log_line() {
         .find(|l| l.contains("redis unavailable"))
         .unwrap_or_else(|| panic!("no fallback line in:\n{log}"));
     assert!(
-        line.contains("certificate") && line.contains("UnknownIssuer"),
+        line.contains("certificate")
+            && line.contains("UnknownIssuer")
+            && line.contains("store.redis_ca_file"),
         "the line names the problem: {line}"
     );
     assert!(
@@ -679,7 +681,7 @@ fn load(proxies: &[Proxy], stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(us
 }
 
 #[tokio::test]
-async fn sentinel_failover_zero_failed_requests_and_one_fetch_per_refresh_after() {
+async fn sentinel_failover_zero_failed_requests_converges_and_one_fetch_per_refresh_after() {
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = Sentinels::start(dir.path());
     assert!(nodes.settled().await, "the Sentinels did not settle");
@@ -704,6 +706,19 @@ async fn sentinel_failover_zero_failed_requests_and_one_fetch_per_refresh_after(
     tokio::time::sleep(Duration::from_millis(300)).await;
     nodes.master.kill();
     let killed = tokio::time::Instant::now();
+    // While the master is away, proxy 0 needs a new token (its own refresh): it
+    // fetches alone, so the fleet holds two tokens until Redis is back.
+    let slot0 = proxies[0].store.slot("p").unwrap();
+    assert!(slot0.invalidate(slot0.current().unwrap().generation));
+    assert!(
+        eventually(Duration::from_secs(5), || slot0
+            .current()
+            .is_some_and(|t| Some(t.id) != token_ids(&proxies)[1]))
+        .await,
+        "proxy 0 fetched on its own"
+    );
+    let alone = slot0.current().unwrap().id;
+    assert_eq!(issuer.hits(), 2);
     let promoted = format!("127.0.0.1:{}", nodes.replica.port);
     let followed = eventually(Duration::from_secs(30), || {
         proxies.iter().all(|p| {
@@ -726,12 +741,20 @@ async fn sentinel_failover_zero_failed_requests_and_one_fetch_per_refresh_after(
     );
     assert!(sent > 100, "the load ran: {sent}");
     assert_eq!(failed, 0, "zero failed requests out of {sent}");
-    assert!(eventually(Duration::from_secs(5), || converged(&proxies)).await);
-    assert_eq!(issuer.hits(), 1, "the token survived the failover");
+    // The promoted replica kept the fleet's older token; proxy 0 offers its newer
+    // one and the others adopt it: one token again, without a fetch.
+    assert!(
+        eventually(Duration::from_secs(10), || converged(&proxies)
+            && token_ids(&proxies)[0] == Some(alone))
+        .await,
+        "the fleet converges on the longer-lived token: {:?}",
+        token_ids(&proxies)
+    );
+    assert_eq!(issuer.hits(), 2, "no token request to converge");
 
     // A refresh after the failover: the upstream rejects the token once.
     let before = token_ids(&proxies)[0];
-    upstream.reject(&issuer.token(1), 401);
+    upstream.reject(&issuer.token(2), 401);
     let answer = send(
         &client(),
         Request::post(proxies[1].url("/orders"))
@@ -742,7 +765,7 @@ async fn sentinel_failover_zero_failed_requests_and_one_fetch_per_refresh_after(
     assert_eq!(answer.status, 200);
     assert_eq!(
         answer.echoed("authorization"),
-        [format!("Bearer {}", issuer.token(2))]
+        [format!("Bearer {}", issuer.token(3))]
     );
     assert!(
         eventually(Duration::from_secs(5), || converged(&proxies)
@@ -752,7 +775,7 @@ async fn sentinel_failover_zero_failed_requests_and_one_fetch_per_refresh_after(
     );
     assert_eq!(
         issuer.hits(),
-        2,
+        3,
         "one token request for the fleet's refresh"
     );
     for p in proxies {

@@ -21,7 +21,7 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::fingerprint_for;
-use super::redis_link::RedisLink;
+use super::redis_link::{explain, RedisLink};
 use crate::config::{ProviderConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -78,6 +78,9 @@ pub struct Fleet {
     prefix: String,
     timeout: Duration,
     up: AtomicBool,
+    /// Woken when commands work again after failing, so the listener can offer and
+    /// adopt tokens even if its own subscription never broke.
+    back: tokio::sync::Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -131,6 +134,7 @@ impl Fleet {
             prefix: config.key_prefix.clone(),
             timeout,
             up: AtomicBool::new(true),
+            back: tokio::sync::Notify::new(),
             metrics,
         })
     }
@@ -150,10 +154,13 @@ impl Fleet {
             self.metrics.set_redis_up(up);
             let node = self.node().unwrap_or_default();
             match why {
-                None => tracing::info!(
-                    %node,
-                    "redis is back: tokens are shared with the fleet again"
-                ),
+                None => {
+                    tracing::info!(
+                        %node,
+                        "redis is back: tokens are shared with the fleet again"
+                    );
+                    self.back.notify_waiters();
+                }
                 Some(error) => tracing::warn!(
                     %node,
                     %error,
@@ -180,7 +187,7 @@ impl Fleet {
         )
         .await
         .map_err(|_| FleetError::Timeout(self.timeout))?
-        .map_err(|e| FleetError::Redis(e.to_string()))?;
+        .map_err(|e| FleetError::Redis(explain(&e)))?;
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -191,7 +198,7 @@ impl Fleet {
             tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn))
                 .await
                 .map_err(|_| FleetError::Timeout(self.timeout))?
-                .map_err(|e| FleetError::Redis(e.to_string()))
+                .map_err(|e| FleetError::Redis(explain(&e)))
         }
         .await;
         if result.is_err() && self.link.follows_sentinels() {
@@ -247,6 +254,50 @@ impl Fleet {
         }
         let set: Option<String> = self.query(&cmd).await?;
         Ok(set.is_some())
+    }
+
+    /// Offers this instance's token `t` after a (re)connection: stored when Redis has
+    /// none for `p`, or only one that expires earlier (e.g. the one a promoted replica
+    /// kept, while this instance fetched a newer one during the outage). Returns
+    /// true when stored; the caller then tells the fleet, which adopts the
+    /// longer-lived token, so the fleet converges without a fetch.
+    pub async fn offer(
+        &self,
+        p: &ProviderConfig,
+        key_id: Option<&str>,
+        t: &SharedToken,
+    ) -> Result<bool, FleetError> {
+        // The stored expiry is read from the value's clear fields (either format);
+        // a value that does not parse is replaced.
+        const SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+             if v then \
+               local ok, doc = pcall(cjson.decode, v) \
+               if ok and type(doc) == 'table' then \
+                 local e = tonumber(doc['expires_at_ms']) \
+                 if not e and tonumber(doc['expires_at']) then e = tonumber(doc['expires_at']) * 1000 end \
+                 if e and e >= tonumber(ARGV[2]) then return 0 end \
+               end \
+             end \
+             redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2]) \
+             return 1";
+        let key = self.token_key(p, key_id);
+        let sealed =
+            seal(p, key_id, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
+        let expires_ms = t
+            .expires_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let stored: i64 = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(SCRIPT)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(sealed)
+                    .arg(expires_ms),
+            )
+            .await?;
+        Ok(stored == 1)
     }
 
     /// Takes the fetch lock for `p` for `ttl`, owned by `owner`.
@@ -335,7 +386,8 @@ impl Fleet {
     }
 
     /// Delivers fleet events to `on_event` until `cancel`, reconnecting after Redis
-    /// outages; `on_connect` runs after every (re)subscription.
+    /// outages; `on_connect` runs after every (re)subscription and whenever commands
+    /// work again after failing.
     pub async fn listen(
         self: Arc<Self>,
         cancel: CancellationToken,
@@ -348,11 +400,11 @@ impl Fleet {
                 let mut pubsub = client
                     .get_async_pubsub()
                     .await
-                    .map_err(|e| FleetError::Redis(e.to_string()))?;
+                    .map_err(|e| FleetError::Redis(explain(&e)))?;
                 pubsub
                     .subscribe(self.channel())
                     .await
-                    .map_err(|e| FleetError::Redis(e.to_string()))?;
+                    .map_err(|e| FleetError::Redis(explain(&e)))?;
                 Ok::<_, FleetError>(pubsub)
             })
             .await;
@@ -360,9 +412,18 @@ impl Fleet {
                 tracing::debug!("subscribed to fleet events");
                 on_connect();
                 let mut messages = pubsub.on_message();
+                // While commands fail but the subscription holds, look for Redis
+                // answering again rather than waiting for the next refresh.
+                let mut probe = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => return,
+                        () = self.back.notified() => on_connect(),
+                        _ = probe.tick(), if !self.is_up() => {
+                            if self.query::<String>(&redis::cmd("PING")).await.is_ok() {
+                                on_connect();
+                            }
+                        }
                         message = messages.next() => match message {
                             Some(message) => {
                                 let text: String = message.get_payload().unwrap_or_default();

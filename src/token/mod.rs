@@ -502,8 +502,8 @@ impl TokenStore {
     }
 
     /// After (re)connecting to Redis: offer our tokens to a store that lost them
-    /// (Redis restarted) and look for better ones, so the fleet converges again
-    /// without a fetch.
+    /// (Redis restarted) or holds shorter-lived ones (a failover while we fetched
+    /// alone), and look for better ones, so the fleet converges again without a fetch.
     fn fleet_connected(&self) {
         let Some(fleet) = self.fleet.clone() else {
             return;
@@ -526,7 +526,7 @@ impl TokenStore {
                             expires_at: token.expires_at_wall,
                         };
                         let (p, key) = (&slot.config, slot.key_id());
-                        if let Ok(true) = fleet.write(p, key, &shared, true).await {
+                        if let Ok(true) = fleet.offer(p, key, &shared).await {
                             let _ = fleet.publish_changed(p, key).await;
                         }
                     }

@@ -177,3 +177,24 @@ fn system_roots_pem() -> Vec<u8> {
     }
     pem.into_bytes()
 }
+
+/// A Redis error as the log shows it, with a hint where the fix is in the config.
+pub fn explain(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    let hint = if text.contains("UnknownIssuer") {
+        "; the server's certificate is not signed by a CA in the system roots or \
+         store.redis_ca_file"
+    } else if text.contains("NotValidForName") {
+        "; the server's certificate does not name the host in store.redis_url"
+    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
+        "; the server asks for a client certificate: set store.redis_client_cert_file and \
+         store.redis_client_key_file"
+    } else if text.contains("WRONGPASS") || text.contains("NOAUTH") {
+        "; check the user and password in store.redis_url"
+    } else if text.contains("NOPERM") {
+        "; the ACL user lacks a command, key or channel the proxy needs"
+    } else {
+        ""
+    };
+    format!("{text}{hint}")
+}
