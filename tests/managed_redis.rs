@@ -376,7 +376,7 @@ async fn run_binary(dir: &Path, config_text: &str, port: u16, requests: usize) -
     std::fs::write(&config, config_text).unwrap();
     let log = dir.join("proxy.log");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
-        .args(["--log-level", "info", "run", "-c"])
+        .args(["--log-level", "trace", "run", "-c"])
         .arg(&config)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -465,6 +465,19 @@ async fn check_validates_the_store_files_and_never_prints_the_password() {
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("127.0.0.1:6380") && out.contains("TLS"),
+        "{out}"
+    );
+    assert!(
+        out.contains("user bp") && out.contains("password set"),
+        "{out}"
+    );
+    let (code, out) = check(format!(
+        "redis_url = \"redis://:{PASSWORD}@sentinel/2\"\nredis_sentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\nredis_sentinel_master = \"bp\""
+    ));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("master `bp` via Sentinels 127.0.0.1:26379, ::1:26380")
+            && out.contains("db 2"),
         "{out}"
     );
     let cases = [
