@@ -165,6 +165,8 @@ impl Shared {
                     "outbound_proxy/no_proxy",
                     new.server.outbound != old.server.outbound,
                 ),
+                // The Redis link (node or Sentinels, TLS files) is built once at start.
+                ("[store]", new.store != old.store),
             ] {
                 if changed {
                     listener_changes.push(format!("{key} changed"));

@@ -537,6 +537,34 @@ async fn check_validates_the_store_files_and_never_prints_the_password() {
     }
 }
 
+#[tokio::test]
+async fn a_reload_that_changes_the_store_says_it_needs_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let redis = tls_redis(dir.path(), &pki, "no");
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let file = dir.path().join("bp.toml");
+    let toml = store_toml(&tls_store(&redis, &pki.ca, ""), &issuer, &upstream, "");
+    std::fs::write(&file, &toml).unwrap();
+    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    // The same config again: nothing to restart.
+    let report = proxy.shared.reload().await.expect("reload");
+    assert!(report.listener_changes.is_empty(), "{report:?}");
+    // A rotated CA file is a store change.
+    std::fs::copy(&pki.other_ca, &pki.ca).unwrap();
+    let report = proxy.shared.reload().await.expect("reload");
+    assert_eq!(report.listener_changes, ["[store] changed"], "{report:?}");
+    assert!(!format!("{report:?}").contains(PASSWORD));
+    assert_eq!(
+        proxy.store.fleet_up(),
+        Some(true),
+        "still on the running link"
+    );
+    proxy.stop().await;
+}
+
 // === Sentinel ===
 
 /// A master, a replica and three Sentinels, all with password `PASSWORD`.
