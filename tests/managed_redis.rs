@@ -567,18 +567,44 @@ async fn a_reload_that_changes_the_store_says_it_needs_a_restart() {
 
 // === Sentinel ===
 
-/// A master, a replica and three Sentinels, all with password `PASSWORD`.
+/// A master, a replica and three Sentinels, all with password `PASSWORD`; with
+/// `pki`, every one of them speaks TLS only.
 struct Sentinels {
     master: Node,
     replica: Node,
     sentinels: Vec<Node>,
+    pki: Option<Pki>,
 }
 
 const MASTER_NAME: &str = "bp-master";
 
-fn data_node(dir: &Path, port: u16, replica_of: Option<u16>) -> Node {
-    let mut args = strings(&["--bind", "127.0.0.1", "--port"]);
-    args.push(port.to_string());
+/// `redis-server` or `redis-sentinel` arguments serving TLS only on `port`.
+fn tls_args(pki: &Pki, port: u16) -> Vec<String> {
+    let path = |p: &PathBuf| p.display().to_string();
+    vec![
+        "--port".to_owned(),
+        "0".to_owned(),
+        "--tls-port".to_owned(),
+        port.to_string(),
+        "--tls-cert-file".to_owned(),
+        path(&pki.server_cert),
+        "--tls-key-file".to_owned(),
+        path(&pki.server_key),
+        "--tls-ca-cert-file".to_owned(),
+        path(&pki.ca),
+        "--tls-auth-clients".to_owned(),
+        "no".to_owned(),
+        "--tls-replication".to_owned(),
+        "yes".to_owned(),
+    ]
+}
+
+fn data_node(dir: &Path, port: u16, replica_of: Option<u16>, tls: Option<&Pki>) -> Node {
+    let mut args = strings(&["--bind", "127.0.0.1"]);
+    match tls {
+        Some(pki) => args.extend(tls_args(pki, port)),
+        None => args.extend(["--port".to_owned(), port.to_string()]),
+    }
     args.extend(strings(&["--save", "", "--appendonly", "no"]));
     args.extend(strings(&[
         "--requirepass",
@@ -600,18 +626,26 @@ fn data_node(dir: &Path, port: u16, replica_of: Option<u16>) -> Node {
 }
 
 impl Sentinels {
-    fn start(dir: &Path) -> Self {
+    fn start(dir: &Path, pki: Option<Pki>) -> Self {
         let master_port = free_port();
-        let master = data_node(dir, master_port, None);
-        let replica = data_node(dir, free_port(), Some(master_port));
+        let master = data_node(dir, master_port, None, pki.as_ref());
+        let replica = data_node(dir, free_port(), Some(master_port), pki.as_ref());
         let sentinels = (0..3)
             .map(|i| {
                 let port = free_port();
                 let conf = dir.join(format!("sentinel-{i}.conf"));
+                let listen = match &pki {
+                    // Config-file lines: the command-line flags without their dashes.
+                    Some(pki) => tls_args(pki, port)
+                        .chunks(2)
+                        .map(|kv| format!("{} {}\n", kv[0].trim_start_matches('-'), kv[1]))
+                        .collect::<String>(),
+                    None => format!("port {port}\n"),
+                };
                 std::fs::write(
                     &conf,
                     format!(
-                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                        "{listen}bind 127.0.0.1\ndir {}\n\
                          sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                          sentinel auth-pass {MASTER_NAME} {PASSWORD}\n\
                          sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
@@ -633,13 +667,24 @@ impl Sentinels {
             master,
             replica,
             sentinels,
+            pki,
         }
     }
 
     /// What Sentinel `i` knows about the master.
     async fn master_info(&self, i: usize) -> Option<HashMap<String, String>> {
-        let client =
-            redis::Client::open(format!("redis://127.0.0.1:{}", self.sentinels[i].port)).ok()?;
+        let port = self.sentinels[i].port;
+        let client = match &self.pki {
+            Some(pki) => redis::Client::build_with_tls(
+                format!("rediss://127.0.0.1:{port}"),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(&pki.ca).unwrap()),
+                },
+            ),
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
+        }
+        .ok()?;
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
         redis::cmd("SENTINEL")
             .arg("master")
@@ -676,10 +721,17 @@ impl Sentinels {
             .iter()
             .map(|s| format!("\"127.0.0.1:{}\"", s.port))
             .collect();
-        format!(
-            "redis_url = \"redis://:{PASSWORD}@sentinel/0\"\nredis_sentinels = [{}]\nredis_sentinel_master = \"{MASTER_NAME}\"",
+        let sentinels = format!(
+            "redis_sentinels = [{}]\nredis_sentinel_master = \"{MASTER_NAME}\"",
             list.join(", ")
-        )
+        );
+        match &self.pki {
+            Some(pki) => format!(
+                "redis_url = \"rediss://:{PASSWORD}@sentinel/0\"\nredis_ca_file = \"{}\"\n{sentinels}",
+                pki.ca.display()
+            ),
+            None => format!("redis_url = \"redis://:{PASSWORD}@sentinel/0\"\n{sentinels}"),
+        }
     }
 }
 
@@ -724,7 +776,7 @@ fn load(proxies: &[Proxy], stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(us
 #[tokio::test]
 async fn sentinel_failover_zero_failed_requests_converges_and_one_fetch_per_refresh_after() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = Sentinels::start(dir.path());
+    let mut nodes = Sentinels::start(dir.path(), None);
     assert!(nodes.settled().await, "the Sentinels did not settle");
     let issuer = Issuer::start(Dialect::OAuth2).await;
     issuer.set_lifetime(600.0);
@@ -819,6 +871,48 @@ async fn sentinel_failover_zero_failed_requests_converges_and_one_fetch_per_refr
         3,
         "one token request for the fleet's refresh"
     );
+    for p in proxies {
+        p.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn sentinels_master_and_replica_all_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let mut nodes = Sentinels::start(dir.path(), Some(pki));
+    assert!(nodes.settled().await, "the Sentinels did not settle");
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    issuer.set_lifetime(600.0);
+    let upstream = Upstream::start().await;
+    let config = parse(&store_toml(&nodes.store(), &issuer, &upstream, ""));
+    let proxies = fleet(&config, 2).await;
+    let master = format!("127.0.0.1:{}", nodes.master.port);
+    assert!(
+        eventually(Duration::from_secs(5), || converged(&proxies)
+            && proxies.iter().all(
+                |p| p.store.redis_node().as_deref() == Some(master.as_str())
+            ))
+        .await,
+        "{:?}",
+        proxies
+            .iter()
+            .map(|p| (p.store.redis_node(), p.store.fleet_up()))
+            .collect::<Vec<_>>()
+    );
+    nodes.master.kill();
+    let promoted = format!("127.0.0.1:{}", nodes.replica.port);
+    assert!(
+        eventually(Duration::from_secs(30), || proxies.iter().all(|p| {
+            p.store.redis_node().as_deref() == Some(promoted.as_str())
+                && p.store.fleet_up() == Some(true)
+        }))
+        .await,
+        "the proxies follow the promoted replica over TLS"
+    );
+    assert!(converged(&proxies));
+    assert_eq!(get(&client(), &proxies[1].url("/x")).await.status, 200);
+    assert_eq!(issuer.hits(), 1);
     for p in proxies {
         p.stop().await;
     }
