@@ -1,9 +1,10 @@
-//! Property tests: path joining and header hygiene, over generated inputs.
+//! Property tests: path joining, path hardening and header hygiene, over generated inputs.
 //!
 //! The cargo-fuzz targets under fuzz/ cover the same functions (and the config and
 //! token-response parsers) with unstructured input; these check exact behaviour.
 
 use bearer_proxy::proxy::headers::strip_hop_by_hop;
+use bearer_proxy::proxy::path::{self, readings};
 use bearer_proxy::proxy::routing::{prefix_matches, upstream_path};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
@@ -238,5 +239,100 @@ proptest! {
             let got: Vec<&str> = map.get_all(name.as_str()).iter().map(|v| v.to_str().unwrap()).collect();
             prop_assert_eq!(&got, values, "values of {}", name);
         }
+    }
+}
+
+/// A separator an upstream may see: `/`, `\\`, or one of them encoded (once or twice).
+fn separator() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        6 => Just("/"),
+        2 => prop::sample::select(vec!["\\", "%2f", "%2F", "%252f"]),
+        1 => prop::sample::select(vec!["%5c", "%5C", "%255c"]),
+    ]
+}
+
+/// A piece of a segment: dots in several encodings, parameter marks, ordinary text;
+/// the pieces the check refuses outright (`%00`, overlong UTF-8) are rare, so that
+/// most generated paths pass and the property has something to test.
+fn segment_piece() -> impl Strategy<Value = &'static str> {
+    prop_oneof![
+        8 => prop::sample::select(vec![".", "..", "..", "%2e", "%2E", "%252e", "%25252e"]),
+        4 => prop::sample::select(vec![";", "%3b", "%3B", "%253b", ";x", "=1"]),
+        4 => prop::sample::select(vec!["a", "x1", "hidden", "%25", "%"]),
+        1 => prop::sample::select(vec!["%00", "%2500", "%c0%ae"]),
+    ]
+}
+
+/// A request path under `prefix`: the prefix, then 0..6 separators each followed by
+/// 0..3 pieces, so that whole dot segments in their many spellings come up often.
+fn hostile_path() -> impl Strategy<Value = (String, String)> {
+    (
+        prefix(),
+        prop::collection::vec(
+            (separator(), prop::collection::vec(segment_piece(), 0..=3)),
+            0..6,
+        ),
+    )
+        .prop_map(|(prefix, segments)| {
+            // After a `/` prefix the first separator is the path's leading `/`.
+            let mut path = if prefix == "/" {
+                String::new()
+            } else {
+                prefix.clone()
+            };
+            if segments.is_empty() {
+                path.push('/');
+            }
+            for (i, (separator, pieces)) in segments.into_iter().enumerate() {
+                path.push_str(if i == 0 && prefix == "/" {
+                    "/"
+                } else {
+                    separator
+                });
+                path.extend(pieces);
+            }
+            (prefix, path)
+        })
+}
+
+/// A route's base path as operators write them: `/v1`, `/api/v2`, or none.
+fn plain_base() -> impl Strategy<Value = String> {
+    prop::collection::vec("[a-z0-9-]{1,6}", 0..=2)
+        .prop_map(|segs| segs.iter().map(|s| format!("/{s}")).collect())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8192))]
+
+    /// No path the check passes, on any route (encoded slashes allowed or not), leads
+    /// out of the route's base path however the upstream decodes it: percent-decoding
+    /// (once or repeatedly), `\` as `/`, `;parameters` cut, NUL truncation, in any order.
+    #[test]
+    fn checked_paths_never_climb_above_the_base_path(
+        base in plain_base(),
+        (prefix, path) in hostile_path(),
+        strip in any::<bool>(),
+        decodings in prop::collection::vec(prop::sample::select(readings::ALL.to_vec()), 0..6),
+    ) {
+        let Ok(checked) = path::check(&path) else { return Ok(()) };
+        if !prefix_matches(&prefix, &path) {
+            return Ok(());
+        }
+        let upstream = upstream_path(&base, &prefix, &path, strip);
+        prop_assert!(
+            !readings::escapes(&base, upstream.as_bytes(), &decodings),
+            "{path:?} (encoded slash: {}) escapes {base:?} as {upstream:?} after {decodings:?}",
+            checked.encoded_slash
+        );
+    }
+
+    /// A path without `%`, `\`, or `.`/`..` segments is never refused.
+    #[test]
+    fn plain_paths_pass(path in "(/[a-zA-Z0-9_~;=.-]{0,6}){1,5}") {
+        let dotted = path.split('/').any(|s| {
+            let s = s.split(';').next().unwrap_or("");
+            s == "." || s == ".."
+        });
+        prop_assert_eq!(path::check(&path).is_ok(), !dotted, "{}", path);
     }
 }

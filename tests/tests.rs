@@ -13,6 +13,7 @@ mod leaks;
 mod lifecycle;
 mod managed_redis;
 mod outbound;
+mod paths;
 mod properties;
 mod security;
 mod tls;

@@ -377,6 +377,9 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     pub preserve_host: bool,
     pub pass_client_authorization: bool,
+    /// Pass request paths holding `%2F` as they are (IDs with slashes in one segment);
+    /// every other encoded-path refusal still applies.
+    pub allow_encoded_slashes: bool,
     pub upstream: Upstream,
     pub provider: Option<String>,
 }

@@ -106,4 +106,5 @@ pub struct RawRoute {
     pub strip_prefix: Option<bool>,
     pub preserve_host: Option<bool>,
     pub pass_client_authorization: Option<bool>,
+    pub allow_encoded_slashes: Option<bool>,
 }

@@ -656,6 +656,7 @@ impl Validator<'_> {
             strip_prefix: r.strip_prefix.unwrap_or(true),
             preserve_host: r.preserve_host.unwrap_or(false),
             pass_client_authorization: r.pass_client_authorization.unwrap_or(false),
+            allow_encoded_slashes: r.allow_encoded_slashes.unwrap_or(false),
             upstream,
             provider,
         })

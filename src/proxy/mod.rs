@@ -5,6 +5,7 @@ pub mod body;
 pub mod client;
 pub mod error;
 pub mod headers;
+pub mod path;
 pub mod routing;
 
 use std::collections::HashMap;
@@ -180,17 +181,9 @@ impl Proxy {
                 complete: false,
             })
         });
-        let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
-        let result = if target_len > table.max_uri_length {
-            Err(ProxyError::UriTooLong(table.max_uri_length))
-        } else if req.method() == Method::CONNECT || req.method() == Method::TRACE {
-            // CONNECT would tunnel past the route; TRACE would echo the token back.
-            Err(ProxyError::BadRequest("this method is not forwarded"))
-        } else {
-            match route {
-                Some(route) => self.forward(route, &table, req).await,
-                None => Err(ProxyError::NoRoute),
-            }
+        let result = match admit(&table, route, &req) {
+            Err(refused) => Err(refused),
+            Ok(route) => self.forward(route, &table, req).await,
         };
         let route_metrics = route.map_or(&table.unrouted, |r| &r.metrics);
         let (response, replayed) = match result {
@@ -232,12 +225,6 @@ impl Proxy {
         table: &RoutingTable,
         req: Request<Incoming>,
     ) -> Result<Forwarded, ProxyError> {
-        let path = req.uri().path();
-        if !path.starts_with('/') || routing::has_dot_segments(path) {
-            return Err(ProxyError::BadRequest(
-                "the request path must be absolute, without . or .. segments",
-            ));
-        }
         let rc = &route.config;
         let (parts, body) = req.into_parts();
         // The authority in the URI is what goes out as `:authority` (HTTP/2) or `Host`
@@ -370,6 +357,33 @@ impl Proxy {
             Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
         }
     }
+}
+
+/// The checks every request passes before anything is forwarded: target length,
+/// method, the path's readings (see [`path`]) and a route. The path is checked
+/// before the route is known; only `%2F` waits for the route's verdict.
+fn admit<'t>(
+    table: &'t RoutingTable,
+    route: Option<&'t Route>,
+    req: &Request<Incoming>,
+) -> Result<&'t Route, ProxyError> {
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
+    if target_len > table.max_uri_length {
+        return Err(ProxyError::UriTooLong(table.max_uri_length));
+    }
+    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+        // CONNECT would tunnel past the route; TRACE would echo the token back.
+        return Err(ProxyError::BadRequest("this method is not forwarded"));
+    }
+    let checked = path::check(req.uri().path())
+        .map_err(|refusal| ProxyError::BadRequest(refusal.message()))?;
+    let route = route.ok_or(ProxyError::NoRoute)?;
+    if checked.encoded_slash && !route.config.allow_encoded_slashes {
+        return Err(ProxyError::BadRequest(
+            path::PathRefusal::EncodedSlash.message(),
+        ));
+    }
+    Ok(route)
 }
 
 /// The client's Host: the request URI's authority (absolute form, or HTTP/2's

@@ -98,18 +98,6 @@ pub fn host_without_port(authority: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
-/// True when the path has `.` or `..` segments, raw or percent-encoded, which an
-/// upstream would resolve to escape the route's base path.
-pub fn has_dot_segments(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        let lower = seg.to_ascii_lowercase();
-        matches!(
-            lower.as_str(),
-            "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,13 +132,5 @@ mod tests {
         );
         assert_eq!(host_without_port("[::1]:80").as_deref(), Some("[::1]"));
         assert_eq!(host_without_port(""), None);
-    }
-
-    #[test]
-    fn dot_segments() {
-        assert!(has_dot_segments("/a/../b"));
-        assert!(has_dot_segments("/a/%2E%2e/b"));
-        assert!(has_dot_segments("/a/."));
-        assert!(!has_dot_segments("/a/..b/c.d"));
     }
 }
