@@ -29,6 +29,12 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelBytesLabels {
+    route: Arc<str>,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FetchLabels {
     provider: Arc<str>,
     outcome: &'static str,
@@ -60,6 +66,9 @@ pub struct Metrics {
     upstream_errors: Family<UpstreamErrorLabels, Counter>,
     replays: Family<RouteLabels, Counter>,
     in_flight: Gauge,
+    tunnels_open: Gauge,
+    tunnels: Family<RouteLabels, Counter>,
+    tunnel_bytes: Family<TunnelBytesLabels, Counter>,
     token_fetches: Family<FetchLabels, Counter>,
     token_expires_in: Family<ProviderLabels, Gauge<f64, AtomicU64>>,
     token_invalidations: Family<ProviderLabels, Counter>,
@@ -89,6 +98,9 @@ impl Metrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let replays = Family::<RouteLabels, Counter>::default();
         let in_flight = Gauge::default();
+        let tunnels_open = Gauge::default();
+        let tunnels = Family::<RouteLabels, Counter>::default();
+        let tunnel_bytes = Family::<TunnelBytesLabels, Counter>::default();
         let token_fetches = Family::<FetchLabels, Counter>::default();
         let token_expires_in = Family::<ProviderLabels, Gauge<f64, AtomicU64>>::default();
         let token_invalidations = Family::<ProviderLabels, Counter>::default();
@@ -118,6 +130,21 @@ impl Metrics {
             "requests_in_flight",
             "Requests being handled now",
             in_flight.clone(),
+        );
+        registry.register(
+            "tunnels_open",
+            "Upgraded connections (WebSocket) joined to their upstream now",
+            tunnels_open.clone(),
+        );
+        registry.register(
+            "tunnels",
+            "Upgraded connections (WebSocket) opened, by route",
+            tunnels.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes carried by closed tunnels, by route and direction (up: client to upstream, down: upstream to client)",
+            tunnel_bytes.clone(),
         );
         registry.register(
             "token_fetches",
@@ -152,6 +179,9 @@ impl Metrics {
             upstream_errors,
             replays,
             in_flight,
+            tunnels_open,
+            tunnels,
+            tunnel_bytes,
             token_fetches,
             token_expires_in,
             token_invalidations,
@@ -228,6 +258,29 @@ impl Metrics {
     /// The in-flight gauge.
     pub fn in_flight(&self) -> &Gauge {
         &self.in_flight
+    }
+
+    /// Counts a tunnel that has just been joined.
+    pub fn tunnel_opened(&self, route: &Arc<str>) {
+        self.tunnels_open.inc();
+        self.tunnels
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .inc();
+    }
+
+    /// Counts a tunnel's end and the bytes it carried each way.
+    pub fn tunnel_closed(&self, route: &Arc<str>, up: u64, down: u64) {
+        self.tunnels_open.dec();
+        for (direction, bytes) in [("up", up), ("down", down)] {
+            self.tunnel_bytes
+                .get_or_create(&TunnelBytesLabels {
+                    route: route.clone(),
+                    direction,
+                })
+                .inc_by(bytes);
+        }
     }
 
     /// The Prometheus text exposition of everything.

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::provider::TokenClient;
 use crate::proxy::client::ClientFactory;
 use crate::proxy::error::ProxyError;
+use crate::proxy::upgrade::{ConnPermit, Tunnels};
 use crate::proxy::{Proxy, RoutingTable};
 use crate::tls::{self, TlsError};
 use crate::token::cache::{CacheError, TokenCache};
@@ -301,11 +302,10 @@ impl Server {
         }
         let mut threads = Vec::new();
         for (w, sockets) in per_worker.into_iter().enumerate() {
-            let proxy = Arc::new(
-                self.shared
-                    .proxy
-                    .with_clients(self.shared.clients.clients()),
-            );
+            let proxy = Arc::new(self.shared.proxy.for_worker(
+                self.shared.clients.clients(),
+                Tunnels::new(stop.clone(), grace),
+            ));
             let settings = ListenerSettings {
                 limits: limits.clone(),
                 permits: permits.clone(),
@@ -402,6 +402,9 @@ fn serve_worker(
         for task in tasks {
             let _ = task.await;
         }
+        // Upgraded connections outlive their HTTP connection; they close by themselves
+        // `shutdown_grace` after the stop at the latest.
+        proxy.tunnels().wait().await;
     });
 }
 
@@ -552,11 +555,16 @@ async fn accept_loop<H, Fut, B>(
             });
             continue;
         }
-        let conn = graceful.watch(
-            builder
-                .serve_connection(io, service_fn(handler.clone()))
-                .into_owned(),
-        );
+        // Every request carries the connection's permit: a tunnel made from one keeps
+        // it after the HTTP connection has handed its socket over.
+        let permit = ConnPermit(Arc::new(permit));
+        let request_permit = permit.clone();
+        let handler = handler.clone();
+        let svc = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(request_permit.clone());
+            handler(req)
+        });
+        let conn = graceful.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");

@@ -3,6 +3,7 @@
 //! a WebSocket client and server from tokio-tungstenite.
 
 mod nginx;
+mod websocket;
 
 use std::path::PathBuf;
 

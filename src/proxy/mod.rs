@@ -7,6 +7,7 @@ pub mod error;
 pub mod headers;
 pub mod path;
 pub mod routing;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use http::{header, HeaderMap, Method, Request, Response, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use ipnet::IpNet;
@@ -31,6 +32,7 @@ use body::{keep_for_replay, Kept, OutBody};
 use client::{ClientFactory, Clients, UpstreamClient};
 use error::{chain, ProxyError};
 use routing::{Route, Router};
+use upgrade::{Handshake, Tunnels};
 
 /// Every listener's routes and the settings requests need, swapped whole on reload.
 pub struct RoutingTable {
@@ -91,6 +93,8 @@ pub struct Proxy {
     table: Arc<ArcSwap<RoutingTable>>,
     clients: Clients,
     metrics: Arc<Metrics>,
+    /// This worker's upgraded connections.
+    tunnels: Tunnels,
 }
 
 /// The upstream's answer and whether it took a replay.
@@ -115,17 +119,24 @@ impl Proxy {
             table: Arc::new(ArcSwap::from_pointee(table)),
             clients,
             metrics,
+            tunnels: Tunnels::default(),
         }
     }
 
-    /// A proxy for another worker thread: the same routes and metrics, its own
-    /// upstream connection pools (so workers never contend on one pool lock).
-    pub fn with_clients(&self, clients: Clients) -> Self {
+    /// A proxy for a worker thread: the same routes and metrics, its own upstream
+    /// connection pools (so workers never contend on one pool lock) and tunnels.
+    pub fn for_worker(&self, clients: Clients, tunnels: Tunnels) -> Self {
         Self {
             table: self.table.clone(),
             clients,
             metrics: self.metrics.clone(),
+            tunnels,
         }
+    }
+
+    /// This worker's upgraded connections (shutdown waits for them).
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     /// Replaces the routing table; requests in flight finish on the old one.
@@ -147,9 +158,10 @@ impl Proxy {
     pub async fn handle(
         &self,
         listen: SocketAddr,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<ResBody>, Infallible> {
         let started = Instant::now();
+        let handshake = Handshake::take(&mut req);
         self.metrics.in_flight().inc();
         let _in_flight = InFlight(&self.metrics);
         let table = self.table.load_full();
@@ -181,17 +193,24 @@ impl Proxy {
                 complete: false,
             })
         });
+        let protocol = handshake.as_ref().map(|h| h.protocol.clone());
         let result = match admit(&table, route, &req) {
             Err(refused) => Err(refused),
-            Ok(route) => self.forward(route, &table, req).await,
+            Ok(route) => self.forward(route, &table, req, protocol).await,
+        };
+        let result = match (result, route) {
+            (Ok(f), Some(route)) if f.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.switch(f, handshake, route)
+            }
+            (result, _) => result.map(|f| {
+                let (mut parts, body) = f.response.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                (Response::from_parts(parts, body), f.replayed)
+            }),
         };
         let route_metrics = route.map_or(&table.unrouted, |r| &r.metrics);
         let (response, replayed) = match result {
-            Ok(f) => {
-                let (mut parts, body) = f.response.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                (Response::from_parts(parts, Either::Left(body)), f.replayed)
-            }
+            Ok((response, replayed)) => (response.map(Either::Left), replayed),
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
                 match &e {
@@ -219,30 +238,73 @@ impl Proxy {
         Ok(response.map(|body| ResBody::new(body, log)))
     }
 
+    /// The upstream switched protocols: hand the client its `101` and join the two
+    /// connections once both have switched.
+    fn switch(
+        &self,
+        forwarded: Forwarded,
+        handshake: Option<Handshake>,
+        route: &Route,
+    ) -> Result<(Response<Incoming>, bool), ProxyError> {
+        let Some(handshake) = handshake else {
+            return Err(ProxyError::UpstreamUnreachable(
+                "the upstream switched protocols on a request that did not ask to".to_owned(),
+            ));
+        };
+        let mut response = forwarded.response;
+        let upstream = hyper::upgrade::on(&mut response);
+        let (mut parts, body) = response.into_parts();
+        let protocol = parts
+            .headers
+            .get(header::UPGRADE)
+            .cloned()
+            .unwrap_or_else(|| handshake.protocol.clone());
+        headers::strip_hop_by_hop(&mut parts.headers);
+        upgrade::restore_headers(&mut parts.headers, protocol);
+        self.tunnels.open(
+            handshake,
+            upstream,
+            route.name.clone(),
+            self.metrics.clone(),
+        );
+        Ok((Response::from_parts(parts, body), forwarded.replayed))
+    }
+
+    /// Sends the request to the route's upstream with its token, replaying it once with
+    /// a fresh token when the answer says the token was rejected. `upgrade`: the
+    /// protocol of an Upgrade handshake, which goes over HTTP/1.1 with its `Upgrade`.
     async fn forward(
         &self,
         route: &Route,
         table: &RoutingTable,
         req: Request<Incoming>,
+        upgrade: Option<HeaderValue>,
     ) -> Result<Forwarded, ProxyError> {
         let rc = &route.config;
         let (parts, body) = req.into_parts();
         // The authority in the URI is what goes out as `:authority` (HTTP/2) or `Host`
         // (HTTP/1.1): see `client`. The connection always goes to the route's upstream.
         let preserved = match &route.pinned {
-            Some(pinned) => client_authority(&parts)?.map(|authority| (authority, pinned)),
+            Some(_) => client_authority(&parts)?,
             None => None,
         };
-        let (uri, client) = match preserved {
-            Some((authority, pinned)) => (upstream_uri(route, &parts.uri, authority)?, pinned),
-            None => (
-                upstream_uri(route, &parts.uri, rc.upstream.authority.clone())?,
-                &self.clients.pooled,
-            ),
+        let upstream_authority = || rc.upstream.authority.clone();
+        let (authority, client, host) = match (&upgrade, preserved, &route.pinned) {
+            // HTTP/1.1 for sure: the client's Host can go as a plain field.
+            (Some(_), preserved, _) => (upstream_authority(), &self.clients.http1, preserved),
+            (None, Some(preserved), Some(pinned)) => (preserved, pinned, None),
+            (None, _, _) => (upstream_authority(), &self.clients.pooled, None),
         };
+        let uri = upstream_uri(route, &parts.uri, authority)?;
         let mut headers = parts.headers;
         headers::strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
+        if let Some(host) = host.and_then(|h| HeaderValue::from_str(h.as_str()).ok()) {
+            headers.insert(header::HOST, host);
+        }
+        if let Some(protocol) = upgrade {
+            upgrade::restore_headers(&mut headers, protocol);
+        }
 
         // The key never goes upstream, whatever happens next.
         let key = route.keyed.as_ref().map(|keyed| {

@@ -1,0 +1,580 @@
+//! WebSocket through the proxy with tokio-tungstenite on both ends: the handshake
+//! carries the token, the upgraded connections are joined byte for byte, and the
+//! tunnel obeys metrics, `max_connections`, `invalidate_on` and shutdown.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::support::*;
+
+/// What the server saw in one handshake.
+#[derive(Clone, Debug)]
+struct Seen {
+    authorization: Option<String>,
+    host: Option<String>,
+    path: String,
+}
+
+/// The code and reason of a client's close frame, if it had one.
+type ClientClose = Option<(u16, String)>;
+
+/// A WebSocket server: greets, echoes text and binary, answers pings (tungstenite does),
+/// and records each handshake; handshakes with a rejected Authorization get 401.
+#[derive(Clone)]
+struct WsServer {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    reject: Arc<Mutex<HashSet<String>>>,
+    /// Close frames received from clients.
+    closes: Arc<Mutex<Vec<ClientClose>>>,
+}
+
+impl WsServer {
+    async fn start() -> Self {
+        Self::start_inner(None).await
+    }
+
+    /// Over TLS for `localhost`, offering HTTP/2 and HTTP/1.1 by ALPN, as most HTTPS
+    /// servers do; returns the certificate's PEM too.
+    async fn start_tls() -> (Self, String) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Self::start_inner(Some(acceptor)).await, cert.cert.pem())
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = Self {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+            reject: Arc::default(),
+            closes: Arc::default(),
+        };
+        let s = server.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = s.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                s.session(stream).await;
+                            }
+                        }
+                        None => s.session(stream).await,
+                    }
+                });
+            }
+        });
+        server
+    }
+
+    async fn session<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let seen = self.seen.clone();
+        let reject = self.reject.clone();
+        // tungstenite's callback signature, not ours to shrink.
+        #[allow(clippy::result_large_err)]
+        let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            };
+            let authorization = header("authorization");
+            seen.lock().unwrap().push(Seen {
+                authorization: authorization.clone(),
+                host: header("host"),
+                path: req.uri().path().to_owned(),
+            });
+            if authorization.is_some_and(|a| reject.lock().unwrap().contains(&a)) {
+                let mut denied = ErrorResponse::new(Some("token rejected".to_owned()));
+                *denied.status_mut() = http::StatusCode::UNAUTHORIZED;
+                return Err(denied);
+            }
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+            return;
+        };
+        if ws
+            .send(Message::text("hello from the server"))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(Ok(message)) = ws.next().await {
+            if let Message::Close(frame) = &message {
+                self.closes.lock().unwrap().push(
+                    frame
+                        .as_ref()
+                        .map(|f| (u16::from(f.code), f.reason.to_string())),
+                );
+            }
+            let echo = matches!(message, Message::Text(_) | Message::Binary(_));
+            if echo && ws.send(message).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket to `url` (a `ws://` URL on the proxy), with `host` as Host if given.
+async fn connect(url: &str, host: Option<&str>) -> Result<Ws, WsError> {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(host) = host {
+        request.headers_mut().insert("host", host.parse().unwrap());
+    }
+    let addr = request.uri().authority().unwrap().as_str().to_owned();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (ws, response) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)),
+    )
+    .await
+    .expect("handshake timed out")?;
+    assert_eq!(response.status(), 101);
+    Ok(ws)
+}
+
+/// The next data, ping/pong or close message, within 10 s.
+async fn next(ws: &mut Ws) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("no message within 10 s")
+        .expect("the stream ended")
+        .expect("a WebSocket error")
+}
+
+fn ws_config(issuer: &Issuer, upstream: &str, server_extra: &str, route_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+{server_extra}
+
+[providers.p]
+token_url = "{}"
+client_id = "c"
+client_secret = "secret-value"
+
+[[routes]]
+path_prefix = "/ws"
+upstream = "{upstream}"
+provider = "p"
+{route_extra}
+"#,
+        issuer.url()
+    )
+}
+
+#[tokio::test]
+async fn websocket_session_through_the_proxy() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    let upstream = format!("http://{}/base", server.addr);
+    let proxy = Proxy::start(&ws_config(&issuer, &upstream, "", "")).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+
+    let mut ws = connect(&format!("ws://{}/ws/chat?room=1", proxy.addr), None)
+        .await
+        .expect("handshake through the proxy");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].authorization,
+        Some(format!("Bearer {}", issuer.token(1))),
+        "the handshake carries the token"
+    );
+    assert_eq!(seen[0].path, "/base/chat");
+    assert_eq!(seen[0].host, Some(server.addr.to_string()));
+
+    // Server to client first, then text and binary both ways.
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    ws.send(Message::text("héllo")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("héllo"));
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ws).await, Message::binary(vec![0u8, 1, 2, 255]));
+
+    // A 1 MiB message each way.
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i * 31 % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    match next(&mut ws).await {
+        Message::Binary(data) => assert!(data[..] == big[..], "1 MiB came back intact"),
+        other => panic!("expected binary, got {other:?}"),
+    }
+
+    // Ping, pong.
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut ws).await,
+        Message::Pong(b"are you there".to_vec().into())
+    );
+
+    // An open tunnel shows in the metrics.
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric(&text, "bearer_proxy_tunnels_open "),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "bearer_proxy_tunnels_total{route=\"/ws\"}"),
+        Some(1.0),
+        "{text}"
+    );
+
+    // Close handshake started by the client.
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    match next(&mut ws).await {
+        Message::Close(Some(frame)) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the server's close, got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the connection closes")
+            .is_none_or(|r| r.is_err()),
+        "nothing after the close"
+    );
+    assert_eq!(
+        server.closes.lock().unwrap().clone(),
+        [Some((1000, "bye".to_owned()))]
+    );
+
+    // Closed: the gauge is back to 0 and the bytes are counted.
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = proxy.metrics().await;
+        if metric(&text, "bearer_proxy_tunnels_open ") == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        metric(&text, "bearer_proxy_tunnels_open "),
+        Some(0.0),
+        "{text}"
+    );
+    let up = metric(
+        &text,
+        "bearer_proxy_tunnel_bytes_total{route=\"/ws\",direction=\"up\"}",
+    )
+    .expect("bytes up");
+    let down = metric(
+        &text,
+        "bearer_proxy_tunnel_bytes_total{route=\"/ws\",direction=\"down\"}",
+    )
+    .expect("bytes down");
+    assert!(
+        up > 1024.0 * 1024.0 && down > 1024.0 * 1024.0,
+        "{up} {down}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "bearer_proxy_requests_total{route=\"/ws\",status=\"101\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_handshake_comes_back_as_it_was_and_a_rejected_token_is_replaced() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    let upstream = format!("http://{}", server.addr);
+    let proxy = Proxy::start(&ws_config(&issuer, &upstream, "", "")).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+
+    // invalidate_on = [401] (the default): the 401 drops the token, a new one is
+    // fetched and the handshake is sent once more with it.
+    server
+        .reject
+        .lock()
+        .unwrap()
+        .insert(format!("Bearer {}", issuer.token(1)));
+    let mut ws = connect(&format!("ws://{}/ws/x", proxy.addr), None)
+        .await
+        .expect("the replayed handshake succeeds");
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    let auths: Vec<_> = server.seen().into_iter().map(|s| s.authorization).collect();
+    assert_eq!(
+        auths,
+        [
+            Some(format!("Bearer {}", issuer.token(1))),
+            Some(format!("Bearer {}", issuer.token(2)))
+        ]
+    );
+    drop(ws);
+
+    // When the fresh token is refused too, the 401 goes back as the server sent it.
+    for n in [2, 3] {
+        server
+            .reject
+            .lock()
+            .unwrap()
+            .insert(format!("Bearer {}", issuer.token(n)));
+    }
+    match connect(&format!("ws://{}/ws/x", proxy.addr), None).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), 401);
+            // tungstenite reads the body raw: the proxy streams it chunked.
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                .into_owned();
+            assert!(
+                body.contains("token rejected"),
+                "the server's own body: {body:?}"
+            );
+        }
+        Err(other) => panic!("expected an HTTP error, got {other}"),
+        Ok(_) => panic!("expected the handshake to be refused"),
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_to_an_https_upstream_that_prefers_http2_uses_http1() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let (server, ca_pem) = WsServer::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let upstream = format!("https://localhost:{}", server.addr.port());
+    let server_extra = format!("extra_ca_file = \"{}\"", ca.display());
+    let proxy = Proxy::start(&ws_config(
+        &issuer,
+        &upstream,
+        &server_extra,
+        "preserve_host = true",
+    ))
+    .await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    let mut ws = connect(
+        &format!("ws://{}/ws/tls", proxy.addr),
+        Some("app.example:8443"),
+    )
+    .await
+    .expect("handshake over TLS");
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    ws.send(Message::text("over tls")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("over tls"));
+    let seen = server.seen();
+    assert_eq!(
+        seen[0].host.as_deref(),
+        Some("app.example:8443"),
+        "preserve_host"
+    );
+    assert_eq!(
+        seen[0].authorization,
+        Some(format!("Bearer {}", issuer.token(1)))
+    );
+    ws.close(None).await.unwrap();
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_tunnel_holds_its_connection_slot_until_it_closes() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    let upstream = format!("http://{}", server.addr);
+    let proxy = Proxy::start(&ws_config(
+        &issuer,
+        &upstream,
+        "max_connections = 1\nworkers = 1",
+        "",
+    ))
+    .await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    let mut ws = connect(&format!("ws://{}/ws/a", proxy.addr), None)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+
+    // The one connection allowed is the tunnel's: a second client waits.
+    let url = proxy.url("/ws/plain");
+    let waiting = tokio::spawn(async move { get(&client(), &url).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a second connection was served");
+
+    ws.close(None).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once the tunnel closed")
+        .unwrap();
+    // The WebSocket server answers a plain GET with an error of its own.
+    assert_ne!(status, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_tunnels_after_the_grace_period() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    let upstream = format!("http://{}", server.addr);
+    let proxy = Proxy::start(&ws_config(
+        &issuer,
+        &upstream,
+        "shutdown_grace = \"1s\"",
+        "",
+    ))
+    .await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    let mut ws = connect(&format!("ws://{}/ws/a", proxy.addr), None)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    let started = tokio::time::Instant::now();
+    let stopping = tokio::spawn(proxy.stop());
+    // Within the grace period the tunnel still carries messages.
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("still here"));
+    // Then the proxy closes it.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel was closed");
+    tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("the proxy stopped")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after the grace period, not before: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Kills the child on every path out of the test.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The real binary, logging JSON at trace level: the tunnel's close is one access-log
+/// line with the bytes each way and the duration, and no log line holds the token.
+#[tokio::test]
+async fn a_closed_tunnel_is_logged_with_bytes_and_duration() {
+    let issuer = Issuer::start_named(Dialect::OAuth2, "WSLOGTOK").await;
+    let server = WsServer::start().await;
+    let port = super::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    let toml = ws_config(&issuer, &format!("http://{}", server.addr), "", "")
+        .replace(
+            "127.0.0.1:0\"\nadmin",
+            &format!("127.0.0.1:{port}\"\nadmin"),
+        )
+        .replace("admin_listen = \"127.0.0.1:0\"\n", "");
+    std::fs::write(&file, &toml).unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+            .args(["--log-format", "json", "--log-level", "trace", "run", "-c"])
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("ws://127.0.0.1:{port}/ws/logged");
+    let mut ws = None;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            ws = Some(connect(&url, None).await.expect("handshake"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ws = ws.expect("the proxy did not start listening");
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    ws.send(Message::binary(vec![7u8; 1000])).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::binary(vec![7u8; 1000]));
+    ws.close(None).await.unwrap();
+    // The line is written when the tunnel ends, before the process is stopped.
+    let mut line = None;
+    for _ in 0..500 {
+        let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+        line = logs
+            .lines()
+            .find(|l| l.contains("tunnel closed"))
+            .map(str::to_owned);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = line.expect("a 'tunnel closed' log line");
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    let fields = &entry;
+    assert_eq!(fields["route"], "/ws", "{line}");
+    assert_eq!(fields["path"], "/ws/logged", "{line}");
+    assert_eq!(fields["end"], "closed", "{line}");
+    let (up, down) = (
+        fields["bytes_up"].as_u64().expect("bytes_up"),
+        fields["bytes_down"].as_u64().expect("bytes_down"),
+    );
+    assert!(up > 1000 && down > 1000, "{line}");
+    assert!(fields["duration_ms"].as_f64().is_some(), "{line}");
+    drop(child);
+    let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(!logs.contains("WSLOGTOK"), "a token in the logs:\n{logs}");
+}
