@@ -206,11 +206,14 @@ proptest! {
                 HeaderValue::from_str(value).unwrap(),
             );
         }
-        // `TE: trailers` (the first TE value) survives unless Connection names TE:
-        // it is the one TE value HTTP/2 allows.
-        let first_te = h.lines.iter().find(|(n, _)| n == "te").map(|(_, v)| v.as_str());
-        let te_kept = first_te.is_some_and(|v| v.eq_ignore_ascii_case("trailers"))
-            && !h.named.iter().any(|n| n == "te");
+        // `TE: trailers` survives when any TE value lists `trailers`, also when
+        // Connection names TE (RFC 9110 §10.1.4 asks HTTP/1.1 senders to): it is the
+        // one TE value HTTP/2 allows.
+        let te_kept = h.lines.iter().filter(|(n, _)| n == "te").any(|(_, v)| {
+            v.split(',').any(|c| {
+                c.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("trailers")
+            })
+        });
 
         strip_hop_by_hop(&mut map);
 

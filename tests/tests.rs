@@ -18,3 +18,4 @@ mod properties;
 mod security;
 mod tls;
 mod tokens;
+mod trailers;

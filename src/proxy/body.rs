@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -14,8 +15,13 @@ pub enum OutBody {
     Stream(Incoming),
     /// A body read whole (at most `max_replay_body`), so it can be sent twice.
     Full(Option<Bytes>),
-    /// The start of a body that turned out too large to keep, then the rest.
-    Prefixed { head: Option<Bytes>, rest: Incoming },
+    /// The start of a body that turned out too large (or to carry trailers) to keep,
+    /// then what followed: the trailers already read, or the rest of the stream.
+    Prefixed {
+        head: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+        rest: Incoming,
+    },
 }
 
 /// The outcome of trying to keep a body for replay.
@@ -38,9 +44,10 @@ pub async fn keep_for_replay(mut body: Incoming, limit: u64) -> Result<Kept, hyp
         // Trailers on a small request are rare; give up on replay rather than drop them.
         let data = match frame.into_data() {
             Ok(data) => data,
-            Err(_) => {
+            Err(frame) => {
                 return Ok(Kept::TooLarge(OutBody::Prefixed {
                     head: Some(buf.freeze()),
+                    trailers: frame.into_trailers().ok(),
                     rest: body,
                 }))
             }
@@ -49,6 +56,7 @@ pub async fn keep_for_replay(mut body: Incoming, limit: u64) -> Result<Kept, hyp
         if buf.len() as u64 > limit {
             return Ok(Kept::TooLarge(OutBody::Prefixed {
                 head: Some(buf.freeze()),
+                trailers: None,
                 rest: body,
             }));
         }
@@ -71,10 +79,19 @@ impl Body for OutBody {
                     .filter(|d| !d.is_empty())
                     .map(|d| Ok(Frame::data(d))),
             ),
-            Self::Prefixed { head, rest } => match head.take().filter(|d| !d.is_empty()) {
-                Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
-                None => Pin::new(rest).poll_frame(cx),
-            },
+            Self::Prefixed {
+                head,
+                trailers,
+                rest,
+            } => {
+                if let Some(d) = head.take().filter(|d| !d.is_empty()) {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                match trailers.take() {
+                    Some(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    None => Pin::new(rest).poll_frame(cx),
+                }
+            }
         }
     }
 
@@ -82,8 +99,14 @@ impl Body for OutBody {
         match self {
             Self::Stream(inner) => inner.is_end_stream(),
             Self::Full(data) => data.as_ref().is_none_or(Bytes::is_empty),
-            Self::Prefixed { head, rest } => {
-                head.as_ref().is_none_or(Bytes::is_empty) && rest.is_end_stream()
+            Self::Prefixed {
+                head,
+                trailers,
+                rest,
+            } => {
+                head.as_ref().is_none_or(Bytes::is_empty)
+                    && trailers.is_none()
+                    && rest.is_end_stream()
             }
         }
     }
@@ -92,7 +115,7 @@ impl Body for OutBody {
         match self {
             Self::Stream(inner) => inner.size_hint(),
             Self::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            Self::Prefixed { head, rest } => {
+            Self::Prefixed { head, rest, .. } => {
                 let head = head.as_ref().map_or(0, |d| d.len() as u64);
                 let mut hint = SizeHint::new();
                 hint.set_lower(head + rest.size_hint().lower());

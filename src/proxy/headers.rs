@@ -16,8 +16,21 @@ pub static HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 ///
-/// `TE: trailers` is kept: it is the one value HTTP/2 allows and gRPC needs.
+/// `TE: trailers` is kept when the client's `TE` lists `trailers` (any other codings
+/// are dropped): it is the one value HTTP/2 allows, gRPC needs it, and an HTTP/1.1
+/// upstream sends trailers only to a client that asked for them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Read before `Connection` is applied: HTTP/1.1 senders of TE list it there.
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            // `trailers` takes no parameters; tolerate the odd `;q=1` anyway.
+            let name = coding.split(';').next().unwrap_or_default();
+            name.trim().eq_ignore_ascii_case("trailers")
+        });
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -30,9 +43,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -68,6 +78,19 @@ mod tests {
         assert_eq!(h.get("te").unwrap(), "trailers");
         let mut h = HeaderMap::new();
         h.insert("te", "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none());
+        let mut h = HeaderMap::new();
+        h.insert("te", "deflate;q=0.5, Trailers".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        let mut h = HeaderMap::new();
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("connection", "TE".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        let mut h = HeaderMap::new();
+        h.insert("te", "trailersx".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert!(h.get("te").is_none());
     }
