@@ -33,6 +33,8 @@ pub enum ProxyError {
     ForbiddenClient,
     #[error("the request target is longer than server.max_uri_length ({0} bytes)")]
     UriTooLong(u64),
+    #[error("the request body did not arrive within upstream_timeout ({0:?})")]
+    BodyTimeout(Duration),
 }
 
 impl ProxyError {
@@ -46,6 +48,7 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Self::ForbiddenClient => (StatusCode::FORBIDDEN, "forbidden_client"),
             Self::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
         }
     }
 

@@ -354,10 +354,16 @@ impl Proxy {
         let (first_body, kept) = if slot.config.invalidate_on.is_empty() {
             (OutBody::Stream(body), None)
         } else {
-            match keep_for_replay(body, table.max_replay_body).await {
-                Ok(Kept::Whole(bytes)) => (OutBody::Full(Some(bytes.clone())), Some(bytes)),
-                Ok(Kept::TooLarge(stream)) => (stream, None),
-                Err(_) => return Err(ProxyError::BadRequest("the request body could not be read")),
+            // Bounded: a client that announces more body than it sends would otherwise
+            // hold the request (and its connection) forever.
+            let kept = keep_for_replay(body, table.max_replay_body);
+            match tokio::time::timeout(table.upstream_timeout, kept).await {
+                Ok(Ok(Kept::Whole(bytes))) => (OutBody::Full(Some(bytes.clone())), Some(bytes)),
+                Ok(Ok(Kept::TooLarge(stream))) => (stream, None),
+                Ok(Err(_)) => {
+                    return Err(ProxyError::BadRequest("the request body could not be read"))
+                }
+                Err(_) => return Err(ProxyError::BodyTimeout(table.upstream_timeout)),
             }
         };
         let replay_headers = kept.as_ref().map(|_| headers.clone());
