@@ -15,6 +15,7 @@ mod managed_redis;
 mod outbound;
 mod paths;
 mod properties;
+mod robustness;
 mod security;
 mod tls;
 mod tokens;
