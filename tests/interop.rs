@@ -2,6 +2,7 @@
 //! nginx as an HTTPS upstream (HTTP/2 by ALPN and HTTP/1.1 only), curl as a client, and
 //! a WebSocket client and server from tokio-tungstenite.
 
+mod curl;
 mod nginx;
 mod websocket;
 
