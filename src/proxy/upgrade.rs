@@ -135,7 +135,17 @@ impl Tunnels {
             // Held until the tunnel ends: it still occupies a client connection.
             let _permit = permit;
             let started = Instant::now();
-            let (client, upstream) = match tokio::try_join!(client, upstream) {
+            // Shutdown bounds the whole tunnel, the switch of both sides included.
+            let closing = async {
+                stop.cancelled().await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::pin!(closing);
+            let switched = tokio::select! {
+                switched = async { tokio::try_join!(client, upstream) } => switched,
+                () = &mut closing => return,
+            };
+            let (client, upstream) = match switched {
                 Ok(pair) => pair,
                 Err(error) => {
                     tracing::debug!(%error, route = %route, "upgrade did not complete");
@@ -147,16 +157,12 @@ impl Tunnels {
             let (upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
             let mut up = Counted::new(client_read);
             let mut down = Counted::new(upstream_read);
-            let closing = async {
-                stop.cancelled().await;
-                tokio::time::sleep(grace).await;
-            };
             // The tunnel ends when either side closes (a WebSocket has no use for a
             // half-closed connection), after passing that close on to the other side.
             let end = tokio::select! {
                 result = pump(&mut up, &mut upstream_write) => result,
                 result = pump(&mut down, &mut client_write) => result,
-                () = closing => "shutdown",
+                () = &mut closing => "shutdown",
             };
             metrics.tunnel_closed(&route, up.read, down.read);
             tracing::info!(

@@ -578,3 +578,36 @@ async fn a_closed_tunnel_is_logged_with_bytes_and_duration() {
     let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(!logs.contains("WSLOGTOK"), "a token in the logs:\n{logs}");
 }
+
+/// An upstream that switches protocols on a request that did not ask to: the proxy
+/// cannot hand the client a connection it never asked to upgrade, so it answers 502.
+#[tokio::test]
+async fn an_unasked_for_101_is_a_bad_gateway() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: surprise\r\nConnection: upgrade\r\n\r\n")
+                    .await;
+                let _ = stream.read(&mut buf).await;
+            });
+        }
+    });
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let proxy = Proxy::start(&ws_config(&issuer, &format!("http://{addr}"), "", "")).await;
+    let answer = get(&client(), &proxy.url("/ws/plain")).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.json()["error"], "upstream_unreachable");
+    proxy.stop().await;
+}
