@@ -28,8 +28,9 @@ pub struct Nginx {
 
 /// The part of nginx.conf that both server blocks share: `/base/` goes to the echo
 /// upstream with the Host and protocol nginx saw, `/base/nocontent` is a 204 of nginx's
-/// own and `/base/static/` serves a file (ETag, so a conditional GET gets 304).
-fn locations(dir: &std::path::Path, echo: SocketAddr) -> String {
+/// own, `/base/static/` serves a file (ETag, so a conditional GET gets 304) and
+/// `/base/ws/` passes WebSocket handshakes on to `ws` with the Host nginx saw.
+fn locations(dir: &std::path::Path, echo: SocketAddr, ws: SocketAddr) -> String {
     format!(
         r#"
         ssl_certificate {dir}/cert.pem;
@@ -41,6 +42,13 @@ fn locations(dir: &std::path::Path, echo: SocketAddr) -> String {
             proxy_buffering off;
             proxy_set_header X-Seen-Host $http_host;
             proxy_set_header X-Seen-Protocol $server_protocol;
+        }}
+        location /base/ws/ {{
+            proxy_pass http://{ws}/;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $http_host;
         }}
         location = /base/nocontent {{
             return 204;
@@ -57,8 +65,9 @@ fn locations(dir: &std::path::Path, echo: SocketAddr) -> String {
 }
 
 impl Nginx {
-    /// Starts nginx in front of `echo`; `None` when nginx is not installed (and not in CI).
-    pub async fn start(echo: SocketAddr) -> Option<Self> {
+    /// Starts nginx in front of `echo` (and `ws` for WebSocket); `None` when nginx is not
+    /// installed (and not in CI).
+    pub async fn start(echo: SocketAddr, ws: SocketAddr) -> Option<Self> {
         let program = require("nginx")?;
         let dir = tempfile::tempdir().expect("tempdir");
         let cert =
@@ -99,7 +108,7 @@ http {{
     }}
 }}
 "#,
-                loc = locations(dir.path(), echo)
+                loc = locations(dir.path(), echo, ws)
             );
             let conf_path = dir.path().join("nginx.conf");
             std::fs::write(&conf_path, conf).unwrap();
@@ -309,7 +318,7 @@ async fn exercise(proxy: &Proxy, nginx: &Nginx, issuer: &Issuer, prefix: &str) {
 #[tokio::test]
 async fn nginx_upstream_over_http2_and_http1_with_and_without_preserve_host() {
     let echo = Upstream::start().await;
-    let Some(nginx) = Nginx::start(echo.addr).await else {
+    let Some(nginx) = Nginx::start(echo.addr, echo.addr).await else {
         return;
     };
     let issuer = Issuer::start(Dialect::OAuth2).await;
@@ -323,5 +332,55 @@ async fn nginx_upstream_over_http2_and_http1_with_and_without_preserve_host() {
         "{}",
         nginx.error_log()
     );
+    proxy.stop().await;
+}
+
+/// A WebSocket session through the proxy and nginx's HTTPS listener that offers HTTP/2:
+/// the handshake goes over HTTP/1.1 with the token (and the client's Host with
+/// `preserve_host`), nginx passes it on, and messages flow both ways.
+#[tokio::test]
+async fn websocket_through_nginx_over_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::websocket::next;
+
+    let ws_server = super::websocket::WsServer::start().await;
+    let echo = Upstream::start().await;
+    let Some(nginx) = Nginx::start(echo.addr, ws_server.addr).await else {
+        return;
+    };
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let proxy = Proxy::start(&nginx_config(&issuer, &nginx)).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    for (prefix, host) in [("/h2", None), ("/h2-host", Some(CLIENT_HOST))] {
+        let url = format!("ws://{}{prefix}/ws/chat", proxy.addr);
+        let mut ws = super::websocket::connect(&url, host)
+            .await
+            .unwrap_or_else(|e| panic!("{prefix}: {e}; nginx error log:\n{}", nginx.error_log()));
+        assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+        ws.send(Message::text("through nginx")).await.unwrap();
+        assert_eq!(next(&mut ws).await, Message::text("through nginx"));
+        ws.send(Message::binary(vec![9u8; 256 * 1024]))
+            .await
+            .unwrap();
+        assert_eq!(next(&mut ws).await, Message::binary(vec![9u8; 256 * 1024]));
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+        let seen = ws_server.seen();
+        let last = seen.last().expect("a handshake reached the server");
+        assert_eq!(last.path, "/chat", "{prefix}");
+        assert_eq!(
+            last.authorization,
+            Some(format!("Bearer {}", issuer.token(1))),
+            "{prefix}"
+        );
+        let expected_host = host.map_or(format!("localhost:{}", nginx.h2_port), str::to_owned);
+        assert_eq!(
+            last.host.as_deref(),
+            Some(expected_host.as_str()),
+            "{prefix}"
+        );
+    }
     proxy.stop().await;
 }

@@ -21,10 +21,10 @@ use crate::support::*;
 
 /// What the server saw in one handshake.
 #[derive(Clone, Debug)]
-struct Seen {
-    authorization: Option<String>,
-    host: Option<String>,
-    path: String,
+pub struct Seen {
+    pub authorization: Option<String>,
+    pub host: Option<String>,
+    pub path: String,
 }
 
 /// The code and reason of a client's close frame, if it had one.
@@ -33,8 +33,8 @@ type ClientClose = Option<(u16, String)>;
 /// A WebSocket server: greets, echoes text and binary, answers pings (tungstenite does),
 /// and records each handshake; handshakes with a rejected Authorization get 401.
 #[derive(Clone)]
-struct WsServer {
-    addr: SocketAddr,
+pub struct WsServer {
+    pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     reject: Arc<Mutex<HashSet<String>>>,
     /// Close frames received from clients.
@@ -42,7 +42,7 @@ struct WsServer {
 }
 
 impl WsServer {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         Self::start_inner(None).await
     }
 
@@ -143,15 +143,15 @@ impl WsServer {
         }
     }
 
-    fn seen(&self) -> Vec<Seen> {
+    pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Opens a WebSocket to `url` (a `ws://` URL on the proxy), with `host` as Host if given.
-async fn connect(url: &str, host: Option<&str>) -> Result<Ws, WsError> {
+pub async fn connect(url: &str, host: Option<&str>) -> Result<Ws, WsError> {
     let mut request = url.into_client_request().unwrap();
     if let Some(host) = host {
         request.headers_mut().insert("host", host.parse().unwrap());
@@ -169,7 +169,7 @@ async fn connect(url: &str, host: Option<&str>) -> Result<Ws, WsError> {
 }
 
 /// The next data, ping/pong or close message, within 10 s.
-async fn next(ws: &mut Ws) -> Message {
+pub async fn next(ws: &mut Ws) -> Message {
     tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("no message within 10 s")
