@@ -267,7 +267,13 @@ provider = "q"
             seen,
             decoy,
             binary,
-            client: client(),
+            // No pooling: the proxy closes idle connections after header_read_timeout
+            // (1 s), and a pooled connection closed just as it is reused fails the send.
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .pool_max_idle_per_host(0)
+            .build_http(),
             outcomes: Mutex::new(std::collections::BTreeMap::new()),
         };
         world
