@@ -387,9 +387,12 @@ fn serve_worker(
                 }
             };
             let handler_proxy = proxy.clone();
+            // Boxed: hyper keeps a slot the size of this future in every connection,
+            // idle or not; the request path's state (forward, replay, upstream send)
+            // is ~4 KiB that only requests in flight should pay for.
             let handler = move |req| {
                 let proxy = handler_proxy.clone();
-                async move { proxy.handle(configured, req).await }
+                Box::pin(async move { proxy.handle(configured, req).await })
             };
             tasks.push(tokio::spawn(accept_loop(
                 settings.clone(),
