@@ -1,13 +1,11 @@
 //! Outbound TLS: certificates verified against the system roots plus `extra_ca_file`,
 //! HTTP/2 chosen by ALPN, and graceful shutdown of requests in flight.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 
 use crate::support::*;
@@ -21,17 +19,7 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
 /// Like `tls_upstream`, offering `alpn`; the answer also has the request's authority
 /// and every `host` field that arrived.
 async fn tls_upstream_alpn(alpn: &[&[u8]]) -> (std::net::SocketAddr, String) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (acceptor, pem) = self_signed_acceptor(alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -67,7 +55,7 @@ async fn tls_upstream_alpn(alpn: &[&[u8]]) -> (std::net::SocketAddr, String) {
             });
         }
     });
-    (addr, cert.cert.pem())
+    (addr, pem)
 }
 
 fn tls_config(issuer: &Issuer, port: u16, ca_file: Option<&std::path::Path>) -> String {

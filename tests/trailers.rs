@@ -2,7 +2,6 @@
 //! an upstream over HTTP/1.1 (plain) or HTTP/2 (TLS, by ALPN).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +11,6 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 
 use crate::support::*;
@@ -74,17 +72,7 @@ async fn plain_upstream() -> std::net::SocketAddr {
 
 /// `trailer_echo` over TLS for `localhost`, HTTP/2 by ALPN; returns the certificate PEM.
 async fn tls_upstream() -> (std::net::SocketAddr, String) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (acceptor, pem) = self_signed_acceptor(&[b"h2", b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -100,7 +88,7 @@ async fn tls_upstream() -> (std::net::SocketAddr, String) {
             });
         }
     });
-    (addr, cert.cert.pem())
+    (addr, pem)
 }
 
 /// A request body of `data` followed by the trailer `x-checksum: checksum`.

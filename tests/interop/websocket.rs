@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -49,18 +48,8 @@ impl WsServer {
     /// Over TLS for `localhost`, offering HTTP/2 and HTTP/1.1 by ALPN, as most HTTPS
     /// servers do; returns the certificate's PEM too.
     async fn start_tls() -> (Self, String) {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        (Self::start_inner(Some(acceptor)).await, cert.cert.pem())
+        let (acceptor, pem) = self_signed_acceptor(&[b"h2", b"http/1.1"]);
+        (Self::start_inner(Some(acceptor)).await, pem)
     }
 
     async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
@@ -416,23 +405,24 @@ async fn websocket_to_an_https_upstream_that_prefers_http2_uses_http1() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn a_tunnel_holds_its_connection_slot_until_it_closes() {
+/// A proxy with `server_extra` in `[server]` in front of a fresh server, and a
+/// WebSocket through it, past the server's greeting.
+async fn open_session(server_extra: &str) -> (Proxy, Ws) {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let server = WsServer::start().await;
     let upstream = format!("http://{}", server.addr);
-    let proxy = Proxy::start(&ws_config(
-        &issuer,
-        &upstream,
-        "max_connections = 1\nworkers = 1",
-        "",
-    ))
-    .await;
+    let proxy = Proxy::start(&ws_config(&issuer, &upstream, server_extra, "")).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     let mut ws = connect(&format!("ws://{}/ws/a", proxy.addr), None)
         .await
         .unwrap();
     assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    (proxy, ws)
+}
+
+#[tokio::test]
+async fn a_tunnel_holds_its_connection_slot_until_it_closes() {
+    let (proxy, mut ws) = open_session("max_connections = 1\nworkers = 1").await;
 
     // The one connection allowed is the tunnel's: a second client waits.
     let url = proxy.url("/ws/plain");
@@ -452,21 +442,7 @@ async fn a_tunnel_holds_its_connection_slot_until_it_closes() {
 
 #[tokio::test]
 async fn shutdown_closes_tunnels_after_the_grace_period() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let server = WsServer::start().await;
-    let upstream = format!("http://{}", server.addr);
-    let proxy = Proxy::start(&ws_config(
-        &issuer,
-        &upstream,
-        "shutdown_grace = \"1s\"",
-        "",
-    ))
-    .await;
-    proxy.token_ready(Duration::from_secs(5)).await;
-    let mut ws = connect(&format!("ws://{}/ws/a", proxy.addr), None)
-        .await
-        .unwrap();
-    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    let (proxy, mut ws) = open_session("shutdown_grace = \"1s\"").await;
     let started = tokio::time::Instant::now();
     let stopping = tokio::spawn(proxy.stop());
     // Within the grace period the tunnel still carries messages.
