@@ -94,26 +94,6 @@ fn fleet_config(
     config
 }
 
-async fn fleet(config: &Config, n: usize) -> Vec<Proxy> {
-    let mut proxies = Vec::new();
-    for _ in 0..n {
-        proxies.push(Proxy::start_config(config.clone()).await);
-    }
-    proxies
-}
-
-fn token_ids(proxies: &[Proxy]) -> Vec<Option<u64>> {
-    proxies
-        .iter()
-        .map(|p| p.store.slot("p").unwrap().current().map(|t| t.id))
-        .collect()
-}
-
-fn converged(proxies: &[Proxy]) -> bool {
-    let ids = token_ids(proxies);
-    ids[0].is_some() && ids.iter().all(|id| *id == ids[0])
-}
-
 #[tokio::test]
 async fn three_instances_300_first_requests_one_fetch() {
     let redis = Redis::start();

@@ -16,17 +16,10 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 
 type CaIssuer = rcgen::Issuer<'static, KeyPair>;
 
+use crate::interop::free_port;
 use crate::support::*;
 
 const PASSWORD: &str = "acl-pass-7f3e9c";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts `program` (a Debian package `.ci/run` installs). Under CI a missing program
 /// fails the test.
@@ -218,26 +211,6 @@ fn parse(toml: &str) -> Config {
     // TLS handshakes in a debug build on a loaded machine take a while.
     config.tuning.redis_timeout = Duration::from_millis(1000);
     config
-}
-
-async fn fleet(config: &Config, n: usize) -> Vec<Proxy> {
-    let mut proxies = Vec::new();
-    for _ in 0..n {
-        proxies.push(Proxy::start_config(config.clone()).await);
-    }
-    proxies
-}
-
-fn token_ids(proxies: &[Proxy]) -> Vec<Option<u64>> {
-    proxies
-        .iter()
-        .map(|p| p.store.slot("p").unwrap().current().map(|t| t.id))
-        .collect()
-}
-
-fn converged(proxies: &[Proxy]) -> bool {
-    let ids = token_ids(proxies);
-    ids[0].is_some() && ids.iter().all(|id| *id == ids[0])
 }
 
 fn tls_store(node: &Node, ca: &Path, extra: &str) -> String {
@@ -567,6 +540,14 @@ async fn a_reload_that_changes_the_store_says_it_needs_a_restart() {
 
 // === Sentinel ===
 
+/// Every proxy shares tokens through `node` right now.
+fn on_node(proxies: &[Proxy], node: &Node) -> bool {
+    let addr = format!("127.0.0.1:{}", node.port);
+    proxies.iter().all(|p| {
+        p.store.redis_node().as_deref() == Some(addr.as_str()) && p.store.fleet_up() == Some(true)
+    })
+}
+
 /// A master, a replica and three Sentinels, all with password `PASSWORD`; with
 /// `pki`, every one of them speaks TLS only.
 struct Sentinels {
@@ -783,12 +764,9 @@ async fn sentinel_failover_zero_failed_requests_converges_and_one_fetch_per_refr
     let upstream = Upstream::start().await;
     let config = parse(&store_toml(&nodes.store(), &issuer, &upstream, ""));
     let proxies = fleet(&config, 3).await;
-    let master = format!("127.0.0.1:{}", nodes.master.port);
     assert!(
         eventually(Duration::from_secs(5), || converged(&proxies)
-            && proxies.iter().all(
-                |p| p.store.redis_node().as_deref() == Some(master.as_str())
-            ))
+            && on_node(&proxies, &nodes.master))
         .await,
         "the fleet uses the master the Sentinels name"
     );
@@ -812,12 +790,8 @@ async fn sentinel_failover_zero_failed_requests_converges_and_one_fetch_per_refr
     );
     let alone = slot0.current().unwrap().id;
     assert_eq!(issuer.hits(), 2);
-    let promoted = format!("127.0.0.1:{}", nodes.replica.port);
     let followed = eventually(Duration::from_secs(30), || {
-        proxies.iter().all(|p| {
-            p.store.redis_node().as_deref() == Some(promoted.as_str())
-                && p.store.fleet_up() == Some(true)
-        })
+        on_node(&proxies, &nodes.replica)
     })
     .await;
     let took = killed.elapsed();
@@ -887,12 +861,9 @@ async fn sentinels_master_and_replica_all_over_tls() {
     let upstream = Upstream::start().await;
     let config = parse(&store_toml(&nodes.store(), &issuer, &upstream, ""));
     let proxies = fleet(&config, 2).await;
-    let master = format!("127.0.0.1:{}", nodes.master.port);
     assert!(
         eventually(Duration::from_secs(5), || converged(&proxies)
-            && proxies.iter().all(
-                |p| p.store.redis_node().as_deref() == Some(master.as_str())
-            ))
+            && on_node(&proxies, &nodes.master))
         .await,
         "{:?}",
         proxies
@@ -901,12 +872,11 @@ async fn sentinels_master_and_replica_all_over_tls() {
             .collect::<Vec<_>>()
     );
     nodes.master.kill();
-    let promoted = format!("127.0.0.1:{}", nodes.replica.port);
     assert!(
-        eventually(Duration::from_secs(30), || proxies.iter().all(|p| {
-            p.store.redis_node().as_deref() == Some(promoted.as_str())
-                && p.store.fleet_up() == Some(true)
-        }))
+        eventually(Duration::from_secs(30), || on_node(
+            &proxies,
+            &nodes.replica
+        ))
         .await,
         "the proxies follow the promoted replica over TLS"
     );

@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use url::Url;
 
 use super::raw::RawStore;
-use super::validate::{read_secret_file, VResult, Validator};
+use super::validate::{read_secret_file, read_small_file, VResult, Validator};
 use super::{RedisClientCert, RedisConfig, StoreConfig};
 use crate::secret::Secret;
 
@@ -185,21 +185,8 @@ impl Validator<'_> {
     }
 
     fn read_cert_file(&self, key: &str, path: &Path) -> VResult<Vec<u8>> {
-        use std::io::Read;
-        let read = || -> std::io::Result<Vec<u8>> {
-            let file = std::fs::File::open(path)?;
-            let meta = file.metadata()?;
-            if !meta.is_file() {
-                return Err(std::io::Error::other("not a regular file"));
-            }
-            if meta.len() > CERT_FILE_LIMIT {
-                return Err(std::io::Error::other("larger than 1 MiB"));
-            }
-            let mut bytes = Vec::new();
-            file.take(CERT_FILE_LIMIT).read_to_end(&mut bytes)?;
-            Ok(bytes)
-        };
-        read().map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))
+        read_small_file(path, CERT_FILE_LIMIT)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))
     }
 
     fn sentinels(&self, store: &RawStore) -> VResult<Vec<(String, u16)>> {
@@ -317,6 +304,15 @@ fn host_port(value: &str) -> Option<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::host_port;
+
+    #[test]
+    fn size_in_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, vec![b'x'; 70_000]).unwrap();
+        let e = super::read_small_file(&path, 64 * 1024).unwrap_err();
+        assert_eq!(e.to_string(), "larger than 64 KiB");
+    }
 
     #[test]
     fn sentinel_addresses() {

@@ -735,17 +735,27 @@ fn is_loopback_host(url: &Url) -> bool {
 /// Reads a secret file: a regular file of at most 64 KiB (a device or FIFO named by
 /// mistake must not hang or exhaust the proxy).
 pub(super) fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_small_file(path, 64 * 1024)?)
+        .map_err(|_| std::io::Error::other("not UTF-8 text"))
+}
+
+/// Reads a regular file of at most `limit` bytes.
+pub(super) fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    const LIMIT: u64 = 64 * 1024;
     let file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
-    if meta.len() > LIMIT {
-        return Err(std::io::Error::other("larger than 64 KiB"));
+    if meta.len() > limit {
+        let shown = if limit % (1 << 20) == 0 {
+            format!("{} MiB", limit >> 20)
+        } else {
+            format!("{} KiB", limit >> 10)
+        };
+        return Err(std::io::Error::other(format!("larger than {shown}")));
     }
-    let mut text = String::new();
-    file.take(LIMIT).read_to_string(&mut text)?;
-    Ok(text)
+    let mut bytes = Vec::new();
+    file.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }

@@ -609,6 +609,31 @@ impl Proxy {
     }
 }
 
+// === Fleet ===
+
+/// `n` proxies started from one config: a fleet when it has a Redis `[store]`.
+pub async fn fleet(config: &Config, n: usize) -> Vec<Proxy> {
+    let mut proxies = Vec::new();
+    for _ in 0..n {
+        proxies.push(Proxy::start_config(config.clone()).await);
+    }
+    proxies
+}
+
+/// The id of the token each proxy holds for provider `p`.
+pub fn token_ids(proxies: &[Proxy]) -> Vec<Option<u64>> {
+    proxies
+        .iter()
+        .map(|p| p.store.slot("p").unwrap().current().map(|t| t.id))
+        .collect()
+}
+
+/// Every proxy holds the same token for provider `p`.
+pub fn converged(proxies: &[Proxy]) -> bool {
+    let ids = token_ids(proxies);
+    ids[0].is_some() && ids.iter().all(|id| *id == ids[0])
+}
+
 /// A minimal config: one provider `p` at `issuer`, a catch-all route to `upstream`.
 pub fn basic_config(issuer: &Issuer, upstream: &Upstream, provider_extra: &str) -> String {
     format!(
