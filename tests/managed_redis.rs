@@ -200,10 +200,13 @@ fn tls_redis(dir: &Path, pki: &Pki, auth_clients: &str) -> Node {
 }
 
 fn store_toml(store: &str, issuer: &Issuer, upstream: &Upstream, provider_extra: &str) -> String {
-    basic_config(issuer, upstream, provider_extra).replace(
-        "[server]\n",
-        &format!("[store]\nbackend = \"redis\"\nkey_prefix = \"test:\"\n{store}\n\n[server]\ntoken_timeout = \"1s\"\n"),
-    )
+    // Generous token waits: the tests count failed requests on a loaded machine.
+    basic_config(issuer, upstream, provider_extra)
+        .replace(
+            "[server]\n",
+            &format!("[store]\nbackend = \"redis\"\nkey_prefix = \"test:\"\n{store}\n\n[server]\ntoken_timeout = \"5s\"\n"),
+        )
+        .replace("token_wait = \"2s\"", "token_wait = \"10s\"")
 }
 
 fn parse(toml: &str) -> Config {
