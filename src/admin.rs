@@ -165,6 +165,8 @@ fn token_status(slot: &ProviderSlot) -> Value {
         "fetches": status.fetches,
         "failures": status.failures,
         "last_error": status.last_error,
+        "refresher_restarts": status.restarts,
+        "last_restart_reason": status.last_restart,
         "next_attempt_in_s": status.next_attempt.map(|at| at.saturating_duration_since(now).as_secs_f64()),
         "token_url": slot.config.token_url.as_str(),
     })

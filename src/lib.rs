@@ -10,6 +10,7 @@
 //! - [`metrics`]: the Prometheus registry
 //! - [`tls`]: the TLS client settings
 //! - [`outbound`]: connections directly or through the outbound HTTP proxy
+//! - [`preflight`]: the file checks `check`, `run` and reload share
 //! - [`demo`]: the self-contained loopback demo
 //! - [`cli`], [`logging`]: the command-line edge
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod demo;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod preflight;
 pub mod provider;
 pub mod proxy;
 pub mod secret;

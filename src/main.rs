@@ -5,15 +5,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use bearer_proxy::cli::{Cli, Command};
-use bearer_proxy::config::{self, Config};
 use std::time::SystemTime;
 
+use bearer_proxy::cli::{Cli, Command};
+use bearer_proxy::config::{self, Config};
+use bearer_proxy::preflight::{self, Prepared};
 use bearer_proxy::provider::{Expiry, TokenClient};
 use bearer_proxy::server::Server;
-use bearer_proxy::token::cache::TokenCache;
 use bearer_proxy::token::KeyBinding;
-use bearer_proxy::{demo, logging, tls};
+use bearer_proxy::{demo, logging};
 
 fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help/--version.
@@ -46,6 +46,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None | Some(Command::Run) => serve(load(&cli)?).await,
         Some(Command::Check) => {
             let config = load(&cli)?;
+            preflight(&config).await?;
             print!("{}", describe(&config));
             Ok(())
         }
@@ -96,17 +97,7 @@ async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result
         (None, None) => None,
     };
     let key_id = binding.as_ref().map(|b| b.id().to_owned());
-    let server = config.server.clone();
-    let (tls, cache) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let tls = tls::client_config(server.extra_ca_file.as_deref())?;
-        let cache = server
-            .token_cache_dir
-            .as_deref()
-            .map(TokenCache::open)
-            .transpose()?;
-        Ok((tls, cache))
-    })
-    .await??;
+    let Prepared { tls, cache } = preflight(config).await?;
     if let Some(cache) = &cache {
         let (cache, p, id) = (cache.clone(), provider.clone(), key_id.clone());
         if let Some(cached) =
@@ -118,7 +109,10 @@ async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result
                 .duration_since(cached.fetched_at)
                 .unwrap_or_default();
             let lead = provider.refresh_before.lead(lifetime);
-            if SystemTime::now() + lead < cached.expires_at {
+            if SystemTime::now()
+                .checked_add(lead)
+                .is_some_and(|at| at < cached.expires_at)
+            {
                 println!("{}", cached.value.expose());
                 return Ok(());
             }
@@ -140,9 +134,10 @@ async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result
     if let Some(cache) = cache {
         let now = SystemTime::now();
         let expires_at = match fetched.expiry {
-            Expiry::In(d) => now + d,
-            Expiry::At(at) => at,
-        };
+            Expiry::In(d) => now.checked_add(d),
+            Expiry::At(at) => Some(at),
+        }
+        .unwrap_or(now);
         let value = fetched.value.clone();
         let written = tokio::task::spawn_blocking(move || {
             cache.store(&provider, key_id.as_deref(), &value, now, expires_at)
@@ -154,6 +149,12 @@ async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result
     }
     println!("{}", fetched.value.expose());
     Ok(())
+}
+
+/// The checks `run` makes before it starts (files, directories), off the runtime.
+async fn preflight(config: &Config) -> anyhow::Result<Prepared> {
+    let config = config.clone();
+    Ok(tokio::task::spawn_blocking(move || preflight::run(&config)).await??)
 }
 
 /// What `check` prints: listeners, routes and providers, never a secret.

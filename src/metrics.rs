@@ -73,6 +73,7 @@ pub struct Metrics {
     token_expires_in: Family<ProviderLabels, Gauge<f64, AtomicU64>>,
     token_invalidations: Family<ProviderLabels, Counter>,
     token_keys: Family<KeyLabels, Gauge>,
+    refresher_restarts: Family<ProviderLabels, Counter>,
     redis_up: Gauge,
 }
 
@@ -104,6 +105,7 @@ impl Metrics {
         let token_fetches = Family::<FetchLabels, Counter>::default();
         let token_expires_in = Family::<ProviderLabels, Gauge<f64, AtomicU64>>::default();
         let token_invalidations = Family::<ProviderLabels, Counter>::default();
+        let refresher_restarts = Family::<ProviderLabels, Counter>::default();
         let redis_up = Gauge::default();
         let token_keys = Family::<KeyLabels, Gauge>::default();
         registry.register(
@@ -167,6 +169,11 @@ impl Metrics {
             token_keys.clone(),
         );
         registry.register(
+            "refresher_restarts",
+            "Token refreshers that ended unexpectedly (a panic included) and were started again",
+            refresher_restarts.clone(),
+        );
+        registry.register(
             "store_redis_up",
             "1 while the shared Redis store answers, 0 while this proxy falls back to memory (0 without a Redis [store])",
             redis_up.clone(),
@@ -186,6 +193,7 @@ impl Metrics {
             token_expires_in,
             token_invalidations,
             token_keys,
+            refresher_restarts,
         }
     }
 
@@ -221,6 +229,22 @@ impl Metrics {
                 provider: provider.into(),
             })
             .inc();
+    }
+
+    /// Counts a provider's refresher started again after it ended unexpectedly.
+    pub fn refresher_restart(&self, provider: &str) {
+        self.refresher_restarts
+            .get_or_create(&ProviderLabels {
+                provider: provider.into(),
+            })
+            .inc();
+    }
+
+    /// Shows a provider's restart counter at 0 before anything happens to it.
+    pub fn provider_started(&self, provider: &str) {
+        let _ = self.refresher_restarts.get_or_create(&ProviderLabels {
+            provider: provider.into(),
+        });
     }
 
     /// Sets a provider's seconds-to-expiry gauge (called at scrape time).

@@ -21,6 +21,13 @@ use crate::secret::{redact, Secret};
 /// Token-endpoint bodies above this size are refused.
 pub const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
 
+/// The longest a token is taken to live: an expiry further ahead counts as this.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+
+/// Unix seconds beyond this (year 5138) are read as this: far enough for any cap,
+/// small enough for every `Duration` and `SystemTime` arithmetic on it.
+const FAR_FUTURE_SECS: f64 = 1e11;
+
 /// A token as the provider returned it.
 #[derive(Debug)]
 pub struct FetchedToken {
@@ -318,16 +325,21 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
     out
 }
 
-/// Parses `Retry-After` as delay-seconds or an HTTP date.
+/// The longest a `Retry-After` holds back the next fetch: a provider asking for more
+/// (a date in year 9999) must not silence a provider for good.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// Parses `Retry-After` as delay-seconds or an HTTP date (at most a day ahead).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs.min(24 * 3600)));
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(
         when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
     )
 }
 
@@ -408,16 +420,9 @@ fn parse_answer(
 fn expiry(p: &ProviderConfig, doc: &Value, token: &str) -> Result<Expiry, FetchError> {
     if let Some(field) = &p.expires_at_field {
         return match field.get(doc) {
-            Some(Value::String(s)) => {
-                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-                    .map(|t| Expiry::At(SystemTime::from(t)))
-                    .map_err(|_| FetchError::Invalid(format!("`{field}` is not an RFC 3339 time")))
-            }
-            Some(Value::Number(n)) => n
-                .as_u64()
-                .map(|secs| Expiry::At(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
-                .ok_or_else(|| FetchError::Invalid(format!("`{field}` is not a time"))),
-            _ => jwt_or_default(p, token),
+            None | Some(Value::Null) => jwt_or_default(p, token),
+            Some(value) => expires_at(value, SystemTime::now())
+                .map_err(|why| FetchError::Invalid(format!("`{field}` {why}"))),
         };
     }
     let seconds = match p.expires_in_field.get(doc) {
@@ -427,9 +432,17 @@ fn expiry(p: &ProviderConfig, doc: &Value, token: &str) -> Result<Expiry, FetchE
         Some(_) => None,
     };
     match seconds {
-        Some(s) if s.is_finite() && s >= 1.0 => Ok(Expiry::In(Duration::from_secs_f64(
-            s.min(10.0 * 365.0 * 86400.0),
-        ))),
+        // `min` first: no float is too big for a Duration after it.
+        Some(s) if s.is_finite() && s >= 1.0 => {
+            Duration::try_from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64()))
+                .map(Expiry::In)
+                .map_err(|_| {
+                    FetchError::Invalid(format!(
+                        "`{}` is not a number of seconds",
+                        p.expires_in_field
+                    ))
+                })
+        }
         _ => Err(FetchError::Invalid(format!(
             "`{}` is not a positive number of seconds",
             p.expires_in_field
@@ -437,11 +450,82 @@ fn expiry(p: &ProviderConfig, doc: &Value, token: &str) -> Result<Expiry, FetchE
     }
 }
 
-fn jwt_or_default(p: &ProviderConfig, token: &str) -> Result<Expiry, FetchError> {
-    Ok(jwt_exp(token).map_or(Expiry::In(p.default_lifetime), Expiry::At))
+/// `[year]-[month]-[day]T[hour]:[minute]:[second]` with optional fractional seconds
+/// of any length (.NET writes seven digits) and no offset.
+const LOCAL_DATE_TIME: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    version = 2,
+    "[year]-[month]-[day][first [T] [t] [ ]][hour]:[minute]:[second][optional [.[subsecond digits:1+]]]"
+);
+
+/// An absolute expiry (`expires_at_field`): RFC 3339, an ISO 8601 date-time without
+/// offset (UTC), or Unix seconds. More than [`MAX_LIFETIME`] ahead counts as that.
+fn expires_at(value: &Value, now: SystemTime) -> Result<Expiry, &'static str> {
+    let at = match value {
+        Value::String(s) => {
+            let s = s.trim();
+            let parsed =
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .or_else(|_| {
+                        time::PrimitiveDateTime::parse(s, LOCAL_DATE_TIME).map(|t| t.assume_utc())
+                    })
+                    .map_err(|_| "is not an RFC 3339 or ISO 8601 date-time")?;
+            let nanos = parsed.unix_timestamp_nanos();
+            if nanos <= 0 {
+                return Err("is not a positive time");
+            }
+            unix_time_nanos(nanos)
+        }
+        Value::Number(n) => {
+            let secs = n
+                .as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .ok_or("is not a positive number of Unix seconds")?;
+            unix_time(secs)
+        }
+        _ => return Err("is not a time (a date-time string or Unix seconds)"),
+    };
+    if at <= now {
+        return Err("is already past (is this machine's clock right?)");
+    }
+    Ok(cap(at, now))
 }
 
-/// The `exp` claim of a JWT, read without verifying the signature.
+/// Unix seconds as far as [`FAR_FUTURE_SECS`]; `secs` must be finite and positive.
+fn unix_time(secs: f64) -> SystemTime {
+    // Every value up to FAR_FUTURE_SECS fits a Duration and a SystemTime.
+    Duration::try_from_secs_f64(secs.clamp(0.0, FAR_FUTURE_SECS))
+        .ok()
+        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn unix_time_nanos(nanos: i128) -> SystemTime {
+    let secs = u64::try_from(nanos / 1_000_000_000)
+        .unwrap_or(u64::MAX)
+        .min(FAR_FUTURE_SECS as u64);
+    let sub = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
+    SystemTime::UNIX_EPOCH
+        .checked_add(Duration::new(secs, sub))
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// An absolute expiry with at most [`MAX_LIFETIME`] left after `now`.
+fn cap(at: SystemTime, now: SystemTime) -> Expiry {
+    match at.duration_since(now) {
+        Ok(left) if left > MAX_LIFETIME => Expiry::In(MAX_LIFETIME),
+        _ => Expiry::At(at),
+    }
+}
+
+fn jwt_or_default(p: &ProviderConfig, token: &str) -> Result<Expiry, FetchError> {
+    Ok(jwt_exp(token).map_or(Expiry::In(p.default_lifetime), |at| {
+        cap(at, SystemTime::now())
+    }))
+}
+
+/// The `exp` claim of a JWT, read without verifying the signature; `None` when the
+/// token is no JWT or `exp` is not a positive number. Far-future claims are capped
+/// (to a time still far beyond [`MAX_LIFETIME`]), never an error.
 pub fn jwt_exp(token: &str) -> Option<SystemTime> {
     let mut parts = token.split('.');
     let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
@@ -453,7 +537,7 @@ pub fn jwt_exp(token: &str) -> Option<SystemTime> {
         .ok()?;
     let claims: Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_f64()?;
-    (exp > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp))
+    (exp.is_finite() && exp > 0.0).then(|| unix_time(exp))
 }
 
 /// Cuts the client secret out of provider text in every form the provider may have
@@ -568,11 +652,16 @@ mod tests {
         let t = parse(
             &p,
             200,
-            r#"{"results":{"token":"tok","tokenExpiresOn":"2030-03-16T15:15:02Z"}}"#,
+            &format!(
+                r#"{{"results":{{"token":"tok","tokenExpiresOn":"{}"}}}}"#,
+                soon()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap()
+            ),
         )
         .unwrap();
         assert_eq!(t.value.expose(), "tok");
-        assert!(matches!(t.expiry, Expiry::At(_)));
+        assert_eq!(t.expiry, Expiry::At(soon().into()));
         let e = parse(
             &p,
             200,
@@ -605,14 +694,11 @@ mod tests {
     #[test]
     fn jwt_exp_fallback_then_default() {
         let p = provider("default_lifetime = \"2m\"");
-        let payload =
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1900000000}"#);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!(r#"{{"exp":{}}}"#, soon().unix_timestamp()));
         let jwt = format!("eyJhbGciOiJub25lIn0.{payload}.sig");
         let t = parse(&p, 200, &format!(r#"{{"access_token":"{jwt}"}}"#)).unwrap();
-        assert_eq!(
-            t.expiry,
-            Expiry::At(SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000))
-        );
+        assert_eq!(t.expiry, Expiry::At(soon().into()));
         let t = parse(&p, 200, r#"{"access_token":"opaque"}"#).unwrap();
         assert_eq!(t.expiry, Expiry::In(Duration::from_secs(120)));
     }
@@ -624,5 +710,154 @@ mod tests {
         let d = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
         assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120));
         assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("99999999999999999999"), None);
+        assert_eq!(parse_retry_after("999999999"), Some(MAX_RETRY_AFTER));
+    }
+
+    fn loyalife(expires: &str) -> Result<FetchedToken, FetchError> {
+        let p = provider(
+            "token_field = \"results.token\"\nexpires_at_field = \"results.tokenExpiresOn\"",
+        );
+        parse(
+            &p,
+            200,
+            &format!(r#"{{"results":{{"token":"tok","tokenExpiresOn":{expires}}}}}"#),
+        )
+    }
+
+    /// A whole second about 30 days from now, in UTC.
+    fn soon() -> time::OffsetDateTime {
+        let t = time::OffsetDateTime::now_utc() + Duration::from_secs(30 * 86_400);
+        t.replace_nanosecond(0).unwrap()
+    }
+
+    #[test]
+    fn expires_at_formats() {
+        let t = soon();
+        let at = |nanos: u64| Expiry::At(SystemTime::from(t) + Duration::from_nanos(nanos));
+        let (date, clock) = (
+            format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()),
+            format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second()),
+        );
+        let plus2 = t.to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        let rfc3339_plus2 = plus2
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        for (value, expected) in [
+            (format!(r#""{date}T{clock}Z""#), at(0)),
+            (format!(r#""{rfc3339_plus2}""#), at(0)),
+            // ISO 8601 without offset, as .NET writes it: UTC.
+            (format!(r#""{date}T{clock}""#), at(0)),
+            (format!(r#""{date}T{clock}.1234567""#), at(123_456_700)),
+            (format!(r#""{date}T{clock}.5Z""#), at(500_000_000)),
+            (t.unix_timestamp().to_string(), at(0)),
+            (format!("{}.25", t.unix_timestamp()), at(250_000_000)),
+        ] {
+            assert_eq!(loyalife(&value).unwrap().expiry, expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn expires_at_far_ahead_counts_as_a_year() {
+        for value in [
+            "1e20",
+            "1e308",
+            "18446744073709551616000",
+            r#""9999-12-31T23:59:59Z""#,
+        ] {
+            assert_eq!(
+                loyalife(value).unwrap().expiry,
+                Expiry::In(MAX_LIFETIME),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn expires_at_that_is_no_time_is_an_error_of_the_answer() {
+        for value in [
+            "-1",
+            "0",
+            "-0",
+            "-1e308",
+            "1000",
+            r#""NaN""#,
+            r#""Infinity""#,
+            r#""""#,
+            r#""tomorrow""#,
+            r#""2030-13-40T99:00:00""#,
+            r#""1970-01-01T00:00:00Z""#,
+            r#""0001-01-01T00:00:00""#,
+            "true",
+            "[]",
+            "{}",
+            r#""2001-01-01T00:00:00Z""#,
+        ] {
+            let e = loyalife(value).unwrap_err();
+            assert!(matches!(e, FetchError::Invalid(_)), "{value}: {e}");
+            assert!(
+                e.to_string().contains("results.tokenExpiresOn"),
+                "{value}: {e}"
+            );
+        }
+        // Absent or null: the JWT or default_lifetime, as without expires_at_field.
+        assert_eq!(
+            loyalife("null").unwrap().expiry,
+            Expiry::In(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn expires_in_at_the_edges() {
+        let p = provider("");
+        for (value, expected) in [
+            ("1e20", Some(MAX_LIFETIME)),
+            ("1e308", Some(MAX_LIFETIME)),
+            ("18446744073709551616", Some(MAX_LIFETIME)),
+            ("\"1e20\"", Some(MAX_LIFETIME)),
+            ("1.5", Some(Duration::from_millis(1500))),
+            ("0", None),
+            ("-0", None),
+            ("-1e308", None),
+            ("0.5", None),
+            ("\"NaN\"", None),
+            ("\"inf\"", None),
+            ("\"-inf\"", None),
+            ("true", None),
+            ("[3600]", None),
+        ] {
+            let got = parse(
+                &p,
+                200,
+                &format!(r#"{{"access_token":"abc","expires_in":{value}}}"#),
+            );
+            match expected {
+                Some(d) => assert_eq!(got.unwrap().expiry, Expiry::In(d), "{value}"),
+                None => assert!(matches!(got, Err(FetchError::Invalid(_))), "{value}"),
+            }
+        }
+    }
+
+    #[test]
+    fn jwt_exp_at_the_edges() {
+        let p = provider("");
+        let jwt = |exp: &str| {
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!(r#"{{"exp":{exp}}}"#));
+            format!("eyJhbGciOiJub25lIn0.{payload}.sig")
+        };
+        for exp in ["1e20", "1e308", "99999999999999999999999"] {
+            let t = parse(&p, 200, &format!(r#"{{"access_token":"{}"}}"#, jwt(exp))).unwrap();
+            assert_eq!(t.expiry, Expiry::In(MAX_LIFETIME), "{exp}");
+        }
+        // Not a positive number: as if there were no claim.
+        for exp in ["-1e308", "0", "-0", "\"soon\"", "null"] {
+            let t = parse(&p, 200, &format!(r#"{{"access_token":"{}"}}"#, jwt(exp))).unwrap();
+            assert_eq!(t.expiry, Expiry::In(Duration::from_secs(300)), "{exp}");
+        }
     }
 }

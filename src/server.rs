@@ -20,13 +20,12 @@ use tokio_util::sync::CancellationToken;
 use crate::admin;
 use crate::config::{self, Config, Limits};
 use crate::metrics::Metrics;
+use crate::preflight::{self, PreflightError, Prepared};
 use crate::provider::TokenClient;
 use crate::proxy::client::ClientFactory;
 use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
 use crate::proxy::{Proxy, RoutingTable};
-use crate::tls::{self, TlsError};
-use crate::token::cache::{CacheError, TokenCache};
 use crate::token::fleet::FleetError;
 use crate::token::{ProviderChanges, TokenStore};
 
@@ -34,16 +33,14 @@ use crate::token::{ProviderChanges, TokenStore};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error("cannot build the token-endpoint client: {0}")]
+    Preflight(#[from] PreflightError),
+    #[error("cannot build the token-endpoint client")]
     TokenClient(#[from] reqwest::Error),
-    #[error(transparent)]
-    Cache(#[from] CacheError),
     #[error("[store]: {0}")]
     Fleet(#[from] FleetError),
     #[error("startup task failed: {0}")]
     Internal(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -76,18 +73,12 @@ impl Shared {
     /// Builds the TLS settings, clients, token store and routing table for `config`.
     /// Reads files (CA bundle, token cache): run it off the async runtime.
     pub fn build(config: Config) -> Result<Self, StartError> {
-        let tls = tls::client_config(config.server.extra_ca_file.as_deref())?;
+        let Prepared { tls, cache } = preflight::run(&config)?;
         let token_client = TokenClient::new(
             tls.clone(),
             config.server.connect_timeout,
             config.server.outbound.as_ref(),
         )?;
-        let cache = config
-            .server
-            .token_cache_dir
-            .as_deref()
-            .map(TokenCache::open)
-            .transpose()?;
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(TokenStore::new(
             &config,
@@ -131,7 +122,10 @@ impl Shared {
         let path = old.source.clone();
         let this = self.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<ReloadReport, String> {
-            let mut new = config::load(&path).map_err(|e| e.to_string())?;
+            let mut new = config::load(&path).map_err(|e| preflight::describe(&e))?;
+            // The same checks as at startup, so a reload never adopts a config that
+            // would not start; what they build is used only after a restart.
+            preflight::run(&new).map_err(|e| preflight::describe(&e))?;
             new.tuning = old.tuning.clone();
             let mut listener_changes = Vec::new();
             if new.listen_addrs() != old.listen_addrs() {

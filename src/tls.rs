@@ -10,12 +10,12 @@ use rustls_pki_types::CertificateDer;
 /// Why the TLS settings could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read extra_ca_file {path}: {source}")]
+    #[error("cannot read {path}")]
     ReadCa {
         path: String,
         source: std::io::Error,
     },
-    #[error("extra_ca_file {path} holds no usable PEM certificate: {reason}")]
+    #[error("{path} holds no usable PEM certificate: {reason}")]
     BadCa { path: String, reason: String },
     #[error("no trusted root certificates: install the system CA bundle or set extra_ca_file")]
     NoRoots,

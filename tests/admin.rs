@@ -342,6 +342,42 @@ async fn bad_reload_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_reload_runs_the_startup_file_checks_and_keeps_serving_when_they_fail() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream, "")).unwrap();
+    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
+    let ca = dir.path().join("no-such-ca.pem");
+    let text = reload_config(&issuer, &other, &upstream, "").replace(
+        "[server]\n",
+        &format!("[server]\nextra_ca_file = \"{}\"\n", ca.display()),
+    );
+    std::fs::write(&file, text).unwrap();
+    let answer = send(
+        &c,
+        Request::post(proxy.admin_url("/reload"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 422);
+    let message = answer.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("bp.toml: server.extra_ca_file")
+            && message.contains("no-such-ca.pem")
+            && message.matches("No such file or directory").count() == 1,
+        "{message}"
+    );
+    assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn json_logs_have_one_object_per_line_with_the_request_fields() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     // The first fetch fails, so the log also shows a failure with its next attempt.

@@ -481,3 +481,143 @@ async fn demo_serves_and_adds_a_bearer_token() {
         );
     }
 }
+
+/// A config whose `[server]` gets `server_extra` and whose provider gets `provider_extra`.
+fn preflight_config(dir: &Path, server_extra: &str, provider_extra: &str) -> String {
+    let secret_line = if provider_extra.contains("client_secret_file") {
+        String::new()
+    } else {
+        "client_secret = \"${CLI_TEST_SECRET}\"\n".to_owned()
+    };
+    write(
+        dir,
+        "preflight.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[providers.p]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\n{secret_line}{provider_extra}\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n"
+        ),
+    )
+}
+
+/// `check` and `run` both exit 1 on `file`, naming it, `key` and `named`, each once.
+async fn refused_by_check_and_run(file: &str, key: &str, named: &str, problem: &str) {
+    for verb in ["check", "run"] {
+        let mut cmd = command(&[verb, "-c", file]);
+        cmd.env("CLI_TEST_SECRET", ENV_SECRET);
+        let out = run(cmd).await;
+        assert_eq!(out.code(), Some(1), "{verb}: {out:?}");
+        let error = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("{verb}: no error line: {out:?}"));
+        assert!(error.contains(&format!("{file}: {key}")), "{verb}: {error}");
+        assert!(error.contains(named), "{verb}: {error}");
+        assert_eq!(error.matches(problem).count(), 1, "{verb}: {error}");
+        assert!(out.stdout.is_empty(), "{verb}: {out:?}");
+        assert_no_secret(&out);
+    }
+}
+
+#[tokio::test]
+async fn check_refuses_a_missing_extra_ca_file_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("missing-ca.pem");
+    let file = preflight_config(
+        dir.path(),
+        &format!("extra_ca_file = \"{}\"", ca.display()),
+        "",
+    );
+    let named = ca.display().to_string();
+    refused_by_check_and_run(
+        &file,
+        "server.extra_ca_file",
+        &named,
+        "No such file or directory",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_refuses_an_extra_ca_file_without_a_certificate_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write(dir.path(), "not-a-ca.pem", "this is no certificate\n");
+    let file = preflight_config(dir.path(), &format!("extra_ca_file = \"{ca}\""), "");
+    refused_by_check_and_run(
+        &file,
+        "server.extra_ca_file",
+        &ca,
+        "no usable PEM certificate",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_refuses_a_world_writable_token_cache_dir_as_run_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let file = preflight_config(
+        dir.path(),
+        &format!("token_cache_dir = \"{}\"", cache.display()),
+        "",
+    );
+    let named = cache.display().to_string();
+    refused_by_check_and_run(&file, "server.token_cache_dir", &named, "mode 777").await;
+}
+
+#[tokio::test]
+async fn check_refuses_a_token_cache_dir_that_is_a_file_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = write(dir.path(), "cache", "");
+    let file = preflight_config(dir.path(), &format!("token_cache_dir = \"{cache}\""), "");
+    refused_by_check_and_run(&file, "server.token_cache_dir", &cache, "not a directory").await;
+}
+
+#[tokio::test]
+async fn check_refuses_an_unreadable_client_secret_file_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("missing-secret");
+    let file = preflight_config(
+        dir.path(),
+        "",
+        &format!("client_secret_file = \"{}\"", secret.display()),
+    );
+    let named = secret.display().to_string();
+    refused_by_check_and_run(
+        &file,
+        "providers.p.client_secret_file",
+        &named,
+        "No such file or directory",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn check_passes_a_config_whose_files_are_fine() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["ca.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let ca = write(dir.path(), "ca.pem", &cert.pem());
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let file = preflight_config(
+        dir.path(),
+        &format!(
+            "extra_ca_file = \"{ca}\"\ntoken_cache_dir = \"{}\"",
+            cache.display()
+        ),
+        "",
+    );
+    let mut cmd = command(&["check", "-c", &file]);
+    cmd.env("CLI_TEST_SECRET", ENV_SECRET);
+    let out = run(cmd).await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains(": OK"), "{out:?}");
+}

@@ -323,3 +323,127 @@ async fn values_in_redis_are_sealed_and_expire_with_the_token() {
     proxy.stop().await;
     proxy2.stop().await;
 }
+
+/// Ways to edit a sealed value, as someone who can write to Redis but holds no
+/// credentials might: times set absurdly far or moved, bytes flipped, id swapped,
+/// the older unauthenticated format, plain garbage.
+fn tampered(raw: &str) -> Vec<(&'static str, String)> {
+    use base64::Engine as _;
+    let doc: serde_json::Value = serde_json::from_str(raw).unwrap();
+    let edit = |field: &str, value: serde_json::Value| {
+        let mut d = doc.clone();
+        d[field] = value;
+        d.to_string()
+    };
+    let expires = doc["expires_at_ms"].as_u64().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut ciphertext = b64.decode(doc["ciphertext"].as_str().unwrap()).unwrap();
+    ciphertext[0] ^= 0xff;
+    let last = ciphertext.len() - 1;
+    ciphertext[last] ^= 0x01;
+    vec![
+        (
+            "expires_at 1e20",
+            edit("expires_at_ms", serde_json::json!(1e20)),
+        ),
+        (
+            "fetched_at 1e20",
+            edit("fetched_at_ms", serde_json::json!(1e20)),
+        ),
+        (
+            "expires_at ten years on",
+            edit(
+                "expires_at_ms",
+                serde_json::json!(expires + 10 * 365 * 86_400_000),
+            ),
+        ),
+        (
+            "ciphertext bytes flipped",
+            edit("ciphertext", serde_json::json!(b64.encode(&ciphertext))),
+        ),
+        ("id swapped", edit("id", serde_json::json!("12345"))),
+        (
+            "older format, times 1e20",
+            serde_json::json!({
+                "id": doc["id"], "fetched_at": 1e20, "expires_at": 1e20,
+                "nonce": doc["nonce"], "ciphertext": doc["ciphertext"],
+            })
+            .to_string(),
+        ),
+        ("garbage", "\u{0}not json at all".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn tampered_values_in_redis_are_ignored_and_replaced_while_every_proxy_serves() {
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    // Short-lived tokens: each refresh meets the tampered value and must replace it.
+    issuer.set_lifetime(2.0);
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let proxies = fleet(&config, 3).await;
+    assert!(eventually(Duration::from_secs(5), || converged(&proxies)).await);
+    let (name, fp) = provider_tag(&config.providers["p"], None);
+    let key = format!("test:token:{name}:{fp}");
+    let mut conn = redis.conn().await;
+    let get_raw = |mut conn: redis::aio::MultiplexedConnection, key: String| async move {
+        redis::cmd("GET")
+            .arg(&key)
+            .query_async::<Option<String>>(&mut conn)
+            .await
+            .unwrap()
+    };
+    let original = get_raw(conn.clone(), key.clone()).await.unwrap();
+    let c = client();
+    for (what, value) in tampered(&original) {
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(&value)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Wake every proxy to look at it, as a writer could.
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("test:events")
+            .arg(format!("changed {name} {fp}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Through the next refresh, every proxy keeps answering with a valid token,
+        // and the tampered value is replaced by a fresh, sealed one.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            for p in &proxies {
+                let answer = get(&c, &p.url("/x")).await;
+                assert_eq!(answer.status, 200, "{what}: {:?}", answer.body);
+                let auth = answer.echoed("authorization");
+                assert!(
+                    auth.len() == 1 && auth[0].starts_with("Bearer tok-"),
+                    "{what}: {auth:?}"
+                );
+            }
+            let now = get_raw(conn.clone(), key.clone()).await;
+            if now
+                .as_deref()
+                .is_some_and(|v| v != value && v.contains("\"v\":2"))
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: the tampered value was not replaced: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for p in &proxies {
+        let status = p.store.slot("p").unwrap().status();
+        assert_eq!(status.restarts, 0, "{status:?}");
+    }
+    for p in proxies {
+        p.stop().await;
+    }
+}

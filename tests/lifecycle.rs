@@ -430,7 +430,11 @@ async fn insecure_cache_dir_is_refused() {
         .await
         .err()
         .expect("refused");
-    let message = error.to_string();
+    let message = bearer_proxy::preflight::describe(&error);
+    assert!(
+        message.contains("t.toml: server.token_cache_dir"),
+        "{message}"
+    );
     assert!(message.contains("writable by group or others"), "{message}");
     assert!(message.contains("chmod 700"), "{message}");
 }

@@ -12,6 +12,7 @@ mod keyed;
 mod leaks;
 mod lifecycle;
 mod managed_redis;
+mod odd_answers;
 mod outbound;
 mod paths;
 mod properties;

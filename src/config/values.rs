@@ -41,10 +41,18 @@ pub fn interpolate(raw: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<St
     Ok(out)
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"24h"`.
+/// The longest duration any setting takes: longer ones are typos, and capping them
+/// keeps every deadline computed from them far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"24h"` (at most a year).
 pub fn duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value.trim())
-        .map_err(|e| format!("`{value}` is not a duration like \"30s\" or \"5m\" ({e})"))
+    let d = humantime::parse_duration(value.trim())
+        .map_err(|e| format!("`{value}` is not a duration like \"30s\" or \"5m\" ({e})"))?;
+    if d > MAX_DURATION {
+        return Err(format!("`{value}` is longer than a year"));
+    }
+    Ok(d)
 }
 
 /// Parses `"64KiB"`, `"1MiB"`, or a plain number of bytes.

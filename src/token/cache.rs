@@ -9,10 +9,12 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use super::seal::{check_times, unix_ms, Sealer, Unusable};
 
 use crate::config::{ClientAuth, ProviderConfig, RequestFormat};
 use crate::secret::Secret;
@@ -20,13 +22,13 @@ use crate::secret::Secret;
 /// Why the cache directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("token_cache_dir {}: {source}", path.display())]
+    #[error("cannot use {} as the token cache directory", path.display())]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error(
-        "token_cache_dir {} is writable by group or others (mode {mode:o}); run `chmod 700 {}`",
+        "{} is writable by group or others (mode {mode:o}); run `chmod 700 {}`",
         path.display(),
         path.display()
     )]
@@ -40,13 +42,84 @@ pub struct CachedToken {
     pub expires_at: SystemTime,
 }
 
+/// The file as written: the token sealed like the fleet's Redis value (see
+/// `seal`), the provider and times in the clear but authenticated.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CacheFile {
+    v: u8,
     provider: String,
     fingerprint: String,
-    token: String,
-    fetched_at_unix: f64,
-    expires_at_unix: f64,
+    fetched_at_ms: u64,
+    expires_at_ms: u64,
+    nonce: String,
+    ciphertext: String,
+}
+
+const FORMAT: u8 = 2;
+
+/// Every field stored in the clear, bound to the sealed token.
+fn associated(file: &CacheFile) -> Vec<u8> {
+    format!(
+        "cache\n{}\n{}\n{}\n{}\n{}",
+        file.v, file.provider, file.fingerprint, file.fetched_at_ms, file.expires_at_ms
+    )
+    .into_bytes()
+}
+
+/// The cache file's text for `provider`'s token.
+pub fn encode(
+    provider: &ProviderConfig,
+    key_id: Option<&str>,
+    token: &Secret,
+    fetched_at: SystemTime,
+    expires_at: SystemTime,
+) -> Option<String> {
+    let mut file = CacheFile {
+        v: FORMAT,
+        provider: provider.name.clone(),
+        fingerprint: fingerprint_for(provider, key_id),
+        fetched_at_ms: unix_ms(fetched_at),
+        expires_at_ms: unix_ms(expires_at),
+        nonce: String::new(),
+        ciphertext: String::new(),
+    };
+    (file.nonce, file.ciphertext) = Sealer::new(provider, key_id, "cache")
+        .seal(&associated(&file), token.expose().as_bytes())?;
+    serde_json::to_string(&file).ok()
+}
+
+/// Reads a cache file's text for `provider`, checking its times against `now`.
+/// Any text, however made, gets a token or a reason; `Ok(None)` for a file of other
+/// settings or credentials (the fingerprint differs: not ours to judge).
+pub fn decode(
+    provider: &ProviderConfig,
+    key_id: Option<&str>,
+    text: &str,
+    now: SystemTime,
+) -> Result<Option<CachedToken>, Unusable> {
+    let file: CacheFile = serde_json::from_str(text).map_err(|_| Unusable::Format)?;
+    if file.v != FORMAT {
+        return Err(Unusable::Format);
+    }
+    if file.fingerprint != fingerprint_for(provider, key_id) {
+        return Ok(None);
+    }
+    let plain = Sealer::new(provider, key_id, "cache").open(
+        &associated(&file),
+        &file.nonce,
+        &file.ciphertext,
+    )?;
+    let (fetched_at, expires_at) = check_times(file.fetched_at_ms, file.expires_at_ms, now)?;
+    let value = String::from_utf8(plain).map_err(|_| Unusable::Format)?;
+    if value.is_empty() {
+        return Err(Unusable::Format);
+    }
+    Ok(Some(CachedToken {
+        value: Secret::new(value),
+        fetched_at,
+        expires_at,
+    }))
 }
 
 /// A checked cache directory.
@@ -104,11 +177,12 @@ impl TokenCache {
         ))
     }
 
-    /// The cached token for `provider`, if there is one that has not expired.
-    /// A corrupt or unreadable file is logged and ignored.
+    /// The cached token for `provider` (its key `key_id` for a keyed provider), if
+    /// there is one that has not expired. A file that cannot be used (corrupt, tampered
+    /// with, implausible times) is logged and ignored; the next fetch overwrites it.
     pub fn load(&self, provider: &ProviderConfig, key_id: Option<&str>) -> Option<CachedToken> {
         let path = self.path_for(provider, key_id);
-        let text = match fs::read_to_string(&path) {
+        let text = match read_small(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(error) => {
@@ -116,26 +190,19 @@ impl TokenCache {
                 return None;
             }
         };
-        let file: CacheFile = match serde_json::from_str(&text) {
-            Ok(file) => file,
-            Err(_) => {
-                tracing::warn!(provider = %provider.name, path = %path.display(), "cached token file is corrupt; ignoring it");
-                return None;
+        match decode(provider, key_id, &text, SystemTime::now()) {
+            Ok(token) => token,
+            Err(Unusable::Expired) => None,
+            Err(why) => {
+                tracing::warn!(
+                    provider = %provider.name,
+                    path = %path.display(),
+                    reason = %why,
+                    "cached token file is unusable: {why}; ignoring it and fetching a new token"
+                );
+                None
             }
-        };
-        if file.fingerprint != fingerprint_for(provider, key_id) || file.token.is_empty() {
-            return None;
         }
-        let at = |secs: f64| {
-            (secs.is_finite() && secs > 0.0)
-                .then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
-        };
-        let (fetched_at, expires_at) = (at(file.fetched_at_unix)?, at(file.expires_at_unix)?);
-        (expires_at > SystemTime::now()).then(|| CachedToken {
-            value: Secret::new(file.token),
-            fetched_at,
-            expires_at,
-        })
     }
 
     /// Writes `provider`'s token atomically with mode 0600.
@@ -147,17 +214,8 @@ impl TokenCache {
         fetched_at: SystemTime,
         expires_at: SystemTime,
     ) -> std::io::Result<()> {
-        let unix = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64())
-        };
-        let file = CacheFile {
-            provider: provider.name.clone(),
-            fingerprint: fingerprint_for(provider, key_id),
-            token: token.expose().to_owned(),
-            fetched_at_unix: unix(fetched_at),
-            expires_at_unix: unix(expires_at),
-        };
+        let text = encode(provider, key_id, token, fetched_at, expires_at)
+            .ok_or_else(|| std::io::Error::other("cannot seal the token"))?;
         let path = self.path_for(provider, key_id);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let result = (|| {
@@ -167,7 +225,7 @@ impl TokenCache {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(serde_json::to_string(&file)?.as_bytes())?;
+            f.write_all(text.as_bytes())?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
         })();
@@ -191,6 +249,20 @@ pub fn fingerprint_for(p: &ProviderConfig, key_id: Option<&str>) -> String {
             h.finalize().iter().map(|b| format!("{b:02x}")).collect()
         }
     }
+}
+
+/// Reads a cache file of at most 64 KiB (a token file is far smaller; anything
+/// bigger is not ours and is not read into memory).
+fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    fs::File::open(path)?
+        .take(64 * 1024 + 1)
+        .read_to_string(&mut text)?;
+    if text.len() > 64 * 1024 {
+        return Err(std::io::Error::other("larger than 64 KiB"));
+    }
+    Ok(text)
 }
 
 /// A hash of every provider setting that shapes the token, secret included.

@@ -10,18 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use base64::Engine;
 use futures_util::StreamExt;
-use hkdf::Hkdf;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::fingerprint_for;
 use super::redis_link::{explain, RedisLink};
+use super::seal::{check_times, unix_ms, Sealer, Unusable};
 use crate::config::{ProviderConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -48,15 +44,20 @@ pub struct SharedToken {
 
 /// What is stored in Redis: the token sealed with AES-256-GCM under a key derived
 /// from the provider's client secret, so a reader of Redis without the credentials
-/// learns nothing usable.
+/// learns nothing usable, and a writer cannot change a thing (id and times are
+/// associated data). `id` stays readable for the invalidation script.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Sealed {
+    v: u8,
     id: String,
-    fetched_at: f64,
-    expires_at: f64,
+    fetched_at_ms: u64,
+    expires_at_ms: u64,
     nonce: String,
     ciphertext: String,
 }
+
+const FORMAT: u8 = 2;
 
 /// An event from another instance.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,6 +83,8 @@ pub struct Fleet {
     /// adopt tokens even if its own subscription never broke.
     back: tokio::sync::Notify,
     metrics: Arc<Metrics>,
+    /// Per token key, a digest of the last unusable value logged (log it once).
+    unusable_seen: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -92,30 +95,16 @@ impl std::fmt::Debug for Fleet {
     }
 }
 
-fn unix(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-fn from_unix(secs: f64) -> Option<SystemTime> {
-    (secs.is_finite() && secs > 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
-}
-
 /// Short provider tag used in key names: name plus fingerprint prefix (of the key's
 /// id too for a keyed provider, so names never reveal the key).
 pub fn provider_tag(p: &ProviderConfig, key_id: Option<&str>) -> (String, String) {
     (p.name.clone(), fingerprint_for(p, key_id)[..16].to_owned())
 }
 
-fn cipher(p: &ProviderConfig, key_id: Option<&str>) -> Aes256Gcm {
-    let hk = Hkdf::<Sha256>::new(
-        Some(b"bearer-proxy/redis/v1"),
-        p.client_secret.expose().as_bytes(),
-    );
-    let mut key = [0u8; 32];
-    // 32 bytes is always a valid HKDF-SHA256 output length.
-    let _ = hk.expand(fingerprint_for(p, key_id).as_bytes(), &mut key);
-    Aes256Gcm::new(&key.into())
+/// Builds the Redis clients for `config` without connecting, as [`Fleet::new`] does:
+/// the startup checks run it so `check` refuses what `run` would.
+pub fn preflight(config: &RedisConfig) -> Result<(), FleetError> {
+    RedisLink::new(config).map(drop)
 }
 
 impl Fleet {
@@ -136,6 +125,7 @@ impl Fleet {
             up: AtomicBool::new(true),
             back: tokio::sync::Notify::new(),
             metrics,
+            unusable_seen: Default::default(),
         })
     }
 
@@ -224,7 +214,9 @@ impl Fleet {
         format!("{}events", self.prefix)
     }
 
-    /// The fleet's current token for `p`, if any (and decryptable).
+    /// The fleet's current token for `p`, if there is a usable one. A value that
+    /// does not open or whose times are implausible counts as none (the caller
+    /// fetches and overwrites it), and is logged once.
     pub async fn read(
         &self,
         p: &ProviderConfig,
@@ -232,7 +224,34 @@ impl Fleet {
     ) -> Result<Option<SharedToken>, FleetError> {
         let key = self.token_key(p, key_id);
         let raw: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
-        Ok(raw.and_then(|raw| open(p, key_id, &key, &raw)))
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        match open(p, key_id, &key, &raw, SystemTime::now()) {
+            Ok(token) => Ok(Some(token)),
+            Err(Unusable::Expired) => Ok(None),
+            Err(why) => {
+                self.report_unusable(p, &key, &raw, why);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Warns about an unusable stored value the first time this process sees it.
+    fn report_unusable(&self, p: &ProviderConfig, key: &str, raw: &str, why: Unusable) {
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(raw.as_bytes()).into();
+        let first = self
+            .unusable_seen
+            .lock()
+            .map(|mut seen| seen.insert(key.to_owned(), digest) != Some(digest))
+            .unwrap_or(true);
+        if first {
+            tracing::warn!(
+                provider = %p.name,
+                reason = %why,
+                "the token stored in Redis is unusable: {why}; ignoring it and fetching a new one"
+            );
+        }
     }
 
     /// Stores `t` with a Redis TTL ending at its expiry; `only_if_absent` for NX.
@@ -246,7 +265,7 @@ impl Fleet {
         let key = self.token_key(p, key_id);
         let sealed =
             seal(p, key_id, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
-        let expires_ms = (unix(t.expires_at) * 1000.0) as u64;
+        let expires_ms = unix_ms(t.expires_at);
         let mut cmd = redis::cmd("SET");
         cmd.arg(&key).arg(sealed).arg("PXAT").arg(expires_ms);
         if only_if_absent {
@@ -351,7 +370,9 @@ impl Fleet {
         id: u64,
     ) -> Result<bool, FleetError> {
         const SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-             if v and cjson.decode(v)['id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
+             if not v then return 0 end \
+             local ok, doc = pcall(cjson.decode, v) \
+             if not ok or type(doc) ~= 'table' or doc['id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end \
              return 0";
         let deleted: i64 = self
             .query(
@@ -460,49 +481,64 @@ fn parse_event(text: &str) -> Option<FleetEvent> {
     }
 }
 
-fn seal(p: &ProviderConfig, key_id: Option<&str>, key: &str, t: &SharedToken) -> Option<String> {
-    let nonce_bytes: [u8; 12] = rand::random();
-    let ciphertext = cipher(p, key_id)
-        .encrypt(
-            Nonce::from_slice(&nonce_bytes),
-            Payload {
-                msg: t.value.expose().as_bytes(),
-                aad: key.as_bytes(),
-            },
-        )
-        .ok()?;
-    let b64 = base64::engine::general_purpose::STANDARD;
+/// The associated data: the Redis key (so a value cannot move to another provider's
+/// key) and every field stored in the clear.
+fn associated(key: &str, id: &str, fetched_at_ms: u64, expires_at_ms: u64) -> Vec<u8> {
+    format!("{key}\n{id}\n{fetched_at_ms}\n{expires_at_ms}").into_bytes()
+}
+
+/// Seals `t` for the Redis key `key` (of `p`'s key `key_id` for a keyed provider).
+pub fn seal(
+    p: &ProviderConfig,
+    key_id: Option<&str>,
+    key: &str,
+    t: &SharedToken,
+) -> Option<String> {
+    let id = t.id.to_string();
+    let (fetched_at_ms, expires_at_ms) = (unix_ms(t.fetched_at), unix_ms(t.expires_at));
+    let (nonce, ciphertext) = Sealer::new(p, key_id, "redis").seal(
+        &associated(key, &id, fetched_at_ms, expires_at_ms),
+        t.value.expose().as_bytes(),
+    )?;
     serde_json::to_string(&Sealed {
-        id: t.id.to_string(),
-        fetched_at: unix(t.fetched_at),
-        expires_at: unix(t.expires_at),
-        nonce: b64.encode(nonce_bytes),
-        ciphertext: b64.encode(ciphertext),
+        v: FORMAT,
+        id,
+        fetched_at_ms,
+        expires_at_ms,
+        nonce,
+        ciphertext,
     })
     .ok()
 }
 
-fn open(p: &ProviderConfig, key_id: Option<&str>, key: &str, raw: &str) -> Option<SharedToken> {
-    let sealed: Sealed = serde_json::from_str(raw).ok()?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let nonce = b64.decode(&sealed.nonce).ok()?;
-    if nonce.len() != 12 {
-        return None;
+/// Opens a value read from the Redis key `key`, checking its times against `now`.
+/// Any value, however made, gets a token or a reason.
+pub fn open(
+    p: &ProviderConfig,
+    key_id: Option<&str>,
+    key: &str,
+    raw: &str,
+    now: SystemTime,
+) -> Result<SharedToken, Unusable> {
+    let sealed: Sealed = serde_json::from_str(raw).map_err(|_| Unusable::Format)?;
+    if sealed.v != FORMAT {
+        return Err(Unusable::Format);
     }
-    let plain = cipher(p, key_id)
-        .decrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: &b64.decode(&sealed.ciphertext).ok()?,
-                aad: key.as_bytes(),
-            },
-        )
-        .ok()?;
-    Some(SharedToken {
-        id: sealed.id.parse().ok()?,
-        value: Secret::new(String::from_utf8(plain).ok()?),
-        fetched_at: from_unix(sealed.fetched_at)?,
-        expires_at: from_unix(sealed.expires_at)?,
+    let plain = Sealer::new(p, key_id, "redis").open(
+        &associated(key, &sealed.id, sealed.fetched_at_ms, sealed.expires_at_ms),
+        &sealed.nonce,
+        &sealed.ciphertext,
+    )?;
+    let (fetched_at, expires_at) = check_times(sealed.fetched_at_ms, sealed.expires_at_ms, now)?;
+    let value = String::from_utf8(plain).map_err(|_| Unusable::Format)?;
+    if value.is_empty() {
+        return Err(Unusable::Format);
+    }
+    Ok(SharedToken {
+        id: sealed.id.parse().map_err(|_| Unusable::Format)?,
+        value: Secret::new(value),
+        fetched_at,
+        expires_at,
     })
 }
 

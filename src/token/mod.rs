@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod keyed;
 mod redis_link;
 mod refresh;
+pub mod seal;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProviderConfig, StoreConfig, Tuning};
 use crate::metrics::Metrics;
-use crate::provider::TokenClient;
+use crate::provider::{TokenClient, MAX_LIFETIME};
 use crate::secret::Secret;
 use cache::TokenCache;
 use fleet::{Fleet, FleetError, FleetEvent};
@@ -84,6 +85,10 @@ pub struct SlotStatus {
     /// When the task will try again after a failure.
     pub next_attempt: Option<Instant>,
     pub fetching: bool,
+    /// Times the refresher ended unexpectedly and was started again.
+    pub restarts: u64,
+    /// Why it last had to be started again.
+    pub last_restart: Option<String>,
 }
 
 /// Settings every slot shares.
@@ -125,6 +130,7 @@ impl ProviderSlot {
         settings: StoreSettings,
         cancel: CancellationToken,
     ) -> Self {
+        settings.metrics.provider_started(&config.name);
         Self {
             config,
             current: ArcSwapOption::empty(),
@@ -255,8 +261,9 @@ impl ProviderSlot {
     }
 
     /// Builds a token whose whole lifetime is `lifetime` and of which `remaining` is
-    /// left at monotonic instant `now` (wall clock `now_wall`). `None` when the value
-    /// cannot be sent in a header.
+    /// left at monotonic instant `now` (wall clock `now_wall`). Both are capped at
+    /// [`MAX_LIFETIME`], so no time arithmetic here can overflow. `None` when the
+    /// value cannot be sent in a header.
     fn make_token(
         &self,
         value: &Secret,
@@ -270,9 +277,12 @@ impl ProviderSlot {
             HeaderValue::from_str(&format!("{}{}", self.config.header_prefix, value.expose()))
                 .ok()?;
         header_value.set_sensitive(true);
+        let lifetime = lifetime.min(MAX_LIFETIME);
+        let remaining = remaining.min(lifetime);
         let lead = self.config.refresh_before.lead(lifetime);
         // Jitter spreads a fleet started together over a little window.
-        let jitter = lifetime.mul_f64(self.settings.tuning.refresh_jitter * rand::random::<f64>());
+        let spread = (self.settings.tuning.refresh_jitter * rand::random::<f64>()).clamp(0.0, 1.0);
+        let jitter = lifetime.mul_f64(spread);
         // Never refresh sooner than this after a fetch, whatever the settings say.
         let earliest = if remaining == lifetime {
             (lifetime / 2).min(Duration::from_secs(1))
@@ -287,10 +297,10 @@ impl ProviderSlot {
             header_value,
             generation: self.generation.fetch_add(1, Ordering::AcqRel) + 1,
             id,
-            expires_at: now + remaining,
-            refresh_at: now + refresh_in,
-            fetched_at: now_wall - (lifetime - remaining),
-            expires_at_wall: now_wall + remaining,
+            expires_at: now.checked_add(remaining)?,
+            refresh_at: now.checked_add(refresh_in)?,
+            fetched_at: now_wall.checked_sub(lifetime - remaining)?,
+            expires_at_wall: now_wall.checked_add(remaining)?,
         })
     }
 
@@ -660,3 +670,6 @@ impl TokenStore {
         self.keyed.load().values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::cache::TokenCache;
 use super::fleet::{Fleet, FleetError, SharedToken};
 use super::{ProviderSlot, Token};
-use crate::provider::{Expiry, FetchError, FetchedToken, TokenClient};
+use crate::provider::{Expiry, FetchError, FetchedToken, TokenClient, MAX_LIFETIME};
 use crate::secret::Secret;
 
 /// What one refresher needs besides its slot.
@@ -36,7 +36,11 @@ pub(super) struct Ingredients {
 impl Ingredients {
     /// Starts `slot`'s refresher on the store's runtime.
     pub fn spawn(&self, slot: &Arc<ProviderSlot>) {
-        let task = run(slot.clone(), self.refresher.clone(), slot.cancel.clone());
+        let refresher = Arc::new(self.refresher.clone());
+        let (run_slot, cancel) = (slot.clone(), slot.cancel.clone());
+        let task = supervise(slot.clone(), slot.cancel.clone(), move || {
+            run(run_slot.clone(), refresher.clone(), cancel.clone())
+        });
         match self.runtime.get() {
             Some(runtime) => drop(runtime.spawn(task)),
             None => drop(tokio::spawn(task)),
@@ -52,8 +56,83 @@ struct Obtained {
     outcome: &'static str,
 }
 
+/// Keeps `slot`'s refresher running until `cancel`: a refresher that ends on its
+/// own (a panic included) is logged at error, counted, shown in `/tokens`, and
+/// started again after the usual backoff, so no input can stop a provider for good.
+pub(super) async fn supervise<F, Fut>(slot: Arc<ProviderSlot>, cancel: CancellationToken, start: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut restarts_in_a_row: u32 = 0;
+    loop {
+        let started = Instant::now();
+        let mut task = tokio::spawn(start());
+        let outcome = tokio::select! {
+            outcome = &mut task => outcome,
+            () = cancel.cancelled() => {
+                // The refresher stops on the same token; this only covers one that won't.
+                task.abort();
+                return;
+            }
+        };
+        if cancel.is_cancelled() {
+            return;
+        }
+        let reason = match outcome {
+            Ok(()) => "the token refresher stopped unexpectedly".to_owned(),
+            Err(e) if e.is_panic() => format!(
+                "the token refresher panicked: {}",
+                panic_message(&slot, e.into_panic())
+            ),
+            Err(e) => format!("the token refresher ended: {e}"),
+        };
+        // One that ran a good while before failing starts a fresh backoff series.
+        if started.elapsed() > slot.settings.tuning.backoff_max * 2 {
+            restarts_in_a_row = 0;
+        }
+        restarts_in_a_row = restarts_in_a_row.saturating_add(1);
+        let delay = backoff(&slot, restarts_in_a_row);
+        let next_attempt = Instant::now() + delay;
+        tracing::error!(
+            provider = %slot.config.name,
+            %reason,
+            restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "token refresher stopped; restarting it"
+        );
+        slot.settings.metrics.refresher_restart(&slot.config.name);
+        slot.update_status(|s| {
+            s.fetching = false;
+            s.restarts += 1;
+            s.last_restart = Some(reason.clone());
+            s.last_error = Some(format!("{reason}; restarting it in {delay:?}"));
+            s.next_attempt = Some(next_attempt);
+        });
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep_until(next_attempt) => {}
+        }
+    }
+}
+
+/// A panic's message, with the client secret cut out and kept short (it goes to
+/// the log and `/tokens`).
+fn panic_message(slot: &ProviderSlot, payload: Box<dyn std::any::Any + Send>) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    let text: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    crate::secret::redact(&text, &[&slot.config.client_secret])
+}
+
 /// Runs until `cancel`: the only caller of `slot`'s token endpoint in this process.
-pub(super) async fn run(slot: Arc<ProviderSlot>, r: Refresher, cancel: CancellationToken) {
+pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: CancellationToken) {
     let mut failures: u32 = 0;
     // Tokens the upstream rejected soon after we fetched them, in a row: bad
     // credentials or a confused API must not turn every request into a fetch.
@@ -148,7 +227,7 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Refresher, cancel: Cancellat
 const QUICK_REJECTION: Duration = Duration::from_secs(30);
 
 /// When the slot next needs a fetch, ignoring backoff; `None`: not until asked.
-fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
+pub(super) fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
     match slot.current.load().as_ref() {
         Some(token) if token.is_valid_at(now) => Some(token.refresh_at),
         _ if (slot.config.prefetch && slot.key.is_none())
@@ -164,7 +243,7 @@ fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
 /// c = min(max, base * 2^(n-1)). Unlike full jitter (uniform in [0, c]) the gaps
 /// never shrink, so a run of unlucky draws cannot hammer the endpoint, and a fleet
 /// still spreads out over half of each interval.
-fn backoff(slot: &ProviderSlot, failures: u32) -> Duration {
+pub(super) fn backoff(slot: &ProviderSlot, failures: u32) -> Duration {
     let tuning = &slot.settings.tuning;
     let ceiling = tuning
         .backoff_base
@@ -193,7 +272,7 @@ async fn fetch_once(
         },
         None => fetch_here(slot, &r.client).await,
     };
-    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok(obtained) => {
             if let Some(cache) = &r.cache {
@@ -224,7 +303,7 @@ async fn fetch_once(
                 duration_ms = elapsed_ms,
                 error = %e,
                 failures_in_a_row = attempt,
-                retry_in_ms = delay.as_millis() as u64,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "token fetch failed"
             );
             slot.settings
@@ -399,6 +478,7 @@ fn build_token(
             )
         })?,
     };
+    let lifetime = lifetime.min(MAX_LIFETIME);
     if lifetime < Duration::from_secs(1) {
         return Err(FetchError::Invalid(
             "the token expires in less than a second".to_owned(),

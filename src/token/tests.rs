@@ -1,0 +1,203 @@
+//! The refresh schedule and the refresher's supervisor, on tokio's paused clock.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{refresh, ProviderSlot, StoreSettings};
+use crate::config::{Config, Tuning};
+use crate::metrics::Metrics;
+use crate::provider::MAX_LIFETIME;
+use crate::secret::Secret;
+
+fn slot(extra: &str, tuning: Tuning) -> Arc<ProviderSlot> {
+    let text = format!(
+        "[providers.p]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\nclient_secret = \"s3cret-value\"\n{extra}\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n"
+    );
+    let config = Config::parse(&text, Path::new("t.toml"), &|_| None).unwrap();
+    let settings = StoreSettings {
+        token_timeout: Duration::from_secs(10),
+        token_wait: Duration::from_secs(10),
+        tuning,
+        metrics: Arc::new(Metrics::new()),
+    };
+    Arc::new(ProviderSlot::new(
+        config.providers["p"].clone(),
+        settings,
+        CancellationToken::new(),
+    ))
+}
+
+fn no_jitter() -> Tuning {
+    Tuning {
+        refresh_jitter: 0.0,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(8),
+        ..Tuning::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_is_due_refresh_before_ahead_of_expiry() {
+    let slot = slot("refresh_before = \"10%\"", no_jitter());
+    let now = Instant::now();
+    let hour = Duration::from_secs(3600);
+    let token = slot
+        .make_token(&Secret::new("t"), hour, hour, now, SystemTime::now(), 1)
+        .unwrap();
+    assert_eq!(token.expires_at, now + hour);
+    assert_eq!(token.refresh_at, now + Duration::from_secs(3240));
+    slot.publish(token, "ok");
+    assert_eq!(
+        refresh::next_due(&slot, now),
+        Some(now + Duration::from_secs(3240))
+    );
+    // The clock moves; the token stays until it expires, then a fetch is due at once.
+    tokio::time::advance(Duration::from_secs(3300)).await;
+    assert!(slot.current().is_some());
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert!(slot.current().is_none());
+    let later = Instant::now();
+    assert_eq!(refresh::next_due(&slot, later), Some(later));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lifetime_beyond_a_year_counts_as_a_year() {
+    let slot = slot("refresh_before = \"1m\"", no_jitter());
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let forever = Duration::from_secs(u64::MAX / 4);
+    let token = slot
+        .make_token(&Secret::new("t"), forever, forever, now, wall, 1)
+        .unwrap();
+    assert_eq!(token.expires_at, now + MAX_LIFETIME);
+    assert_eq!(token.expires_at_wall, wall + MAX_LIFETIME);
+    assert_eq!(
+        token.refresh_at,
+        now + MAX_LIFETIME - Duration::from_secs(60)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_short_token_is_never_refreshed_sooner_than_half_its_life_or_a_second() {
+    let slot = slot("refresh_before = \"10m\"", no_jitter());
+    let now = Instant::now();
+    let token = slot
+        .make_token(
+            &Secret::new("t"),
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            now,
+            SystemTime::now(),
+            1,
+        )
+        .unwrap();
+    assert_eq!(token.refresh_at, now + Duration::from_secs(3));
+    let token = slot
+        .make_token(
+            &Secret::new("t"),
+            Duration::from_millis(1500),
+            Duration::from_millis(1500),
+            now,
+            SystemTime::now(),
+            1,
+        )
+        .unwrap();
+    assert_eq!(token.refresh_at, now + Duration::from_millis(750));
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_within_equal_jitter_bounds_up_to_the_maximum() {
+    let slot = slot("", no_jitter());
+    for (failures, ceiling) in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (40, 8)] {
+        for _ in 0..50 {
+            let d = refresh::backoff(&slot, failures);
+            let ceiling = Duration::from_secs(ceiling);
+            assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_refresher_is_restarted_with_backoff_and_reported() {
+    let slot = slot("", no_jitter());
+    let cancel = CancellationToken::new();
+    let starts = Arc::new(AtomicU32::new(0));
+    let counter = starts.clone();
+    let started_at = Instant::now();
+    let supervisor = tokio::spawn(refresh::supervise(
+        slot.clone(),
+        cancel.clone(),
+        move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match n {
+                    0 | 1 => panic!("cannot convert float seconds to Duration"),
+                    2 => {}
+                    _ => std::future::pending().await,
+                }
+            }
+        },
+    ));
+    // Two panics and one plain return: three restarts, backoff 0.5-1 s, 1-2 s, 2-4 s.
+    while starts.load(Ordering::SeqCst) < 4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = started_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(3500) && waited <= Duration::from_millis(7200),
+        "{waited:?}"
+    );
+    let status = slot.status();
+    assert_eq!(status.restarts, 3);
+    assert!(!status.fetching);
+    assert_eq!(
+        status.last_restart.as_deref(),
+        Some("the token refresher stopped unexpectedly")
+    );
+    let metrics = slot.settings.metrics.encode();
+    assert!(
+        metrics.contains("bearer_proxy_refresher_restarts_total{provider=\"p\"} 3"),
+        "{metrics}"
+    );
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(1), supervisor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(starts.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_panic_message_reaches_the_status_without_the_secret() {
+    let slot = slot("", no_jitter());
+    let cancel = CancellationToken::new();
+    let starts = Arc::new(AtomicU32::new(0));
+    let counter = starts.clone();
+    tokio::spawn(refresh::supervise(
+        slot.clone(),
+        cancel.clone(),
+        move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    panic!("boom near s3cret-value");
+                }
+                std::future::pending().await
+            }
+        },
+    ));
+    while starts.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = slot.status();
+    assert_eq!(
+        status.last_restart.as_deref(),
+        Some("the token refresher panicked: boom near ***")
+    );
+    assert!(status.last_error.unwrap().contains("restarting it in"));
+    cancel.cancel();
+}
