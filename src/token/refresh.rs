@@ -143,7 +143,10 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
     if let (Some(key), Some(cache)) = (&slot.key, &r.cache) {
         // A key's cached token is read when the key is first used (off the runtime).
         let (cache, config, id) = (cache.clone(), slot.config.clone(), key.id().to_owned());
-        let cached = tokio::task::spawn_blocking(move || cache.load(&config, Some(&id))).await;
+        let cached = Box::pin(tokio::task::spawn_blocking(move || {
+            cache.load(&config, Some(&id))
+        }))
+        .await;
         if let Ok(Some(cached)) = cached {
             slot.publish_cached(cached);
         }
@@ -171,7 +174,7 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
             rejected = Some(id);
             if let Some(fleet) = &r.fleet {
                 // Drop it for the whole fleet, unless another proxy already replaced it.
-                let _ = fleet.invalidate(&slot.config, slot.key_id(), id).await;
+                let _ = Box::pin(fleet.invalidate(&slot.config, slot.key_id(), id)).await;
             }
             let quick = last_fetch.is_some_and(|at| now.duration_since(at) < QUICK_REJECTION);
             quick_rejections = if quick { quick_rejections + 1 } else { 0 };
@@ -188,14 +191,14 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
         }
         if slot.fleet_hint.swap(false, Ordering::AcqRel) {
             if let Some(fleet) = &r.fleet {
-                adopt_from_fleet(&slot, fleet, rejected).await;
+                Box::pin(adopt_from_fleet(&slot, fleet, rejected)).await;
             }
         }
         let due = next_due(&slot, now).map(|due| not_before.map_or(due, |nb| due.max(nb)));
         if due.is_some_and(|due| due <= now) {
             last_fetch = Some(now);
-            // Boxed: the fetch's large future exists only while fetching, which keeps
-            // an idle refresher (one per key of a keyed provider) small.
+            // Boxed, as every await but the waits below: the large futures exist only
+            // while running, which keeps an idle refresher (one per key) small.
             match Box::pin(fetch_once(&slot, &r, rejected, failures.saturating_add(1))).await {
                 Ok(()) => {
                     failures = 0;

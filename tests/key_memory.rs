@@ -1,0 +1,127 @@
+//! Memory per key of a keyed provider, counted by a global allocator. A test binary of
+//! its own, so no other test allocates while it measures.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bearer_proxy::token::{KeyedProvider, Token};
+use http::Response;
+
+use support::*;
+
+/// Bytes allocated and not yet freed, by anyone in the process.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+struct Counting;
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counted.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const KEYS: usize = 10_000;
+
+/// Gets a token for keys `from..from + n`, 50 at a time (a burst of first requests).
+async fn burst(keyed: &Arc<KeyedProvider>, from: usize, n: usize) -> usize {
+    let mut token_bytes = 0;
+    for chunk in (from..from + n).collect::<Vec<_>>().chunks(50) {
+        let gets = chunk.iter().map(|i| {
+            let keyed = keyed.clone();
+            async move {
+                let slot = keyed.slot(&format!("member-{i:06}")).expect("valid key");
+                slot.get().await.expect("token").header_value().len()
+            }
+        });
+        token_bytes += futures_util::future::join_all(gets)
+            .await
+            .into_iter()
+            .sum::<usize>();
+    }
+    token_bytes
+}
+
+async fn settled() -> isize {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    LIVE.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keys_cost_at_most_2_kib_each_beyond_the_token() {
+    // A lean issuer that keeps nothing per request, so only the proxy's memory grows.
+    let n = Arc::new(AtomicUsize::new(0));
+    let issuer = serve(move |_req| {
+        let n = n.fetch_add(1, Ordering::Relaxed);
+        async move {
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(format!(
+                    r#"{{"access_token":"tok-{n:08}","expires_in":3600}}"#
+                )))
+                .unwrap()
+        }
+    })
+    .await;
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[providers.p]
+token_url = "http://{issuer}/token"
+client_id = "c"
+client_secret = "memory-secret"
+scope = "member:{{key}}"
+key_header = "X-Member"
+max_keys = 20000
+
+[[routes]]
+upstream = "http://127.0.0.1:9"
+provider = "p"
+"#
+    );
+    let proxy = Proxy::start(&toml).await;
+    let keyed = proxy.store.keyed("p").expect("keyed provider");
+    // Warm up: connection pools, lazily built tables, the allocator's own state.
+    burst(&keyed, 0, 1000).await;
+    let before = settled().await;
+    let header_bytes = burst(&keyed, 1000, KEYS).await;
+    let after = settled().await;
+    assert_eq!(keyed.counts().held, 1000 + KEYS);
+    assert_eq!(keyed.counts().valid, 1000 + KEYS);
+    // The token itself: its Arc'd struct and its header value.
+    let token = KEYS * (std::mem::size_of::<Token>() + 16) + header_bytes;
+    let grown = usize::try_from(after - before).unwrap_or(0);
+    let per_key = grown.saturating_sub(token) / KEYS;
+    println!(
+        "{KEYS} keys: {grown} bytes live ({} per key), of which tokens {token}: {per_key} bytes per key beyond the token",
+        grown / KEYS
+    );
+    assert!(per_key <= 2048, "{per_key} bytes per key");
+    proxy.stop().await;
+}
