@@ -621,3 +621,87 @@ async fn a_fleet_shares_each_members_token_under_a_name_without_the_member() {
     one.stop().await;
     two.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_keyed_provider_and_restarts_a_changed_one() {
+    let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    let toml = loyalife_config(&issuer, &upstream, "");
+    std::fs::write(&file, &toml).unwrap();
+    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let first = auth(&as_member(&proxy, "MBR-1").await);
+    // Unchanged: the member keeps its token.
+    let report = proxy.shared.reload().await.expect("reload");
+    assert_eq!(report.providers.kept, ["p"]);
+    assert_eq!(auth(&as_member(&proxy, "MBR-1").await), first);
+    // Changed: keys start over.
+    std::fs::write(
+        &file,
+        toml.replace("[[routes]]", "max_keys = 5\n\n[[routes]]"),
+    )
+    .unwrap();
+    let report = proxy.shared.reload().await.expect("reload");
+    assert_eq!(report.providers.started, ["p"]);
+    assert_ne!(auth(&as_member(&proxy, "MBR-1").await), first);
+    assert_eq!(issuer.hits_for("MBR-1"), 2);
+    assert_eq!(proxy.store.keyed("p").unwrap().keys().max_keys, 5);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_command_needs_a_valid_key_for_a_keyed_provider_and_never_quotes_it() {
+    let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    let toml = loyalife_config(&issuer, &upstream, "").replace(
+        "[[routes]]",
+        "[providers.plain]\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\n[[routes]]",
+    );
+    std::fs::write(&file, &toml).unwrap();
+    let run = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+            .args(args)
+            .arg("-c")
+            .arg(&file)
+            .output()
+            .unwrap();
+        // stdout: the token alone; stderr: messages (and a warning about this file).
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        (
+            run(&["token", "p", "--key", "MBR-CLI-1"]),
+            run(&["token", "p"]),
+            run(&["token", "p", "--key", "MBR CLI 2"]),
+            run(&["token", "plain", "--key", "MBR-CLI-3"]),
+        )
+    })
+    .await
+    .map(|(ok, missing, bad, unkeyed)| {
+        assert_eq!(ok.0, Some(0), "{}", ok.1);
+        assert_eq!(
+            ok.1.lines().next(),
+            Some(issuer.token_for("MBR-CLI-1").as_str())
+        );
+        assert!(
+            missing.1.contains("x-loyalife-member") && missing.1.contains("--key"),
+            "{}",
+            missing.1
+        );
+        assert!(bad.1.contains("key_pattern"), "{}", bad.1);
+        assert!(unkeyed.1.contains("key_header"), "{}", unkeyed.1);
+        let errors = format!("{}{}{}", missing.1, bad.1, unkeyed.1);
+        ((missing.0, bad.0, unkeyed.0), errors)
+    })
+    .unwrap();
+    assert_eq!(code, (Some(1), Some(1), Some(1)));
+    assert!(!out.contains("MBR"), "{out}");
+}

@@ -16,6 +16,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::time::Instant;
@@ -116,11 +117,10 @@ fn key_mac(config: &ProviderConfig) -> Hmac<Sha256> {
         Some(b"bearer-proxy/key-id/v1"),
         config.client_secret.expose().as_bytes(),
     );
-    let mut key = [0u8; 32];
-    // 32 bytes is always a valid HKDF-SHA256 output length.
+    // One SHA-256 block: HMAC's natural key size, and a valid HKDF-SHA256 output length.
+    let mut key = [0u8; 64];
     let _ = hk.expand(config.name.as_bytes(), &mut key);
-    // HMAC takes keys of any length.
-    <Hmac<Sha256> as Mac>::new_from_slice(&key).unwrap_or_else(|_| unreachable!())
+    <Hmac<Sha256> as KeyInit>::new(&key.into())
 }
 
 /// What a keyed provider's slots add up to (for `/tokens` and metrics).
@@ -145,7 +145,7 @@ pub struct KeyedProvider {
     held: AtomicUsize,
     mac: Hmac<Sha256>,
     epoch: Instant,
-    settings: StoreSettings,
+    settings: Arc<StoreSettings>,
     refresher: refresh::Ingredients,
     cancel: CancellationToken,
     this: Weak<KeyedProvider>,
@@ -155,7 +155,7 @@ impl KeyedProvider {
     /// `None` unless `config` has `key_header`.
     pub(super) fn new(
         config: Arc<ProviderConfig>,
-        settings: StoreSettings,
+        settings: Arc<StoreSettings>,
         refresher: refresh::Ingredients,
         cancel: CancellationToken,
     ) -> Option<Arc<Self>> {

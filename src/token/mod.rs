@@ -14,12 +14,12 @@ pub mod seal;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -104,8 +104,10 @@ pub struct StoreSettings {
 pub struct ProviderSlot {
     pub config: Arc<ProviderConfig>,
     current: ArcSwapOption<Token>,
-    /// Bumped whenever a fetch ends, so waiters look again.
-    changed: watch::Sender<u64>,
+    /// Notified whenever a fetch ends, so waiters look again. (A `Notify` rather
+    /// than a watch channel: a keyed provider has one slot per key, and this is
+    /// a tenth of the size.)
+    changed: Notify,
     wake: Notify,
     /// A request needs a token (matters for `prefetch = false` and after invalidation).
     wanted: AtomicBool,
@@ -117,7 +119,7 @@ pub struct ProviderSlot {
     fleet_wake: Notify,
     generation: AtomicU64,
     status: Mutex<SlotStatus>,
-    settings: StoreSettings,
+    settings: Arc<StoreSettings>,
     /// Stops this slot's refresher (shutdown, or the provider left the config).
     cancel: CancellationToken,
     /// The key this slot's token is bound to (one slot per key of a keyed provider).
@@ -127,14 +129,14 @@ pub struct ProviderSlot {
 impl ProviderSlot {
     fn new(
         config: Arc<ProviderConfig>,
-        settings: StoreSettings,
+        settings: Arc<StoreSettings>,
         cancel: CancellationToken,
     ) -> Self {
         settings.metrics.provider_started(&config.name);
         Self {
             config,
             current: ArcSwapOption::empty(),
-            changed: watch::channel(0).0,
+            changed: Notify::new(),
             wake: Notify::new(),
             wanted: AtomicBool::new(false),
             rejected: Mutex::new(None),
@@ -176,10 +178,13 @@ impl ProviderSlot {
             return Ok(token);
         }
         let deadline = Instant::now() + self.settings.token_wait;
-        let mut changed = self.changed.subscribe();
         self.wanted.store(true, Ordering::Release);
         self.wake.notify_one();
         loop {
+            // Registered before looking, so a fetch ending in between still wakes us.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             if let Some(token) = self.current() {
                 return Ok(token);
             }
@@ -188,9 +193,8 @@ impl ProviderSlot {
             if !status.fetching && status.next_attempt.is_some_and(|at| at >= deadline) {
                 return Err(self.unavailable(status));
             }
-            match tokio::time::timeout_at(deadline, changed.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return Err(self.unavailable(self.status())),
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(self.unavailable(self.status()));
             }
         }
     }
@@ -221,20 +225,34 @@ impl ProviderSlot {
         if token.generation != generation {
             return false;
         }
-        let previous = self.current.compare_and_swap(&*current, None);
-        let dropped = previous
-            .as_ref()
-            .is_some_and(|t| t.generation == generation);
+        // The drop and the note of what was rejected happen under one lock, so the
+        // refresher never sees "no token" without also seeing which one not to
+        // take back from the fleet (see `current_and_rejected`).
+        let dropped = {
+            let mut rejected = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
+            let previous = self.current.compare_and_swap(&*current, None);
+            let dropped = previous
+                .as_ref()
+                .is_some_and(|t| t.generation == generation);
+            if dropped {
+                *rejected = Some(token.id);
+            }
+            dropped
+        };
         if dropped {
             self.settings.metrics.token_invalidated(&self.config.name);
             tracing::info!(provider = %self.config.name, generation, "token rejected by upstream; fetching a new one");
             self.wanted.store(true, Ordering::Release);
-            if let Ok(mut rejected) = self.rejected.lock() {
-                *rejected = Some(token.id);
-            }
             self.wake.notify_one();
         }
         dropped
+    }
+
+    /// The current token's id and the id of a token just rejected and not yet seen
+    /// by the refresher, read together.
+    fn current_and_rejected(&self) -> (Option<u64>, Option<u64>) {
+        let rejected = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
+        (self.current.load().as_ref().map(|t| t.id), *rejected)
     }
 
     /// The current token's bare value (without `header_prefix`), for sharing it.
@@ -354,7 +372,7 @@ impl ProviderSlot {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
-        self.changed.send_modify(|n| *n += 1);
+        self.changed.notify_waiters();
     }
 }
 
@@ -379,7 +397,7 @@ pub struct TokenStore {
     cache: Option<TokenCache>,
     fleet: Option<Arc<Fleet>>,
     ingredients: refresh::Ingredients,
-    settings: StoreSettings,
+    settings: Arc<StoreSettings>,
     /// Parent of every refresher's cancel token.
     root: CancellationToken,
 }
@@ -400,12 +418,12 @@ impl TokenStore {
                 metrics.clone(),
             )?)),
         };
-        let settings = StoreSettings {
+        let settings = Arc::new(StoreSettings {
             token_timeout: config.server.token_timeout,
             token_wait: config.server.token_wait,
             tuning: config.tuning.clone(),
             metrics,
-        };
+        });
         let root = CancellationToken::new();
         let ingredients = refresh::Ingredients {
             refresher: refresh::Refresher {

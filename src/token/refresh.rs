@@ -450,7 +450,10 @@ fn adoptable(
 
 /// Takes the fleet's token after another proxy announced one.
 async fn adopt_from_fleet(slot: &ProviderSlot, fleet: &Fleet, rejected: Option<u64>) {
-    let current = slot.current.load().as_ref().map(|t| t.id);
+    // A token rejected while this runs must not come back from Redis (where our
+    // own fetch may still hold it) under a new generation.
+    let (current, pending) = slot.current_and_rejected();
+    let rejected = pending.or(rejected);
     let Ok(Some(shared)) = fleet.read(&slot.config, slot.key_id()).await else {
         return;
     };
