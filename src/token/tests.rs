@@ -19,12 +19,12 @@ fn slot(extra: &str, tuning: Tuning) -> Arc<ProviderSlot> {
         "[providers.p]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\nclient_secret = \"s3cret-value\"\n{extra}\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n"
     );
     let config = Config::parse(&text, Path::new("t.toml"), &|_| None).unwrap();
-    let settings = StoreSettings {
+    let settings = Arc::new(StoreSettings {
         token_timeout: Duration::from_secs(10),
         token_wait: Duration::from_secs(10),
         tuning,
         metrics: Arc::new(Metrics::new()),
-    };
+    });
     Arc::new(ProviderSlot::new(
         config.providers["p"].clone(),
         settings,
