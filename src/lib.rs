@@ -6,6 +6,7 @@
 //! - [`token`]: the shared refresh-ahead token store
 //! - [`proxy`]: routing, header hygiene, forwarding, error answers
 //! - [`server`]: listeners, reload and graceful shutdown
+//! - [`listener`]: Unix socket files (permissions, stale files, peer uid)
 //! - [`admin`]: health, readiness, metrics, token status, reload endpoints
 //! - [`metrics`]: the Prometheus registry
 //! - [`tls`]: the TLS client settings
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;

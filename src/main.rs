@@ -162,7 +162,18 @@ fn describe(config: &Config) -> String {
     use std::fmt::Write;
     let mut out = format!("{}: OK\n", config.source.display());
     for addr in config.listen_addrs() {
-        let _ = writeln!(out, "listener http://{addr}");
+        match &addr {
+            config::ListenAddr::Tcp(tcp) => {
+                let _ = writeln!(out, "listener http://{tcp}");
+            }
+            config::ListenAddr::Unix(path) => {
+                let _ = writeln!(
+                    out,
+                    "listener {addr} (curl --unix-socket {} http://localhost/...)",
+                    path.display()
+                );
+            }
+        }
         for r in config.routes.iter().filter(|r| r.listen == addr) {
             let _ = writeln!(
                 out,

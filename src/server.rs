@@ -18,7 +18,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
-use crate::config::{self, Config, Limits};
+use crate::config::{self, Config, Limits, ListenAddr};
+use crate::listener::{Accept, UnixBindError, UnixSocket};
 use crate::metrics::Metrics;
 use crate::preflight::{self, PreflightError, Prepared};
 use crate::provider::TokenClient;
@@ -45,6 +46,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Unix(#[from] UnixBindError),
 }
 
 /// Everything a running proxy shares: the store, the routes, the clients, metrics.
@@ -154,6 +157,12 @@ impl Shared {
                     "connect_timeout",
                     new.server.connect_timeout != old.server.connect_timeout,
                 ),
+                // The socket files were created with them; allowed_uids reloads.
+                (
+                    "unix_socket_mode/unix_socket_group",
+                    new.server.unix_socket.mode != old.server.unix_socket.mode
+                        || new.server.unix_socket.group != old.server.unix_socket.group,
+                ),
                 // Both clients are built with it, and pooled connections were opened
                 // through (or around) the old proxy.
                 (
@@ -216,7 +225,15 @@ pub struct Server {
     /// Per configured address, one socket per worker (SO_REUSEPORT: the kernel spreads
     /// connections over the workers).
     listeners: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
-    admin: Option<TcpListener>,
+    /// Unix socket listeners: one socket each, served by one accept loop on the
+    /// caller's runtime (a Unix socket cannot be shared with SO_REUSEPORT).
+    unix: Vec<(ListenAddr, UnixSocket)>,
+    admin: Option<AdminListener>,
+}
+
+enum AdminListener {
+    Tcp(TcpListener),
+    Unix(UnixSocket),
 }
 
 impl Server {
@@ -227,16 +244,29 @@ impl Server {
             .map_err(|e| StartError::Internal(e.to_string()))??;
         let config = shared.config();
         let mut listeners = Vec::new();
+        let mut unix = Vec::new();
         for addr in config.listen_addrs() {
-            listeners.push((addr, bind_shared(addr, config.server.workers)?));
+            match &addr {
+                ListenAddr::Tcp(tcp) => {
+                    listeners.push((*tcp, bind_shared(*tcp, config.server.workers)?))
+                }
+                ListenAddr::Unix(path) => {
+                    let socket = bind_unix(path.clone(), &config).await?;
+                    unix.push((addr, socket));
+                }
+            }
         }
-        let admin = match config.server.admin_listen {
-            Some(addr) => Some(bind(addr).await?),
+        let admin = match &config.server.admin_listen {
+            Some(ListenAddr::Tcp(addr)) => Some(AdminListener::Tcp(bind(*addr).await?)),
+            Some(ListenAddr::Unix(path)) => {
+                Some(AdminListener::Unix(bind_unix(path.clone(), &config).await?))
+            }
             None => None,
         };
         Ok(Self {
             shared: Arc::new(shared),
             listeners,
+            unix,
             admin,
         })
     }
@@ -249,9 +279,12 @@ impl Server {
             .and_then(|(_, l)| l.first()?.local_addr().ok())
     }
 
-    /// The bound admin address, when `admin_listen` is set.
+    /// The bound admin address, when `admin_listen` is a TCP address.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+        match &self.admin {
+            Some(AdminListener::Tcp(l)) => l.local_addr().ok(),
+            _ => None,
+        }
     }
 
     /// The token store, for callers that inspect it (tests, admin).
@@ -270,8 +303,8 @@ impl Server {
     /// The proxy listeners are served by `workers` threads, each running its own
     /// single-threaded event loop with its own upstream pool: a request and the
     /// upstream connection it uses stay on one thread (no cross-thread wake-ups, no
-    /// shared pool lock). Token refresh, the admin listener and signals run on the
-    /// caller's runtime.
+    /// shared pool lock). Token refresh, the admin listener, Unix socket listeners
+    /// and signals run on the caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         self.shared.store.start();
@@ -315,10 +348,39 @@ impl Server {
             }
         }
         let mut tasks = Vec::new();
-        if let Some(listener) = self.admin {
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, kind = "admin", "listening");
-            }
+        for (configured, socket) in self.unix {
+            let path = socket.path().to_owned();
+            let listener = match socket.into_listener() {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "cannot serve a Unix socket");
+                    continue;
+                }
+            };
+            tracing::info!(addr = %configured, kind = "proxy", "listening");
+            let settings = ListenerSettings {
+                limits: limits.clone(),
+                permits: permits.clone(),
+                grace,
+            };
+            let proxy = self.shared.proxy.clone();
+            let handler_proxy = proxy.clone();
+            let configured = Arc::new(configured);
+            let handler = move |req| {
+                let proxy = handler_proxy.clone();
+                let configured = configured.clone();
+                // Boxed for the same reason as the workers' handler.
+                Box::pin(async move { proxy.handle(&configured, req).await })
+            };
+            tasks.push(tokio::spawn(accept_loop(
+                settings,
+                listener,
+                proxy,
+                handler,
+                stop.clone(),
+            )));
+        }
+        if let Some(admin) = self.admin {
             let shared = self.shared.clone();
             let handler = move |req| admin::handle(shared.clone(), req);
             // The admin listener has its own small cap, so a saturated proxy stays observable.
@@ -327,13 +389,39 @@ impl Server {
                 permits: Arc::new(Semaphore::new(64)),
                 grace,
             };
-            tasks.push(tokio::spawn(accept_loop(
-                settings,
-                listener,
-                self.shared.proxy.clone(),
-                handler,
-                stop.clone(),
-            )));
+            let proxy = self.shared.proxy.clone();
+            match admin {
+                AdminListener::Tcp(listener) => {
+                    if let Ok(addr) = listener.local_addr() {
+                        tracing::info!(%addr, kind = "admin", "listening");
+                    }
+                    tasks.push(tokio::spawn(accept_loop(
+                        settings,
+                        listener,
+                        proxy,
+                        handler,
+                        stop.clone(),
+                    )));
+                }
+                AdminListener::Unix(socket) => {
+                    let path = socket.path().to_owned();
+                    match socket.into_listener() {
+                        Ok(listener) => {
+                            tracing::info!(addr = %format!("unix:{}", path.display()), kind = "admin", "listening");
+                            tasks.push(tokio::spawn(accept_loop(
+                                settings,
+                                listener,
+                                proxy,
+                                handler,
+                                stop.clone(),
+                            )));
+                        }
+                        Err(error) => {
+                            tracing::error!(path = %path.display(), %error, "cannot serve a Unix socket")
+                        }
+                    }
+                }
+            }
         }
         let hup = tokio::spawn(reload_on_sighup(self.shared.clone(), stop.clone()));
         shutdown.await;
@@ -384,9 +472,11 @@ fn serve_worker(
             // Boxed: hyper keeps a slot the size of this future in every connection,
             // idle or not; the request path's state (forward, replay, upstream send)
             // is ~4 KiB that only requests in flight should pay for.
+            let configured = Arc::new(ListenAddr::Tcp(configured));
             let handler = move |req| {
                 let proxy = handler_proxy.clone();
-                Box::pin(async move { proxy.handle(configured, req).await })
+                let configured = configured.clone();
+                Box::pin(async move { proxy.handle(&configured, req).await })
             };
             tasks.push(tokio::spawn(accept_loop(
                 settings.clone(),
@@ -438,6 +528,15 @@ fn bind_shared(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpList
         sockets.push(listener);
     }
     Ok(sockets)
+}
+
+/// Binds a Unix socket listener off the async runtime (it touches the filesystem).
+async fn bind_unix(path: std::path::PathBuf, config: &Config) -> Result<UnixSocket, StartError> {
+    let settings = config.server.unix_socket.clone();
+    tokio::task::spawn_blocking(move || UnixSocket::bind(&path, &settings))
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))?
+        .map_err(StartError::from)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -501,13 +600,14 @@ struct ListenerSettings {
     grace: Duration,
 }
 
-async fn accept_loop<H, Fut, B>(
+async fn accept_loop<L, H, Fut, B>(
     settings: ListenerSettings,
-    listener: TcpListener,
+    listener: L,
     proxy: Arc<Proxy>,
     handler: H,
     stop: CancellationToken,
 ) where
+    L: Accept,
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: hyper::body::Body + Send + 'static,
@@ -538,12 +638,12 @@ async fn accept_loop<H, Fut, B>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        if !proxy.allows(peer.ip()) {
-            tracing::warn!(%peer, "client not in server.allowed_clients");
-            let svc = service_fn(|_req| async {
-                Ok::<_, Infallible>(ProxyError::ForbiddenClient.to_response(None, None))
+        if !proxy.admits(&peer) {
+            let refusal = ProxyError::forbidden(&peer);
+            tracing::warn!(%peer, "{refusal}");
+            let svc = service_fn(move |_req| async move {
+                Ok::<_, Infallible>(ProxyError::forbidden(&peer).to_response(None, None))
             });
             let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
             tokio::spawn(async move {

@@ -871,3 +871,65 @@ fn redis_store_needs_a_redis_url_and_never_quotes_it() {
         .to_string();
     assert!(err.contains("store.backend"), "{err}");
 }
+
+#[test]
+fn unix_socket_listeners_and_their_keys() {
+    use bearer_proxy::config::ListenAddr;
+    let c = ok(&cfg(
+        "admin_listen = \"unix:/run/bp/admin.sock\"\nunix_socket_mode = \"0660\"\nunix_socket_group = \"0\"\nallowed_uids = [1000, 0]",
+        "",
+        "[[routes]]\nupstream = \"https://api.example.com\"\nprovider = \"p\"\nlisten = \"unix:/run/bp/api.sock\"\n",
+    ));
+    assert_eq!(c.routes[0].listen, "unix:/run/bp/api.sock".parse().unwrap());
+    assert_eq!(
+        c.server.admin_listen,
+        Some(ListenAddr::Unix("/run/bp/admin.sock".into()))
+    );
+    assert_eq!(c.server.unix_socket.mode, 0o660);
+    assert_eq!(c.server.unix_socket.group, Some(0));
+    assert_eq!(c.server.unix_socket.allowed_uids, Some(vec![1000, 0]));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    // Defaults: owner only, no uid check.
+    let c = ok(&cfg("", "", ""));
+    assert_eq!(c.server.unix_socket.mode, 0o600);
+    assert_eq!(c.server.unix_socket.allowed_uids, None);
+
+    fails(
+        &cfg("unix_socket_mode = \"rw-rw----\"", "", ""),
+        &["server.unix_socket_mode", "octal"],
+    );
+    fails(
+        &cfg("unix_socket_mode = \"01777\"", "", ""),
+        &["server.unix_socket_mode"],
+    );
+    fails(
+        &cfg("unix_socket_group = \"no-such-group-here\"", "", ""),
+        &["server.unix_socket_group", "no-such-group-here"],
+    );
+    fails(
+        &cfg("allowed_uids = [-1]", "", ""),
+        &["server.allowed_uids[0]"],
+    );
+    let long = format!("admin_listen = \"unix:/{}\"", "x".repeat(120));
+    fails(&cfg(&long, "", ""), &["server.admin_listen", "107 bytes"]);
+    fails(
+        &cfg("admin_listen = \"unix:\"", "", ""),
+        &["server.admin_listen", "socket path"],
+    );
+    fails(
+        &cfg("admin_listen = \"127.0.0.1:8080\"", "", ""),
+        &["server.admin_listen", "also a route listener"],
+    );
+    // A socket anyone may use, without a uid check, is worth a warning.
+    let c = ok(&cfg(
+        "listen = \"unix:/run/bp/api.sock\"\nunix_socket_mode = \"0666\"",
+        "",
+        "",
+    )
+    .replace("listen = \"127.0.0.1:8080\"\n", ""));
+    assert!(
+        c.warnings.iter().any(|w| w.contains("allowed_uids")),
+        "{:?}",
+        c.warnings
+    );
+}

@@ -21,3 +21,4 @@ mod security;
 mod tls;
 mod tokens;
 mod trailers;
+mod unix_socket;

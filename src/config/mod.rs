@@ -64,11 +64,79 @@ pub struct Config {
     pub inline_secrets: Vec<String>,
 }
 
+/// Where a listener serves: a TCP address, or a Unix domain socket file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    /// `unix:/path`: only the users the file's permissions allow can connect.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// The TCP address, when this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(addr) => Some(*addr),
+            Self::Unix(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => addr.fmt(f),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    /// `ip:port`, `localhost:port` or `unix:/path` (the path as written; validation
+    /// resolves and checks it).
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.trim().strip_prefix("unix:") {
+            Some(path) => Ok(Self::Unix(PathBuf::from(path))),
+            None => values::socket_addr(value).map(Self::Tcp),
+        }
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self::Tcp(addr)
+    }
+}
+
+/// How Unix socket listeners are created and who may use them (`[server]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketConfig {
+    /// Permission bits of the socket file (`unix_socket_mode`, default 0600).
+    pub mode: u32,
+    /// Group owning the socket file (`unix_socket_group`, resolved to its id).
+    pub group: Option<u32>,
+    /// Peers whose uid is not listed get 403 (`allowed_uids`); `None`: no uid check.
+    pub allowed_uids: Option<Vec<u32>>,
+}
+
+impl Default for UnixSocketConfig {
+    fn default() -> Self {
+        Self {
+            mode: 0o600,
+            group: None,
+            allowed_uids: None,
+        }
+    }
+}
+
 /// `[server]`.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub admin_listen: Option<SocketAddr>,
+    pub listen: ListenAddr,
+    pub admin_listen: Option<ListenAddr>,
+    pub unix_socket: UnixSocketConfig,
     pub allow_non_loopback: bool,
     pub allowed_clients: Vec<IpNet>,
     pub token_cache_dir: Option<PathBuf>,
@@ -369,7 +437,7 @@ pub struct Upstream {
 pub struct RouteConfig {
     /// A label for logs and metrics: `[listen]host/prefix`.
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     /// Lower-case host name without port.
     pub host: Option<String>,
     /// Starts with `/`, no trailing `/` except for the root.
@@ -409,11 +477,11 @@ impl Config {
 
     /// Every listener address that has routes, in the order routes name them.
     /// `server.listen` is not bound when every route has a listener of its own.
-    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+    pub fn listen_addrs(&self) -> Vec<ListenAddr> {
         let mut addrs = Vec::new();
         for route in &self.routes {
             if !addrs.contains(&route.listen) {
-                addrs.push(route.listen);
+                addrs.push(route.listen.clone());
             }
         }
         addrs

@@ -24,6 +24,9 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
+    pub unix_socket_mode: Option<String>,
+    pub unix_socket_group: Option<String>,
+    pub allowed_uids: Option<Vec<i64>>,
     pub allow_non_loopback: Option<bool>,
     pub allowed_clients: Option<Vec<String>>,
     pub token_cache_dir: Option<String>,

@@ -70,10 +70,14 @@ impl Validator<'_> {
             return Err(self.err("routes", "no [[routes]] defined: nothing to proxy"));
         }
         let mut routes = Vec::with_capacity(raw.routes.len());
-        let mut seen: HashSet<(SocketAddr, Option<String>, String)> = HashSet::new();
+        let mut seen: HashSet<(ListenAddr, Option<String>, String)> = HashSet::new();
         for (i, r) in raw.routes.iter().enumerate() {
             let route = self.route(i, r, &server, &providers)?;
-            let key = (route.listen, route.host.clone(), route.path_prefix.clone());
+            let key = (
+                route.listen.clone(),
+                route.host.clone(),
+                route.path_prefix.clone(),
+            );
             if !seen.insert(key) {
                 return Err(self.err(
                     format!("routes[{i}]"),
@@ -87,6 +91,7 @@ impl Validator<'_> {
             }
             routes.push(route);
         }
+        self.check_listeners(&server, &routes)?;
         Ok(Config {
             source: self.path.to_owned(),
             server,
@@ -99,8 +104,17 @@ impl Validator<'_> {
         })
     }
 
-    fn listen_addr(&self, key: &str, raw: &str, allow_non_loopback: bool) -> VResult<SocketAddr> {
-        let addr = values::socket_addr(&self.string(key, raw)?).map_err(|p| self.err(key, p))?;
+    fn listen_addr(&self, key: &str, raw: &str, allow_non_loopback: bool) -> VResult<ListenAddr> {
+        let value = self.string(key, raw)?;
+        if let Some(path) = value.trim().strip_prefix("unix:") {
+            return self.unix_path(key, path).map(ListenAddr::Unix);
+        }
+        let addr = values::socket_addr(&value).map_err(|p| {
+            self.err(
+                key,
+                format!("{p}, or a Unix socket like \"unix:/run/bearer-proxy/api.sock\""),
+            )
+        })?;
         if !addr.ip().is_loopback() && !allow_non_loopback {
             return Err(self.err(
                 key,
@@ -110,14 +124,117 @@ impl Validator<'_> {
                 ),
             ));
         }
-        Ok(addr)
+        Ok(ListenAddr::Tcp(addr))
+    }
+
+    /// A Unix socket path: relative ones are taken from the config file's directory.
+    fn unix_path(&self, key: &str, path: &str) -> VResult<PathBuf> {
+        if path.is_empty() {
+            return Err(self.err(
+                key,
+                "unix: needs a socket path, like \"unix:/run/bearer-proxy/api.sock\"",
+            ));
+        }
+        let path = self.relative(path);
+        // sockaddr_un holds 108 bytes including the terminating NUL.
+        if path.as_os_str().len() > 107 {
+            return Err(self.err(
+                key,
+                format!(
+                    "{} is longer than the 107 bytes a Unix socket path may have",
+                    path.display()
+                ),
+            ));
+        }
+        if path.file_name().is_none() {
+            return Err(self.err(key, format!("{} names no file", path.display())));
+        }
+        Ok(path)
+    }
+
+    fn unix_socket(&self, s: &RawServer) -> VResult<UnixSocketConfig> {
+        let mode = match &s.unix_socket_mode {
+            None => 0o600,
+            Some(raw) => {
+                let value = self.string("server.unix_socket_mode", raw)?;
+                u32::from_str_radix(value.trim(), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| {
+                        self.err(
+                            "server.unix_socket_mode",
+                            format!("`{value}` is not permission bits in octal, like \"0600\" or \"0660\""),
+                        )
+                    })?
+            }
+        };
+        let group = match &s.unix_socket_group {
+            None => None,
+            Some(raw) => {
+                let value = self.string("server.unix_socket_group", raw)?;
+                Some(group_id(value.trim()).map_err(|p| self.err("server.unix_socket_group", p))?)
+            }
+        };
+        let allowed_uids = match &s.allowed_uids {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .enumerate()
+                    .map(|(i, &uid)| {
+                        u32::try_from(uid).map_err(|_| {
+                            self.err(
+                                format!("server.allowed_uids[{i}]"),
+                                format!("{uid} is not a user id"),
+                            )
+                        })
+                    })
+                    .collect::<VResult<Vec<u32>>>()?,
+            ),
+        };
+        Ok(UnixSocketConfig {
+            mode,
+            group,
+            allowed_uids,
+        })
+    }
+
+    /// The admin listener must be its own; a Unix socket anyone may use gets a warning.
+    fn check_listeners(&self, server: &ServerConfig, routes: &[RouteConfig]) -> VResult<()> {
+        // Port 0 binds a fresh port for each listener, so it never collides.
+        let collides = |admin: &ListenAddr| match admin {
+            ListenAddr::Tcp(addr) => addr.port() != 0,
+            ListenAddr::Unix(_) => true,
+        };
+        if let Some(admin) = server.admin_listen.as_ref().filter(|a| collides(a)) {
+            if routes.iter().any(|r| &r.listen == admin) {
+                return Err(self.err(
+                    "server.admin_listen",
+                    format!("{admin} is also a route listener; give the admin listener its own"),
+                ));
+            }
+        }
+        let has_unix = routes
+            .iter()
+            .map(|r| &r.listen)
+            .chain(server.admin_listen.as_ref())
+            .any(|l| matches!(l, ListenAddr::Unix(_)));
+        let unix = &server.unix_socket;
+        if has_unix && unix.mode & 0o006 != 0 && unix.allowed_uids.is_none() {
+            self.warnings.borrow_mut().push(format!(
+                "server.unix_socket_mode {:04o} lets every local user connect to the Unix socket \
+                 and use the credentials; set server.allowed_uids, or a mode like \"0660\" with \
+                 server.unix_socket_group",
+                unix.mode
+            ));
+        }
+        Ok(())
     }
 
     fn server(&self, s: &RawServer) -> VResult<ServerConfig> {
         let allow_non_loopback = s.allow_non_loopback.unwrap_or(false);
         let listen = match &s.listen {
             Some(raw) => self.listen_addr("server.listen", raw, allow_non_loopback)?,
-            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080))),
         };
         let admin_listen = s
             .admin_listen
@@ -154,6 +271,7 @@ impl Validator<'_> {
         Ok(ServerConfig {
             listen,
             admin_listen,
+            unix_socket: self.unix_socket(s)?,
             allow_non_loopback,
             allowed_clients,
             token_cache_dir: self
@@ -593,7 +711,7 @@ impl Validator<'_> {
         let upstream = upstream_parts(url).map_err(|p| self.err(key("upstream"), p))?;
         let listen = match &r.listen {
             Some(raw) => self.listen_addr(&key("listen"), raw, server.allow_non_loopback)?,
-            None => server.listen,
+            None => server.listen.clone(),
         };
         let host = self
             .opt_string(&key("host"), r.host.as_ref())?
@@ -660,6 +778,18 @@ impl Validator<'_> {
             upstream,
             provider,
         })
+    }
+}
+
+/// A group name or number to its id.
+fn group_id(value: &str) -> std::result::Result<u32, String> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named `{value}` on this host")),
+        Err(e) => Err(format!("cannot look up group `{value}`: {e}")),
     }
 }
 

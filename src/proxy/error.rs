@@ -31,6 +31,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("this address is not in server.allowed_clients")]
     ForbiddenClient,
+    #[error("this user id is not in server.allowed_uids")]
+    ForbiddenUid,
     #[error("the request target is longer than server.max_uri_length ({0} bytes)")]
     UriTooLong(u64),
     #[error("the request body did not arrive within upstream_timeout ({0:?})")]
@@ -46,9 +48,19 @@ impl ProxyError {
             Self::TokenUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
             Self::UpstreamUnreachable(_) => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             Self::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-            Self::ForbiddenClient => (StatusCode::FORBIDDEN, "forbidden_client"),
+            Self::ForbiddenClient | Self::ForbiddenUid => {
+                (StatusCode::FORBIDDEN, "forbidden_client")
+            }
             Self::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+        }
+    }
+
+    /// The refusal for a peer that `Proxy::admits` turned away.
+    pub fn forbidden(peer: &crate::listener::Peer) -> Self {
+        match peer {
+            crate::listener::Peer::Tcp(_) => Self::ForbiddenClient,
+            crate::listener::Peer::Unix { .. } => Self::ForbiddenUid,
         }
     }
 

@@ -11,7 +11,6 @@ pub mod upgrade;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,8 @@ use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, ListenAddr};
+use crate::listener::Peer;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::{Token, TokenStore};
 use access_log::RequestLog;
@@ -36,8 +36,9 @@ use upgrade::{Handshake, Tunnels};
 
 /// Every listener's routes and the settings requests need, swapped whole on reload.
 pub struct RoutingTable {
-    routers: HashMap<SocketAddr, Router>,
+    routers: HashMap<ListenAddr, Router>,
     allowed_clients: Vec<IpNet>,
+    allowed_uids: Option<Vec<u32>>,
     upstream_timeout: Duration,
     max_replay_body: u64,
     max_uri_length: u64,
@@ -54,18 +55,21 @@ impl RoutingTable {
         metrics: &Arc<Metrics>,
         clients: &ClientFactory,
     ) -> Self {
-        let mut by_listener: HashMap<SocketAddr, Vec<Route>> = HashMap::new();
+        let mut by_listener: HashMap<ListenAddr, Vec<Route>> = HashMap::new();
         for rc in &config.routes {
             let slot = rc.provider.as_ref().and_then(|p| store.slot(p));
             let keyed = rc.provider.as_ref().and_then(|p| store.keyed(p));
-            by_listener.entry(rc.listen).or_default().push(Route {
-                config: rc.clone(),
-                slot,
-                keyed,
-                metrics: metrics.route(&rc.name),
-                name: rc.name.as_str().into(),
-                pinned: rc.preserve_host.then(|| clients.pinned(&rc.upstream)),
-            });
+            by_listener
+                .entry(rc.listen.clone())
+                .or_default()
+                .push(Route {
+                    config: rc.clone(),
+                    slot,
+                    keyed,
+                    metrics: metrics.route(&rc.name),
+                    name: rc.name.as_str().into(),
+                    pinned: rc.preserve_host.then(|| clients.pinned(&rc.upstream)),
+                });
         }
         let routers = by_listener
             .into_iter()
@@ -74,6 +78,7 @@ impl RoutingTable {
         Self {
             routers,
             allowed_clients: config.server.allowed_clients.clone(),
+            allowed_uids: config.server.unix_socket.allowed_uids.clone(),
             upstream_timeout: config.server.upstream_timeout,
             max_replay_body: config.server.max_replay_body,
             max_uri_length: config.server.limits.max_uri_length,
@@ -82,7 +87,7 @@ impl RoutingTable {
     }
 
     /// The router of the listener configured as `listen`.
-    pub fn router(&self, listen: &SocketAddr) -> Option<&Router> {
+    pub fn router(&self, listen: &ListenAddr) -> Option<&Router> {
         self.routers.get(listen)
     }
 }
@@ -144,20 +149,26 @@ impl Proxy {
         self.table.store(Arc::new(table));
     }
 
-    /// True when `ip` may use the proxy (`server.allowed_clients`).
-    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.table
-            .load()
-            .allowed_clients
-            .iter()
-            .any(|net| net.contains(&ip))
+    /// True when `peer` may use the proxy: a TCP peer's address must be in
+    /// `server.allowed_clients`, a Unix peer's uid in `server.allowed_uids` (when set).
+    pub fn admits(&self, peer: &Peer) -> bool {
+        let table = self.table.load();
+        match peer {
+            Peer::Tcp(addr) => {
+                let ip = addr.ip().to_canonical();
+                table.allowed_clients.iter().any(|net| net.contains(&ip))
+            }
+            Peer::Unix { uid } => match &table.allowed_uids {
+                None => true,
+                Some(allowed) => uid.is_some_and(|uid| allowed.contains(&uid)),
+            },
+        }
     }
 
     /// Handles one request arriving on the listener configured as `listen`.
     pub async fn handle(
         &self,
-        listen: SocketAddr,
+        listen: &ListenAddr,
         mut req: Request<Incoming>,
     ) -> Result<Response<ResBody>, Infallible> {
         let started = Instant::now();
@@ -165,7 +176,7 @@ impl Proxy {
         self.metrics.in_flight().inc();
         let _in_flight = InFlight(&self.metrics);
         let table = self.table.load_full();
-        let route = table.router(&listen).and_then(|router| {
+        let route = table.router(listen).and_then(|router| {
             let host = if router.has_hosts() {
                 req.uri()
                     .authority()

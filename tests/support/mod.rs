@@ -533,10 +533,16 @@ impl Proxy {
     /// Starts `config` as given.
     pub async fn start_exact(config: Config) -> Self {
         let server = Server::bind(config.clone()).await.expect("bind");
-        let addr = server.local_addr(config.server.listen).expect("listener");
+        let addr = config
+            .server
+            .listen
+            .tcp()
+            .and_then(|listen| server.local_addr(listen))
+            .expect("listener");
         let server_addrs = config
             .listen_addrs()
             .into_iter()
+            .filter_map(|c| c.tcp())
             .filter_map(|c| server.local_addr(c).map(|b| (c, b)))
             .collect();
         let store = server.store().clone();
