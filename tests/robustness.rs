@@ -182,6 +182,8 @@ struct World {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Named in hostile Host headers and absolute-form targets: must never be reached.
     decoy: Upstream,
+    /// The raw-TCP upstream behind `/bad`: what it answers next.
+    script: Arc<Mutex<Script>>,
     binary: Binary,
     client: Client,
     /// How the cases ended (`200`, `400`, `closed`...), printed after the run so the
@@ -266,6 +268,7 @@ provider = "q"
             upstream,
             seen,
             decoy,
+            script,
             binary,
             // No pooling: the proxy closes idle connections after header_read_timeout
             // (1 s), and a pooled connection closed just as it is reused fails the send.
@@ -919,6 +922,44 @@ fn generated_admin_requests_never_break_the_admin_listener() {
     });
 }
 
+#[test]
+fn generated_upstream_answers_get_502_or_pass_and_the_proxy_keeps_serving() {
+    let mut world = World::start();
+    let addr = world.binary.proxy;
+    world.run(128, upstream_answer(), |world, answer| {
+        *world.script.lock().unwrap() = Script {
+            bytes: answer.wire.0.clone(),
+            hold: answer.hold,
+        };
+        let request = b"GET /bad/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let ex = world.rt.block_on(exchange(addr, request, false, BOUND));
+        prop_assert!(ex.closed, "no close within {:?}", BOUND);
+        let status = status_line(&ex.out);
+        prop_assert!(
+            status.is_some(),
+            "no HTTP answer for the client: {:?}",
+            Wire(ex.out.clone())
+        );
+        // The client asked for no upgrade: a 101 would leave it with a dead connection.
+        prop_assert_ne!(status, Some(101));
+        // Any answer but the proxy's own 502/504 is the upstream's, passed on.
+        if let Some(code) = status.filter(|c| *c != 502 && *c != 504) {
+            let sent = format!(" {code}");
+            prop_assert!(
+                answer
+                    .wire
+                    .0
+                    .windows(sent.len())
+                    .any(|w| w == sent.as_bytes()),
+                "{} is not the upstream's status",
+                code
+            );
+        }
+        world.note(status);
+        Ok(())
+    });
+}
+
 // === Generators: HTTP/2 ===
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -1269,7 +1310,7 @@ fn h2c_connection(decoy: SocketAddr) -> impl Strategy<Value = H2Connection> {
         )
 }
 
-// === Generators: admin requests ===
+// === Generators: admin requests and upstream answers ===
 
 fn admin_request(decoy: SocketAddr) -> impl Strategy<Value = RawRequest> {
     (
@@ -1320,6 +1361,113 @@ fn admin_request(decoy: SocketAddr) -> impl Strategy<Value = RawRequest> {
         })
 }
 
+#[derive(Debug, Clone)]
+struct UpstreamAnswer {
+    wire: Wire,
+    hold: bool,
+}
+
+fn upstream_answer() -> impl Strategy<Value = UpstreamAnswer> {
+    let interim = prop_oneof![
+        4 => Just(Vec::new()),
+        2 => (
+            1usize..50,
+            pick(&[
+                "HTTP/1.1 100 Continue\r\n\r\n",
+                "HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n",
+                "HTTP/1.1 102 Processing\r\n\r\n",
+                "HTTP/1.1 100 Continue\r\nContent-Length: 5\r\n\r\n",
+            ]),
+        )
+            .prop_map(|(n, one)| one.repeat(n)),
+        1 => (500usize..5000).prop_map(|n| b"HTTP/1.1 100 Continue\r\n\r\n".repeat(n)),
+    ];
+    let status = prop_oneof![
+        6 => pick(&[
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 404 Not Found",
+            "HTTP/1.1 401 Unauthorized",
+            "HTTP/1.0 200 OK",
+            "HTTP/1.1 204 No Content",
+            "HTTP/1.1 304 Not Modified",
+            "HTTP/1.1 500 x",
+        ]),
+        4 => pick(&[
+            "HTTP/1.1 101 Switching Protocols",
+            "HTTP/1.1 199 Odd",
+            "HTTP/1.1 600 Beyond",
+            "HTTP/1.1 2000 OK",
+            "HTTP/1.1 20 OK",
+            "HTTP/9.9 200 OK",
+            "HTTP/2 200",
+            "ICY 200 OK",
+            "HTTP/1.1 200",
+            "HTTP/1.1  200 OK",
+            "",
+            "garbage",
+        ]),
+        1 => prop::collection::vec(any::<u8>(), 0..40),
+    ];
+    let header = prop_oneof![
+        8 => pick(&[
+            "Content-Length: 5",
+            "Content-Length: 100",
+            "Content-Length: 0",
+            "Content-Length: -1",
+            "Content-Length: 5, 6",
+            "Content-Length: 99999999999999999999",
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: gzip",
+            "Connection: close",
+            "Connection: upgrade",
+            "Upgrade: websocket",
+            "Content-Type: text/plain",
+            "X-Nul: a\0b",
+            "NoColon",
+            "X-Fold: a\r\n b",
+            "Set-Cookie: a=b",
+            "Proxy-Authenticate: Basic",
+            "Keep-Alive: timeout=0",
+            "Trailer: x",
+            "Content-Encoding: gzip",
+        ]),
+        1 => (1000usize..300_000).prop_map(|n| format!("X-Big: {}", "a".repeat(n)).into_bytes()),
+        1 => (50usize..2000).prop_map(|n| {
+            (0..n).map(|i| format!("X-H{i}: v")).collect::<Vec<_>>().join("\r\n").into_bytes()
+        }),
+        1 => ("[!-~&&[^:]]{1,12}", prop::collection::vec(any::<u8>(), 0..32)).prop_map(|(n, v)| {
+            let mut line = n.into_bytes();
+            line.extend_from_slice(b": ");
+            line.extend(v);
+            line
+        }),
+    ];
+    (
+        interim,
+        status,
+        prop::collection::vec(header, 0..6),
+        prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\n"]),
+        prop_oneof![4 => body(), 1 => (1usize..200_000).prop_map(|n| vec![b'x'; n])],
+        prop::bool::weighted(0.05),
+    )
+        .prop_map(|(interim, status, headers, eol, body, hold)| {
+            let eol = eol.as_bytes();
+            let mut w = interim;
+            w.extend(status);
+            w.extend_from_slice(eol);
+            for h in headers {
+                w.extend(h);
+                w.extend_from_slice(eol);
+            }
+            w.extend_from_slice(eol);
+            w.extend(body);
+            UpstreamAnswer {
+                wire: Wire(w),
+                hold,
+            }
+        })
+}
+
 // === Regressions found by the properties above ===
 
 /// A body kept for replay (`invalidate_on`, on by default) that never fully arrives:
@@ -1347,4 +1495,75 @@ async fn a_short_body_kept_for_replay_gets_408_not_a_hang() {
     assert_eq!(upstream.hits(), 0, "nothing was forwarded");
     let answer = get(&client(), &proxy.url("/ok")).await;
     assert_eq!(answer.status, 200);
+}
+
+/// A proxy in front of a raw upstream that answers `script` to every request.
+async fn behind_raw_upstream(script: &[u8]) -> Proxy {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let raw = raw_upstream(Arc::new(Mutex::new(Script {
+        bytes: script.to_vec(),
+        hold: false,
+    })))
+    .await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\
+         [providers.p]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
+         [[routes]]\nupstream = \"http://{raw}\"\nprovider = \"p\"\n",
+        issuer.url()
+    );
+    Proxy::start(&toml).await
+}
+
+const ASK: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+
+/// An upstream that sends its head and then breaks off: the client used to get a close
+/// and not one byte (hyper drops what it buffered on a body error).
+#[tokio::test]
+async fn an_upstream_head_without_its_body_still_reaches_the_client() {
+    for script in [
+        &b"HTTP/1.1 500 x\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+        b"HTTP/1.1 500 x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 500 x\r\nContent-Length: 100\r\n\r\nshort",
+    ] {
+        let proxy = behind_raw_upstream(script).await;
+        let ex = exchange(proxy.addr, ASK, false, Duration::from_secs(10)).await;
+        assert!(ex.closed);
+        let text = String::from_utf8_lossy(&ex.out);
+        assert!(
+            text.starts_with("HTTP/1.1 500 "),
+            "{text:?} for {:?}",
+            Wire(script.to_vec())
+        );
+        // The body is cut, not ended: no last chunk, so the client knows it is incomplete.
+        assert!(!text.contains("\r\n0\r\n\r\n"), "{text:?}");
+    }
+}
+
+/// A chunked answer that also carries `Content-Length: -1`: passed on, the length made
+/// the proxy's writer give up and close the client's connection without a byte.
+#[tokio::test]
+async fn a_content_length_beside_chunked_is_dropped() {
+    let proxy = behind_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let ex = exchange(proxy.addr, ASK, false, Duration::from_secs(10)).await;
+    assert!(ex.closed);
+    let text = String::from_utf8_lossy(&ex.out).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200 ok\r\n"), "{text:?}");
+    assert!(!text.contains("content-length"), "{text:?}");
+    assert!(text.contains("\r\n5\r\nhello\r\n0\r\n\r\n"), "{text:?}");
+}
+
+/// Status codes 600-999 parse but are no HTTP status: the proxy used to pass them on.
+#[tokio::test]
+async fn an_upstream_status_above_599_gets_502() {
+    let proxy = behind_raw_upstream(b"HTTP/1.1 600 Beyond\r\nContent-Length: 0\r\n\r\n").await;
+    let ex = exchange(proxy.addr, ASK, false, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&ex.out);
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text:?}");
+    assert!(
+        text.contains("600"),
+        "the message names the status: {text:?}"
+    );
 }

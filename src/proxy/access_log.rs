@@ -17,12 +17,18 @@ use tokio::time::Instant;
 pub struct ResBody {
     inner: Either<Incoming, Full<Bytes>>,
     log: Option<Box<RequestLog>>,
+    /// The upstream body's error, held back for one poll (see `poll_frame`).
+    failed: Option<hyper::Error>,
 }
 
 impl ResBody {
     /// Wraps `inner`; `log` is `None` when info logging is off.
     pub fn new(inner: Either<Incoming, Full<Bytes>>, log: Option<Box<RequestLog>>) -> Self {
-        Self { inner, log }
+        Self {
+            inner,
+            log,
+            failed: None,
+        }
     }
 }
 
@@ -63,6 +69,9 @@ impl Body for ResBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if let Some(error) = this.failed.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
         let polled = match &mut this.inner {
             Either::Left(incoming) => Pin::new(incoming).poll_frame(cx),
             Either::Right(full) => Pin::new(full)
@@ -83,6 +92,16 @@ impl Body for ResBody {
                 // Log now rather than when hyper gets around to dropping the body.
                 this.log = None;
             }
+        }
+        // HTTP/1: hyper drops the connection on a body error without flushing what it
+        // buffered, so an upstream that sends its head and then breaks off would leave
+        // the client with no answer at all. Yielding once lets the head (and any data
+        // before the error) go out first; the error then cuts the connection, which
+        // tells the client the body is incomplete.
+        if let Poll::Ready(Some(Err(error))) = polled {
+            this.failed = Some(error);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         polled
     }

@@ -51,6 +51,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Drops `Content-Length` from an answer that came with `Transfer-Encoding`.
+///
+/// The body was read as chunked (RFC 9112 §6.3: `Transfer-Encoding` wins), so the length
+/// describes nothing; passed on, a bogus one (`-1`) made the proxy's own HTTP/1.1 writer
+/// give up on the answer and close the client's connection without a byte. Without it,
+/// the answer is framed by what the body really holds. Runs before the hop-by-hop strip,
+/// which removes `Transfer-Encoding` itself.
+pub fn drop_length_beside_chunked(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -215,6 +215,7 @@ impl Proxy {
             }
             (result, _) => result.map(|f| {
                 let (mut parts, body) = f.response.into_parts();
+                headers::drop_length_beside_chunked(&mut parts.headers);
                 headers::strip_hop_by_hop(&mut parts.headers);
                 (Response::from_parts(parts, body), f.replayed)
             }),
@@ -431,6 +432,13 @@ impl Proxy {
         timeout: Duration,
     ) -> Result<Response<Incoming>, ProxyError> {
         match tokio::time::timeout(timeout, client.request(request)).await {
+            // 600-999 parse, but are no HTTP status (RFC 9110 §15): not an answer to pass on.
+            Ok(Ok(response)) if response.status().as_u16() > 599 => {
+                Err(ProxyError::UpstreamUnreachable(format!(
+                    "the upstream answered with status {}, which HTTP does not define",
+                    response.status().as_u16()
+                )))
+            }
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
             Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
