@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML file, validated into typed settings
 //! - [`secret`]: a type that keeps secrets and tokens out of logs
+//! - [`client_auth`]: secret commands, client assertion keys, client certificates
 //! - [`provider`]: token-endpoint dialects (request and response)
 //! - [`token`]: the shared refresh-ahead token store
 //! - [`proxy`]: routing, header hygiene, forwarding, error answers
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod client_auth;
 pub mod config;
 pub mod demo;
 pub mod listener;

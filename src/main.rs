@@ -46,6 +46,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None | Some(Command::Run) => serve(load(&cli)?).await,
         Some(Command::Check) => {
             let config = load(&cli)?;
+            // A secret command that fails must fail `check`, not the first start.
+            config::resolve_secrets(&config).await?;
             preflight(&config).await?;
             print!("{}", describe(&config));
             Ok(())
@@ -80,6 +82,7 @@ async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result
             known.join(", ")
         )
     })?;
+    config::resolve_secrets(config).await?;
     // The key is personal data: no message here quotes it.
     let binding = match (&provider.keys, key) {
         (Some(keys), Some(key)) if keys.pattern.accepts(key) => {
@@ -191,13 +194,23 @@ fn describe(config: &Config) -> String {
         let _ = writeln!(out, "store {}", redis.describe());
     }
     for p in config.providers.values() {
+        let mut auth = p.client_auth.describe().to_owned();
+        if let Some(key) = &p.assertion_key {
+            auth.push_str(&format!(" ({:?}", key.alg));
+            if let Some(kid) = &key.key_id {
+                auth.push_str(&format!(", kid {kid}"));
+            }
+            auth.push(')');
+        }
+        if p.client_secret_command.is_some() {
+            auth.push_str(", the secret from client_secret_command");
+        }
         let _ = writeln!(
             out,
-            "provider {}: {} ({}, {}{}{})",
+            "provider {}: {} ({}, {auth}{}{})",
             p.name,
             p.token_url,
             p.request_format.describe(),
-            p.client_auth.describe(),
             p.audience
                 .as_ref()
                 .map(|a| format!(", audience {a}"))

@@ -1,11 +1,13 @@
 //! Token-endpoint dialects: build the client-credentials request, parse the answer.
 //!
-//! One [`TokenClient`] (a pooled reqwest client) serves every provider. Errors
-//! quote the provider's own message but never its raw body, and any echo of the
-//! client secret is cut out first.
+//! One [`TokenClient`] (a pooled reqwest client) serves every provider; a provider
+//! with `tls_client_auth` gets a client of its own that presents its certificate,
+//! with the same trusted roots. Errors quote the provider's own message but never
+//! its raw body, and any echo of the client secret or assertion is cut out first.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -68,6 +70,8 @@ pub enum FetchError {
     },
     #[error("token endpoint answer is unusable: {0}")]
     Invalid(String),
+    #[error("cannot authenticate to the token endpoint: {0}")]
+    Credentials(String),
 }
 
 impl FetchError {
@@ -78,6 +82,17 @@ impl FetchError {
             _ => None,
         }
     }
+
+    /// True when the provider said the client credentials are wrong (RFC 6749 §5.2
+    /// `invalid_client`): a secret from a command may have been rotated.
+    pub fn is_invalid_client(&self) -> bool {
+        match self {
+            Self::Status { message, .. } | Self::NoToken { message, .. } => message
+                .as_deref()
+                .is_some_and(|m| m.split(": ").any(|part| part == "invalid_client")),
+            _ => false,
+        }
+    }
 }
 
 /// The HTTP client for token endpoints.
@@ -86,8 +101,18 @@ pub struct TokenClient {
     http: reqwest::Client,
     /// The outbound proxy's rules, to name the proxy a failed fetch went through.
     outbound: Option<Arc<Matcher>>,
+    /// The outbound proxy itself, for the clients built per identity.
+    outbound_config: Option<OutboundProxy>,
+    tls: rustls::ClientConfig,
     connect_timeout: Duration,
+    /// Clients presenting a certificate, by identity digest. Built on first use and
+    /// only touched by token fetches, never by proxied requests.
+    with_identity: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
 }
+
+/// Identities kept; past this (many reloads with rotated certificates) the map is
+/// emptied and rebuilt on demand.
+const MAX_IDENTITY_CLIENTS: usize = 64;
 
 impl TokenClient {
     /// Builds the client with the proxy's TLS settings, through `outbound` when set
@@ -97,32 +122,46 @@ impl TokenClient {
         connect_timeout: Duration,
         outbound: Option<&OutboundProxy>,
     ) -> Result<Self, reqwest::Error> {
-        let mut builder = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(connect_timeout)
-            // A token endpoint that redirects is misconfigured; following it would
-            // send the credentials somewhere the operator did not name.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION")));
-        match outbound {
-            // Without this, reqwest would read HTTPS_PROXY and friends by itself.
-            None => builder = builder.no_proxy(),
-            Some(o) => {
-                let direct = reqwest::NoProxy::from_string(&o.no_proxy.join(","));
-                if let Some(p) = &o.https {
-                    builder =
-                        builder.proxy(reqwest::Proxy::https(p.expose())?.no_proxy(direct.clone()));
-                }
-                if let Some(p) = &o.http {
-                    builder = builder.proxy(reqwest::Proxy::http(p.expose())?.no_proxy(direct));
-                }
-            }
-        }
+        let http = build_http(tls.clone(), connect_timeout, outbound)?;
         Ok(Self {
-            http: builder.build()?,
+            http,
             outbound: outbound.map(|o| Arc::new(o.matcher())),
+            outbound_config: outbound.cloned(),
+            tls,
             connect_timeout,
+            with_identity: Arc::default(),
         })
+    }
+
+    /// The HTTP client for `p`: the shared one, or one presenting its certificate.
+    fn http_for(&self, p: &ProviderConfig) -> Result<reqwest::Client, FetchError> {
+        let Some(identity) = &p.client_identity else {
+            return Ok(self.http.clone());
+        };
+        let digest = identity.digest();
+        let mut clients = self
+            .with_identity
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(client) = clients.get(&digest) {
+            return Ok(client.clone());
+        }
+        let client = build_http(
+            identity.client_config(&self.tls),
+            self.connect_timeout,
+            self.outbound_config.as_ref(),
+        )
+        .map_err(|e| {
+            FetchError::Credentials(format!(
+                "cannot set up TLS with the client certificate: {}",
+                describe_reqwest(&e)
+            ))
+        })?;
+        if clients.len() >= MAX_IDENTITY_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(digest, client.clone());
+        Ok(client)
     }
 
     /// A network failure's description, naming the outbound proxy (never its
@@ -202,8 +241,21 @@ impl TokenClient {
         provider: &ProviderConfig,
         key: Option<&Secret>,
     ) -> Result<FetchedToken, FetchError> {
-        let sent = self.request(provider, key).send().await;
-        let mut response = match sent {
+        let http = self.http_for(provider)?;
+        let secret = provider.client_secret.current();
+        let assertion = match &provider.assertion_key {
+            Some(k) => Some(k.assertion(&provider.client_id).map_err(|e| {
+                FetchError::Credentials(format!("cannot sign the client assertion: {e}"))
+            })?),
+            None => None,
+        };
+        let sent = Sent {
+            secret: &secret,
+            assertion: assertion.as_ref(),
+            key,
+        };
+        let response = request(&http, provider, &sent).send().await;
+        let mut response = match response {
             Ok(response) => response,
             Err(e) => return Err(self.network_error(provider, e).await),
         };
@@ -242,67 +294,121 @@ impl TokenClient {
             content_type: &content_type,
             body: &body,
         };
-        parse_answer(provider, key, &answer)
+        parse_answer(provider, &sent, &answer)
     }
+}
 
-    fn request(&self, p: &ProviderConfig, key: Option<&Secret>) -> reqwest::RequestBuilder {
-        // The key goes in verbatim: keys are visible ASCII without `"` or `\`
-        // (KeyPattern::accepts), and the body encoders below escape whole values.
-        fn keyed<'a>(v: &'a str, key: Option<&Secret>) -> Cow<'a, str> {
-            match key {
-                Some(key) => Cow::Owned(v.replace(KEY_PLACEHOLDER, key.expose())),
-                None => Cow::Borrowed(v),
+/// The credentials (and key) one token request carried, so an echo of them can be
+/// cut out of the provider's answer.
+struct Sent<'a> {
+    secret: &'a Secret,
+    assertion: Option<&'a Secret>,
+    key: Option<&'a Secret>,
+}
+
+fn build_http(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    outbound: Option<&OutboundProxy>,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(connect_timeout)
+        // A token endpoint that redirects is misconfigured; following it would
+        // send the credentials somewhere the operator did not name.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("bearer-proxy/", env!("CARGO_PKG_VERSION")));
+    match outbound {
+        // Without this, reqwest would read HTTPS_PROXY and friends by itself.
+        None => builder = builder.no_proxy(),
+        Some(o) => {
+            let direct = reqwest::NoProxy::from_string(&o.no_proxy.join(","));
+            if let Some(p) = &o.https {
+                builder =
+                    builder.proxy(reqwest::Proxy::https(p.expose())?.no_proxy(direct.clone()));
+            }
+            if let Some(p) = &o.http {
+                builder = builder.proxy(reqwest::Proxy::http(p.expose())?.no_proxy(direct));
             }
         }
-        let mut fields: Vec<(&str, Cow<'_, str>)> =
-            vec![("grant_type", Cow::Borrowed("client_credentials"))];
-        if p.client_auth == ClientAuth::Body {
+    }
+    builder.build()
+}
+
+/// The client-credentials request, with the client authentication of `p`.
+fn request(http: &reqwest::Client, p: &ProviderConfig, sent: &Sent) -> reqwest::RequestBuilder {
+    let key = sent.key;
+    // The key goes in verbatim: keys are visible ASCII without `"` or `\`
+    // (KeyPattern::accepts), and the body encoders below escape whole values.
+    fn keyed<'a>(v: &'a str, key: Option<&Secret>) -> Cow<'a, str> {
+        match key {
+            Some(key) => Cow::Owned(v.replace(KEY_PLACEHOLDER, key.expose())),
+            None => Cow::Borrowed(v),
+        }
+    }
+    let mut fields: Vec<(&str, Cow<'_, str>)> =
+        vec![("grant_type", Cow::Borrowed("client_credentials"))];
+    match p.client_auth {
+        ClientAuth::Body => {
             fields.push(("client_id", Cow::Borrowed(&p.client_id)));
-            fields.push(("client_secret", Cow::Borrowed(p.client_secret.expose())));
+            fields.push(("client_secret", Cow::Borrowed(sent.secret.expose())));
         }
-        if let Some(a) = &p.audience {
-            fields.push(("audience", keyed(a, key)));
-        }
-        if let Some(s) = &p.scope {
-            fields.push(("scope", keyed(s, key)));
-        }
-        for (k, v) in &p.extra_params {
-            fields.push((k, keyed(v, key)));
-        }
-        let mut req = self
-            .http
-            .post(p.token_url.clone())
-            .header(http::header::ACCEPT, "application/json");
-        if p.client_auth == ClientAuth::Basic {
-            req = req.header(http::header::AUTHORIZATION, basic_auth(p));
-        }
-        match p.request_format {
-            RequestFormat::Json => {
-                let map: serde_json::Map<String, Value> = fields
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), Value::String(v.into_owned())))
-                    .collect();
-                req.header(http::header::CONTENT_TYPE, "application/json")
-                    .body(Value::Object(map).to_string())
+        ClientAuth::Basic => {}
+        ClientAuth::PrivateKeyJwt => {
+            // RFC 7521 §4.2 makes client_id optional; servers that look the
+            // client up before reading the assertion need it.
+            fields.push(("client_id", Cow::Borrowed(&p.client_id)));
+            fields.push(("client_assertion_type", Cow::Borrowed(JWT_BEARER)));
+            if let Some(assertion) = sent.assertion {
+                fields.push(("client_assertion", Cow::Borrowed(assertion.expose())));
             }
-            RequestFormat::Form => {
-                let body = url::form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(fields.iter().map(|(k, v)| (*k, v.as_ref())))
-                    .finish();
-                req.header(
-                    http::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .body(body)
-            }
+        }
+        ClientAuth::TlsClientAuth => fields.push(("client_id", Cow::Borrowed(&p.client_id))),
+    }
+    if let Some(a) = &p.audience {
+        fields.push(("audience", keyed(a, key)));
+    }
+    if let Some(s) = &p.scope {
+        fields.push(("scope", keyed(s, key)));
+    }
+    for (k, v) in &p.extra_params {
+        fields.push((k, keyed(v, key)));
+    }
+    let mut req = http
+        .post(p.token_url.clone())
+        .header(http::header::ACCEPT, "application/json");
+    if p.client_auth == ClientAuth::Basic {
+        req = req.header(http::header::AUTHORIZATION, basic_auth(p, sent.secret));
+    }
+    match p.request_format {
+        RequestFormat::Json => {
+            let map: serde_json::Map<String, Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Value::String(v.into_owned())))
+                .collect();
+            req.header(http::header::CONTENT_TYPE, "application/json")
+                .body(Value::Object(map).to_string())
+        }
+        RequestFormat::Form => {
+            let body = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(fields.iter().map(|(k, v)| (*k, v.as_ref())))
+                .finish();
+            req.header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
         }
     }
 }
 
+/// RFC 7523 §2.2: the `client_assertion_type` of a JWT client assertion.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
 /// RFC 6749 §2.3.1: id and secret are form-encoded, then joined and base64'd.
-fn basic_auth(p: &ProviderConfig) -> http::HeaderValue {
+fn basic_auth(p: &ProviderConfig, secret: &Secret) -> http::HeaderValue {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let raw = format!("{}:{}", enc(&p.client_id), enc(p.client_secret.expose()));
+    let raw = format!("{}:{}", enc(&p.client_id), enc(secret.expose()));
     let value = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(raw)
@@ -357,7 +463,13 @@ pub fn parse_response(
         content_type,
         body,
     };
-    parse_answer(p, None, &answer)
+    let secret = p.client_secret.current();
+    let sent = Sent {
+        secret: &secret,
+        assertion: None,
+        key: None,
+    };
+    parse_answer(p, &sent, &answer)
 }
 
 /// A token endpoint's answer, as received.
@@ -372,7 +484,7 @@ struct Answer<'a> {
 /// message may quote.
 fn parse_answer(
     p: &ProviderConfig,
-    key: Option<&Secret>,
+    sent: &Sent,
     answer: &Answer<'_>,
 ) -> Result<FetchedToken, FetchError> {
     let Answer {
@@ -382,7 +494,7 @@ fn parse_answer(
         body,
     } = *answer;
     let doc: Option<Value> = serde_json::from_slice(body).ok();
-    let message = doc.as_ref().and_then(|d| provider_message(d, p, key));
+    let message = doc.as_ref().and_then(|d| provider_message(d, p, sent));
     if !status.is_success() {
         return Err(FetchError::Status {
             status,
@@ -541,16 +653,22 @@ pub fn jwt_exp(token: &str) -> Option<SystemTime> {
 }
 
 /// Cuts the client secret out of provider text in every form the provider may have
-/// echoed it: raw, form- or percent-encoded, JSON-escaped, or inside a Basic header.
-fn redact_credentials(text: &str, p: &ProviderConfig) -> String {
-    let basic = basic_auth(p);
+/// echoed it: raw, form- or percent-encoded, JSON-escaped, or inside a Basic header;
+/// and the client assertion, which is a credential until it expires.
+fn redact_credentials(text: &str, p: &ProviderConfig, sent: &Sent) -> String {
+    let basic = basic_auth(p, sent.secret);
     let basic = basic.to_str().unwrap_or_default();
     let basic = basic.strip_prefix("Basic ").unwrap_or(basic);
-    let mut variants: Vec<Secret> = encodings(p.client_secret.expose())
+    let mut variants: Vec<Secret> = encodings(sent.secret.expose())
         .into_iter()
         .map(Secret::new)
         .collect();
     variants.push(Secret::new(basic));
+    if let Some(assertion) = sent.assertion {
+        variants.push(assertion.clone());
+        // Each part on its own too: an echo may be cut anywhere.
+        variants.extend(assertion.expose().split('.').map(Secret::new));
+    }
     redact(text, &variants.iter().collect::<Vec<_>>())
 }
 
@@ -563,7 +681,7 @@ fn encodings(raw: &str) -> [String; 3] {
 }
 
 /// The provider's own explanation, from the fields the seed dialects use.
-fn provider_message(doc: &Value, p: &ProviderConfig, key: Option<&Secret>) -> Option<String> {
+fn provider_message(doc: &Value, p: &ProviderConfig, sent: &Sent) -> Option<String> {
     const FIELDS: [&str; 7] = [
         "error",
         "error_description",
@@ -595,8 +713,8 @@ fn provider_message(doc: &Value, p: &ProviderConfig, key: Option<&Secret>) -> Op
     }
     parts.dedup();
     // Redacted before shortening, so no cut can leave part of a secret or key.
-    let mut joined = redact_credentials(&parts.join(": "), p);
-    if let Some(key) = key {
+    let mut joined = redact_credentials(&parts.join(": "), p, sent);
+    if let Some(key) = sent.key {
         // Unlike secrets, keys may be short ("42"): cut them whatever their length.
         for variant in encodings(key.expose()).iter().filter(|v| !v.is_empty()) {
             joined = joined.replace(variant.as_str(), "***");

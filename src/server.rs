@@ -39,6 +39,8 @@ pub enum StartError {
     TokenClient(#[from] reqwest::Error),
     #[error("[store]: {0}")]
     Fleet(#[from] FleetError),
+    #[error(transparent)]
+    SecretCommand(#[from] crate::client_auth::CommandError),
     #[error("startup task failed: {0}")]
     Internal(String),
     #[error("cannot listen on {addr}")]
@@ -121,11 +123,47 @@ impl Shared {
     /// the error is returned. Listener changes are reported, not applied.
     pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, String> {
         let _serial = self.reloading.lock().await;
+        let result = self.reload_inner().await;
+        match &result {
+            Ok(report) => {
+                tracing::info!(
+                    kept = ?report.providers.kept,
+                    started = ?report.providers.started,
+                    stopped = ?report.providers.stopped,
+                    routes = report.routes,
+                    "config reloaded"
+                );
+                for change in &report.listener_changes {
+                    tracing::warn!(
+                        change = %change,
+                        "this change needs a restart to take effect; the running listeners and clients are unchanged"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "config reload failed; the running config stays")
+            }
+        }
+        result
+    }
+
+    async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, String> {
         let old = self.config();
         let path = old.source.clone();
+        let new = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))?
+            .map_err(|e| preflight::describe(&e))?;
+        for warning in &new.warnings {
+            tracing::warn!("{warning}");
+        }
+        // A secret command runs again: a rotated secret is picked up by a reload.
+        config::resolve_secrets(&new)
+            .await
+            .map_err(|e| e.to_string())?;
         let this = self.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<ReloadReport, String> {
-            let mut new = config::load(&path).map_err(|e| preflight::describe(&e))?;
+        tokio::task::spawn_blocking(move || -> Result<ReloadReport, String> {
+            let mut new = new;
             // The same checks as at startup, so a reload never adopts a config that
             // would not start; what they build is used only after a restart.
             preflight::run(&new).map_err(|e| preflight::describe(&e))?;
@@ -194,28 +232,7 @@ impl Shared {
             })
         })
         .await
-        .map_err(|e| format!("reload task failed: {e}"))?;
-        match &result {
-            Ok(report) => {
-                tracing::info!(
-                    kept = ?report.providers.kept,
-                    started = ?report.providers.started,
-                    stopped = ?report.providers.stopped,
-                    routes = report.routes,
-                    "config reloaded"
-                );
-                for change in &report.listener_changes {
-                    tracing::warn!(
-                        change = %change,
-                        "this change needs a restart to take effect; the running listeners and clients are unchanged"
-                    );
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, "config reload failed; the running config stays")
-            }
-        }
-        result
+        .map_err(|e| format!("reload task failed: {e}"))?
     }
 }
 
@@ -239,6 +256,7 @@ enum AdminListener {
 impl Server {
     /// Builds everything and binds every listener; fails before serving anything.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
+        config::resolve_secrets(&config).await?;
         let shared = tokio::task::spawn_blocking(move || Shared::build(config))
             .await
             .map_err(|e| StartError::Internal(e.to_string()))??;

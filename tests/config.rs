@@ -88,7 +88,7 @@ fn a_valid_config_parses_with_env_values() {
     let c = ok(&cfg("", r#"audience = "https://${API_HOST}""#, ""));
     let p = &c.providers["p"];
     assert_eq!(p.client_id, "client-from-env");
-    assert_eq!(p.client_secret.expose(), SECRET);
+    assert_eq!(p.client_secret.current().expose(), SECRET);
     assert_eq!(p.audience.as_deref(), Some("https://api.example.com"));
     assert_eq!(c.routes.len(), 1);
     assert_eq!(c.routes[0].path_prefix, "/api");
@@ -219,7 +219,10 @@ scope = "$${SECRET} and ${API_HOST} cost $5""#,
 fn double_dollar_in_a_secret_is_literal_too() {
     let text = cfg("", "", "").replace("${SECRET}", "pre$${X}post");
     let c = ok(&text);
-    assert_eq!(c.providers["p"].client_secret.expose(), "pre${X}post");
+    assert_eq!(
+        c.providers["p"].client_secret.current().expose(),
+        "pre${X}post"
+    );
 }
 
 #[test]
@@ -274,7 +277,10 @@ fn client_secret_file_is_read_and_its_trailing_newline_trimmed() {
         file.path().display()
     ));
     let c = ok(&text);
-    assert_eq!(c.providers["p"].client_secret.expose(), "file-secret-value");
+    assert_eq!(
+        c.providers["p"].client_secret.current().expose(),
+        "file-secret-value"
+    );
     assert!(!format!("{c:?}").contains("file-secret-value"));
 }
 
@@ -287,7 +293,7 @@ fn client_secret_file_crlf_is_trimmed() {
         file.path().display()
     ));
     assert_eq!(
-        ok(&text).providers["p"].client_secret.expose(),
+        ok(&text).providers["p"].client_secret.current().expose(),
         "crlf-secret"
     );
 }
@@ -298,7 +304,10 @@ fn client_secret_file_is_relative_to_the_config_file() {
     std::fs::write(dir.path().join("secret.txt"), "relative-secret\n").unwrap();
     let text = provider_only(&format!("{NO_SECRET}client_secret_file = \"secret.txt\"\n"));
     let c = Config::parse(&text, &dir.path().join("x.toml"), &env).unwrap();
-    assert_eq!(c.providers["p"].client_secret.expose(), "relative-secret");
+    assert_eq!(
+        c.providers["p"].client_secret.current().expose(),
+        "relative-secret"
+    );
 }
 
 #[test]
@@ -785,7 +794,7 @@ fn the_secret_never_appears_in_debug_output() {
 scope = "read""#,
         "",
     ));
-    assert_eq!(c.providers["p"].client_secret.expose(), SECRET);
+    assert_eq!(c.providers["p"].client_secret.current().expose(), SECRET);
     let debug = format!("{c:?}");
     assert!(!debug.contains(SECRET), "Debug leaks the secret: {debug}");
     let pretty = format!("{c:#?}");

@@ -22,6 +22,7 @@ use http::{HeaderName, StatusCode};
 use ipnet::IpNet;
 use url::Url;
 
+use crate::client_auth::{AssertionKey, ClientIdentity, SecretCell, SecretCommand};
 use crate::secret::Secret;
 pub use outbound::{OutboundProxy, ProxyUrl};
 use raw::RawConfig;
@@ -264,6 +265,27 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic, RFC 6749 §2.3.1.
     Basic,
+    /// A signed client assertion, RFC 7523 §2.2; no secret.
+    PrivateKeyJwt,
+    /// A client certificate on the TLS connection, RFC 8705 §2; no secret.
+    TlsClientAuth,
+}
+
+impl ClientAuth {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Body => "body",
+            Self::Basic => "basic",
+            Self::PrivateKeyJwt => "private_key_jwt",
+            Self::TlsClientAuth => "tls_client_auth",
+        }
+    }
+
+    /// True for the methods that send a client secret.
+    pub fn uses_secret(self) -> bool {
+        matches!(self, Self::Body | Self::Basic)
+    }
 }
 
 impl RequestFormat {
@@ -282,6 +304,8 @@ impl ClientAuth {
         match self {
             Self::Body => "client_id and client_secret in the body",
             Self::Basic => "client_id and client_secret as HTTP Basic",
+            Self::PrivateKeyJwt => "client_id and a client assertion signed with client_key_file",
+            Self::TlsClientAuth => "client_id in the body, client_cert_file in the TLS handshake",
         }
     }
 }
@@ -338,7 +362,15 @@ pub struct ProviderConfig {
     pub name: String,
     pub token_url: Url,
     pub client_id: String,
-    pub client_secret: Secret,
+    /// The secret in force (empty for `private_key_jwt` and `tls_client_auth`). With
+    /// `client_secret_command` it is filled by [`resolve_secrets`] and replaced when
+    /// the token endpoint answers `invalid_client`.
+    pub client_secret: SecretCell,
+    pub client_secret_command: Option<SecretCommand>,
+    /// The signing key of `private_key_jwt`.
+    pub assertion_key: Option<AssertionKey>,
+    /// The certificate and key of `tls_client_auth`.
+    pub client_identity: Option<ClientIdentity>,
     pub audience: Option<String>,
     pub scope: Option<String>,
     pub extra_params: Vec<(String, String)>,
@@ -420,6 +452,34 @@ impl ProviderConfig {
             || self.scope.as_deref().is_some_and(has)
             || self.extra_params.iter().any(|(_, v)| has(v))
     }
+}
+
+impl ProviderConfig {
+    /// Every credential byte this provider authenticates with (secret, private key),
+    /// for deriving keys that only holders of the same credentials can derive.
+    pub fn credential_material(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::new());
+        out.extend_from_slice(self.client_secret.current().expose().as_bytes());
+        if let Some(key) = &self.assertion_key {
+            out.extend_from_slice(key.material());
+        }
+        if let Some(identity) = &self.client_identity {
+            out.extend_from_slice(identity.material());
+        }
+        out
+    }
+}
+
+/// Runs every provider's `client_secret_command` and stores what it printed.
+/// Call at startup, on reload and in `check`; errors name the config key.
+pub async fn resolve_secrets(config: &Config) -> Result<(), crate::client_auth::CommandError> {
+    for p in config.providers.values() {
+        if let Some(command) = &p.client_secret_command {
+            let secret = command.run(config.server.token_timeout).await?;
+            p.client_secret.set(secret);
+        }
+    }
+    Ok(())
 }
 
 /// The parts of an upstream URL a request is forwarded to.

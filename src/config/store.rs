@@ -151,7 +151,7 @@ impl Validator<'_> {
         let key_pem = read_secret_file(&key_path)
             .map_err(|e| self.err(KEY, format!("cannot read {}: {e}", key_path.display())))?;
         // The key's own parse error could quote it: only say what was expected.
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
             self.err(
                 KEY,
                 format!(
@@ -180,12 +180,14 @@ impl Validator<'_> {
         })?;
         Ok(Some(RedisClientCert {
             cert_pem,
-            key_pem: Secret::new(key_pem),
+            // PEM is ASCII (it parsed above), so nothing is lost.
+            key_pem: Secret::new(String::from_utf8_lossy(&key_pem).into_owned()),
         }))
     }
 
     fn read_cert_file(&self, key: &str, path: &Path) -> VResult<Vec<u8>> {
         read_small_file(path, CERT_FILE_LIMIT)
+            .map(|bytes| bytes.to_vec())
             .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))
     }
 

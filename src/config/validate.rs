@@ -440,40 +440,19 @@ impl Validator<'_> {
                 .as_ref()
                 .ok_or_else(|| self.err(key("client_id"), "is required"))?,
         )?;
-        let client_secret = match (&p.client_secret, &p.client_secret_file) {
-            (Some(_), Some(_)) => {
-                return Err(self.err(
-                    key("client_secret"),
-                    "client_secret and client_secret_file are both set; keep exactly one",
-                ))
-            }
-            (None, None) => {
-                return Err(self.err(key("client_secret"), "is required (or client_secret_file)"))
-            }
-            (Some(raw), None) => {
-                if !raw.contains("${") {
-                    self.inline_secrets.borrow_mut().push(name.to_owned());
-                }
-                Secret::new(self.string(&key("client_secret"), raw)?)
-            }
-            (None, Some(raw)) => {
-                let file = self.relative(&self.string(&key("client_secret_file"), raw)?);
-                let text = read_secret_file(&file).map_err(|e| {
-                    self.err(
-                        key("client_secret_file"),
-                        format!("cannot read {}: {e}", file.display()),
-                    )
-                })?;
-                Secret::new(text.trim_end_matches(['\r', '\n']).to_owned())
-            }
-        };
-        if client_secret.is_empty() {
-            return Err(self.err(key("client_secret"), "is empty"));
-        }
+        let client_auth = self.client_auth(name, p)?;
+        let credentials = self.credentials(name, p, client_auth, &token_url)?;
         let mut extra_params = Vec::new();
         for (k, v) in p.extra_params.iter().flatten() {
             let pkey = key(&format!("extra_params.{k}"));
-            if matches!(k.as_str(), "grant_type" | "client_id" | "client_secret") {
+            if matches!(
+                k.as_str(),
+                "grant_type"
+                    | "client_id"
+                    | "client_secret"
+                    | "client_assertion"
+                    | "client_assertion_type"
+            ) {
                 return Err(self.err(pkey, "is set by the proxy itself and cannot be overridden"));
             }
             extra_params.push((k.clone(), self.string(&pkey, v)?));
@@ -488,19 +467,6 @@ impl Validator<'_> {
                 return Err(self.err(
                     key("request_format"),
                     format!("`{other}` is not \"form\" or \"json\""),
-                ))
-            }
-        };
-        let client_auth = match self
-            .opt_string(&key("client_auth"), p.client_auth.as_ref())?
-            .as_deref()
-        {
-            None | Some("body") => ClientAuth::Body,
-            Some("basic") => ClientAuth::Basic,
-            Some(other) => {
-                return Err(self.err(
-                    key("client_auth"),
-                    format!("`{other}` is not \"body\" or \"basic\""),
                 ))
             }
         };
@@ -570,7 +536,10 @@ impl Validator<'_> {
             name: name.to_owned(),
             token_url,
             client_id,
-            client_secret,
+            client_secret: credentials.secret,
+            client_secret_command: credentials.command,
+            assertion_key: credentials.assertion_key,
+            client_identity: credentials.identity,
             audience: self.opt_string(&key("audience"), p.audience.as_ref())?,
             scope: self.opt_string(&key("scope"), p.scope.as_ref())?,
             extra_params,
@@ -668,6 +637,229 @@ impl Validator<'_> {
             max_keys: usize::try_from(max_keys).unwrap_or(usize::MAX),
             idle,
         }))
+    }
+
+    fn client_auth(&self, name: &str, p: &RawProvider) -> VResult<ClientAuth> {
+        let key = format!("providers.{name}.client_auth");
+        Ok(match self.opt_string(&key, p.client_auth.as_ref())?.as_deref() {
+            None | Some("body") => ClientAuth::Body,
+            Some("basic") => ClientAuth::Basic,
+            Some("private_key_jwt") => ClientAuth::PrivateKeyJwt,
+            Some("tls_client_auth") => ClientAuth::TlsClientAuth,
+            Some(other) => {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "`{other}` is not \"body\", \"basic\", \"private_key_jwt\" or \"tls_client_auth\""
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// The secret, key and certificate settings, checked against `client_auth`: the
+    /// secret methods take exactly one secret source, the others none.
+    fn credentials(
+        &self,
+        name: &str,
+        p: &RawProvider,
+        auth: ClientAuth,
+        token_url: &Url,
+    ) -> VResult<Credentials> {
+        let key = |k: &str| format!("providers.{name}.{k}");
+        let method = auth.as_str();
+        let sources: Vec<&str> = [
+            ("client_secret", p.client_secret.is_some()),
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_command", p.client_secret_command.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        let mut out = Credentials {
+            secret: SecretCell::default(),
+            command: None,
+            assertion_key: None,
+            identity: None,
+        };
+        let only_with = |k: &str, set: bool, wanted: &[ClientAuth]| -> VResult<()> {
+            if set && !wanted.contains(&auth) {
+                let names: Vec<&str> = wanted.iter().map(|a| a.as_str()).collect();
+                return Err(self.err(
+                    key(k),
+                    format!(
+                        "is only used with client_auth = \"{}\" (this provider has \"{method}\")",
+                        names.join("\" or \"")
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        only_with(
+            "client_key_file",
+            p.client_key_file.is_some(),
+            &[ClientAuth::PrivateKeyJwt, ClientAuth::TlsClientAuth],
+        )?;
+        only_with(
+            "client_cert_file",
+            p.client_cert_file.is_some(),
+            &[ClientAuth::TlsClientAuth],
+        )?;
+        for (k, set) in [
+            ("client_key_id", p.client_key_id.is_some()),
+            (
+                "client_assertion_audience",
+                p.client_assertion_audience.is_some(),
+            ),
+            ("client_assertion_alg", p.client_assertion_alg.is_some()),
+        ] {
+            only_with(k, set, &[ClientAuth::PrivateKeyJwt])?;
+        }
+        if !auth.uses_secret() {
+            if let Some(first) = sources.first() {
+                return Err(self.err(
+                    key(first),
+                    format!("is not used with client_auth = \"{method}\", which sends no secret; remove it"),
+                ));
+            }
+        } else {
+            match sources.as_slice() {
+                [] => {
+                    return Err(self.err(
+                        key("client_secret"),
+                        "is required (or client_secret_file, or client_secret_command)",
+                    ))
+                }
+                [_] => {}
+                [first, second, ..] => {
+                    return Err(self.err(
+                        key(first),
+                        format!("{first} and {second} are both set; keep exactly one"),
+                    ))
+                }
+            }
+        }
+        if let Some(raw) = &p.client_secret {
+            if !raw.contains("${") {
+                self.inline_secrets.borrow_mut().push(name.to_owned());
+            }
+            let secret = Secret::new(self.string(&key("client_secret"), raw)?);
+            if secret.is_empty() {
+                return Err(self.err(key("client_secret"), "is empty"));
+            }
+            out.secret = SecretCell::new(secret);
+        }
+        if let Some(raw) = &p.client_secret_file {
+            let k = key("client_secret_file");
+            let file = self.relative(&self.string(&k, raw)?);
+            let bytes = self.read_private(&k, &file)?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| self.err(&k, format!("{} is not UTF-8 text", file.display())))?;
+            let secret = Secret::new(text.trim_end_matches(['\r', '\n']));
+            if secret.is_empty() {
+                return Err(self.err(k, format!("{} is empty", file.display())));
+            }
+            out.secret = SecretCell::new(secret);
+        }
+        if let Some(raw) = &p.client_secret_command {
+            let k = key("client_secret_command");
+            let argv = raw
+                .iter()
+                .map(|a| self.string(&k, a))
+                .collect::<VResult<Vec<_>>>()?;
+            if argv.first().is_none_or(|program| program.trim().is_empty()) {
+                return Err(self.err(
+                    k,
+                    "must name a program, as a list: [\"vault\", \"kv\", \"get\", \"-field=secret\", \"kv/app\"]",
+                ));
+            }
+            out.command = Some(SecretCommand { argv, key: k });
+        }
+        let key_file = match &p.client_key_file {
+            Some(raw) => {
+                let k = key("client_key_file");
+                let file = self.relative(&self.string(&k, raw)?);
+                Some((file.clone(), self.read_private(&k, &file)?))
+            }
+            None if !auth.uses_secret() => {
+                return Err(self.err(
+                    key("client_key_file"),
+                    format!("is required with client_auth = \"{method}\""),
+                ))
+            }
+            None => None,
+        };
+        match (auth, key_file) {
+            (ClientAuth::PrivateKeyJwt, Some((file, pem))) => {
+                let alg = self
+                    .opt_string(
+                        &key("client_assertion_alg"),
+                        p.client_assertion_alg.as_ref(),
+                    )?
+                    .map(|a| {
+                        crate::client_auth::parse_alg(&a)
+                            .map_err(|e| self.err(key("client_assertion_alg"), e))
+                    })
+                    .transpose()?;
+                let audience = self
+                    .opt_string(
+                        &key("client_assertion_audience"),
+                        p.client_assertion_audience.as_ref(),
+                    )?
+                    .unwrap_or_else(|| token_url.to_string());
+                let key_id = self.opt_string(&key("client_key_id"), p.client_key_id.as_ref())?;
+                out.assertion_key = Some(
+                    AssertionKey::load(&file, pem, alg, key_id, audience).map_err(|e| {
+                        let k = if e.starts_with("client_assertion_alg") {
+                            "client_assertion_alg"
+                        } else {
+                            "client_key_file"
+                        };
+                        self.err(key(k), e)
+                    })?,
+                );
+            }
+            (ClientAuth::TlsClientAuth, Some((key_path, key_pem))) => {
+                let k = key("client_cert_file");
+                let raw = p.client_cert_file.as_ref().ok_or_else(|| {
+                    self.err(&k, "is required with client_auth = \"tls_client_auth\"")
+                })?;
+                let cert_path = self.relative(&self.string(&k, raw)?);
+                let cert_pem = read_secret_file(&cert_path).map_err(|e| {
+                    self.err(&k, format!("cannot read {}: {e}", cert_path.display()))
+                })?;
+                if token_url.scheme() != "https" {
+                    self.warnings.borrow_mut().push(format!(
+                        "{}: client_auth = \"tls_client_auth\" with an http:// token_url sends no certificate",
+                        key("token_url")
+                    ));
+                }
+                out.identity = Some(
+                    ClientIdentity::load(&cert_path, &cert_pem, &key_path, key_pem)
+                        .map_err(|(k, e)| self.err(key(k), e))?,
+                );
+            }
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// Reads a secret or key file, warning when group or others may read it.
+    fn read_private(&self, key: &str, file: &Path) -> VResult<zeroize::Zeroizing<Vec<u8>>> {
+        use std::os::unix::fs::PermissionsExt;
+        let bytes = read_secret_file(file)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", file.display())))?;
+        if let Ok(meta) = std::fs::metadata(file) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                self.warnings.borrow_mut().push(format!(
+                    "{key}: {} is readable by group or others (mode {mode:o}); run `chmod 600 {}`",
+                    file.display(),
+                    file.display()
+                ));
+            }
+        }
+        Ok(bytes)
     }
 
     fn url(&self, key: &str, raw: &str) -> VResult<Url> {
@@ -862,15 +1054,26 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-/// Reads a secret file: a regular file of at most 64 KiB (a device or FIFO named by
-/// mistake must not hang or exhaust the proxy).
-pub(super) fn read_secret_file(path: &Path) -> std::io::Result<String> {
-    String::from_utf8(read_small_file(path, 64 * 1024)?)
-        .map_err(|_| std::io::Error::other("not UTF-8 text"))
+/// The credential settings of one provider, validated.
+struct Credentials {
+    secret: SecretCell,
+    command: Option<SecretCommand>,
+    assertion_key: Option<AssertionKey>,
+    identity: Option<ClientIdentity>,
 }
 
-/// Reads a regular file of at most `limit` bytes.
-pub(super) fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+/// Reads a secret or key file: a regular file of at most 64 KiB (a device or FIFO
+/// named by mistake must not hang or exhaust the proxy).
+pub(super) fn read_secret_file(path: &Path) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    read_small_file(path, 64 * 1024)
+}
+
+/// Reads a regular file of at most `limit` bytes into a buffer that is zeroized when
+/// dropped (and sized up front, so no reallocation leaves a copy behind).
+pub(super) fn read_small_file(
+    path: &Path,
+    limit: u64,
+) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
@@ -885,7 +1088,7 @@ pub(super) fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8
         };
         return Err(std::io::Error::other(format!("larger than {shown}")));
     }
-    let mut bytes = Vec::new();
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(meta.len() as usize + 1));
     file.take(limit).read_to_end(&mut bytes)?;
     Ok(bytes)
 }

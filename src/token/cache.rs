@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::seal::{check_times, unix_ms, Sealer, Unusable};
 
-use crate::config::{ClientAuth, ProviderConfig, RequestFormat};
+use crate::config::{ProviderConfig, RequestFormat};
 use crate::secret::Secret;
 
 /// Why the cache directory cannot be used.
@@ -274,7 +274,17 @@ pub fn fingerprint(p: &ProviderConfig) -> String {
     };
     field(p.token_url.as_str());
     field(&p.client_id);
-    field(p.client_secret.expose());
+    field(p.client_secret.current().expose());
+    // Key and certificate by digest: a rotated key or certificate never reuses a token.
+    if let Some(key) = &p.assertion_key {
+        field(&hex(&key.digest()));
+        field(&format!("{:?}", key.alg));
+        field(key.key_id.as_deref().unwrap_or("\0none"));
+        field(&key.audience);
+    }
+    if let Some(identity) = &p.client_identity {
+        field(&hex(&identity.digest()));
+    }
     field(p.audience.as_deref().unwrap_or("\0none"));
     field(p.scope.as_deref().unwrap_or("\0none"));
     for (k, v) in &p.extra_params {
@@ -285,14 +295,15 @@ pub fn fingerprint(p: &ProviderConfig) -> String {
         RequestFormat::Form => "form",
         RequestFormat::Json => "json",
     });
-    field(match p.client_auth {
-        ClientAuth::Body => "body",
-        ClientAuth::Basic => "basic",
-    });
+    field(p.client_auth.as_str());
     field(&p.token_field.to_string());
     field(&p.header_prefix);
     if let Some(keys) = &p.keys {
         field(keys.header.as_str());
     }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -109,13 +109,13 @@ impl std::fmt::Debug for KeyBinding {
     }
 }
 
-/// The HMAC keyed with a key derived from the provider's client secret, so the
+/// The HMAC keyed with a key derived from the provider's credentials, so the
 /// ids of a low-entropy key space (member numbers) cannot be brute-forced back by
 /// anyone without the credentials.
 fn key_mac(config: &ProviderConfig) -> Hmac<Sha256> {
     let hk = hkdf::Hkdf::<Sha256>::new(
         Some(b"bearer-proxy/key-id/v1"),
-        config.client_secret.expose().as_bytes(),
+        &config.credential_material(),
     );
     // One SHA-256 block: HMAC's natural key size, and a valid HKDF-SHA256 output length.
     let mut key = [0u8; 64];

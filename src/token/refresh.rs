@@ -128,7 +128,8 @@ fn panic_message(slot: &ProviderSlot, payload: Box<dyn std::any::Any + Send>) ->
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(200)
         .collect();
-    crate::secret::redact(&text, &[&slot.config.client_secret])
+    let secret = slot.config.client_secret.current();
+    crate::secret::redact(&text, &[&secret])
 }
 
 /// Runs until `cancel`: the only caller of `slot`'s token endpoint in this process.
@@ -295,6 +296,9 @@ async fn fetch_once(
             Ok(())
         }
         Err(e) => {
+            if e.is_invalid_client() {
+                reread_secret(slot).await;
+            }
             let delay = e
                 .retry_after()
                 .unwrap_or_default()
@@ -321,6 +325,29 @@ async fn fetch_once(
             });
             Err(next_attempt)
         }
+    }
+}
+
+/// After `invalid_client`, runs `client_secret_command` again (once per failed
+/// attempt, so at most once per backoff step): the secret may have been rotated.
+async fn reread_secret(slot: &ProviderSlot) {
+    let Some(command) = &slot.config.client_secret_command else {
+        return;
+    };
+    match command.run(slot.settings.token_timeout).await {
+        Ok(secret) => {
+            let changed = slot.config.client_secret.set(secret);
+            tracing::info!(
+                provider = %slot.config.name,
+                changed,
+                "the token endpoint answered invalid_client; client secret read again from client_secret_command"
+            );
+        }
+        Err(error) => tracing::warn!(
+            provider = %slot.config.name,
+            %error,
+            "the token endpoint answered invalid_client and client_secret_command failed"
+        ),
     }
 }
 

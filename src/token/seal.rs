@@ -39,12 +39,12 @@ pub enum Unusable {
 pub struct Sealer(Aes256Gcm);
 
 impl Sealer {
-    /// Derives the key from the client secret, salted with the purpose and bound to
+    /// Derives the key from the provider's credentials (secret, private key), salted with the purpose and bound to
     /// the provider's fingerprint (every setting that shapes the token, and the key's
     /// id for a keyed provider).
     pub fn new(p: &ProviderConfig, key_id: Option<&str>, purpose: &str) -> Self {
         let salt = format!("bearer-proxy/{purpose}/v2");
-        let hk = Hkdf::<Sha256>::new(Some(salt.as_bytes()), p.client_secret.expose().as_bytes());
+        let hk = Hkdf::<Sha256>::new(Some(salt.as_bytes()), &p.credential_material());
         let mut key = [0u8; 32];
         // 32 bytes is always a valid HKDF-SHA256 output length.
         let _ = hk.expand(fingerprint_for(p, key_id).as_bytes(), &mut key);
