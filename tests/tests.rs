@@ -14,6 +14,7 @@ mod leaks;
 mod lifecycle;
 mod managed_redis;
 mod odd_answers;
+mod oidc;
 mod outbound;
 mod paths;
 mod properties;
