@@ -9,6 +9,8 @@ use http::Request;
 use crate::support::*;
 
 const SECRET: &str = "S3cr3t+Value/with=chars&more";
+/// What `client_secret_command` prints, before and after the secret is rotated.
+const CMD_SECRETS: [&str; 2] = ["Cmd+First/S3cret=value", "Cmd+Second/S3cret=value"];
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -29,14 +31,27 @@ impl Drop for Child {
 }
 
 fn forms_of_secret() -> Vec<String> {
-    let form: String = url::form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
-    let json = serde_json::to_string(SECRET)
-        .unwrap()
-        .trim_matches('"')
-        .to_owned();
-    use base64::Engine;
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("leak-client:{form}"));
-    vec![SECRET.to_owned(), form, json, basic]
+    let mut forms = Vec::new();
+    for secret in [SECRET, CMD_SECRETS[0], CMD_SECRETS[1]] {
+        let form: String = url::form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+        let json = serde_json::to_string(secret)
+            .unwrap()
+            .trim_matches('"')
+            .to_owned();
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("leak-client:{form}"));
+        forms.extend([secret.to_owned(), form, json, basic]);
+    }
+    forms
+}
+
+/// Writes the secret helper script: it prints `secret`.
+fn secret_script(path: &std::path::Path, secret: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("#!/bin/sh\nprintf '%s\\n' '{secret}'\n")).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
 
 fn assert_clean(what: &str, text: &str, tokens: &[String]) {
@@ -49,6 +64,8 @@ fn assert_clean(what: &str, text: &str, tokens: &[String]) {
     for token in tokens {
         assert!(!text.contains(token.as_str()), "{what} holds token {token}");
     }
+    // Every JWT starts with this (`{"`): a client assertion, or its header, in the text.
+    assert!(!text.contains("eyJ"), "{what} holds a JWT:\n{text}");
     // The issuer's tokens all start with this: catches any token, even unexpected ones.
     assert!(!text.contains("LEAKTOK"), "{what} holds a token:\n{text}");
 }
@@ -60,6 +77,12 @@ async fn trace_logs_admin_pages_and_check_never_show_secrets_or_tokens() {
     let (port, admin_port) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
+    let script = dir.path().join("secret-helper.sh");
+    secret_script(&script, CMD_SECRETS[0]);
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key_pem = key_pair.serialize_pem();
+    let key_file = dir.path().join("client.key");
+    std::fs::write(&key_file, &key_pem).unwrap();
     let toml = format!(
         r#"
 [server]
@@ -82,10 +105,31 @@ client_secret = "{SECRET}"
 request_format = "json"
 audience = "aud"
 
+[providers.cmd]
+token_url = "{url}"
+client_id = "leak-client"
+client_secret_command = ["{script}"]
+
+[providers.jwt]
+token_url = "{url}"
+client_id = "leak-client"
+client_auth = "private_key_jwt"
+client_key_file = "{key}"
+
 [[routes]]
 path_prefix = "/basic"
 upstream = "{up}"
 provider = "basic"
+
+[[routes]]
+path_prefix = "/cmd"
+upstream = "{up}"
+provider = "cmd"
+
+[[routes]]
+path_prefix = "/jwt"
+upstream = "{up}"
+provider = "jwt"
 
 [[routes]]
 path_prefix = "/body"
@@ -93,6 +137,8 @@ upstream = "{up}"
 provider = "body"
 "#,
         cache = dir.path().join("cache").display(),
+        script = script.display(),
+        key = key_file.display(),
         url = issuer.url(),
         up = upstream.url()
     );
@@ -151,6 +197,48 @@ provider = "body"
             .http2_only(true)
             .build_http();
     assert_eq!(get(&h2, &format!("{base}/basic/h2")).await.status, 200);
+    assert_eq!(get(&c, &format!("{base}/cmd/a")).await.status, 200);
+    assert_eq!(get(&c, &format!("{base}/jwt/a")).await.status, 200);
+    let mut bodies = String::new();
+
+    // The command's secret is rotated: the issuer answers invalid_client (echoing the
+    // request), the proxy runs the command again and recovers with the new secret.
+    secret_script(&script, CMD_SECRETS[1]);
+    issuer.set_fault(Fault::EchoInvalidClient);
+    for t in upstream.seen_auth().into_iter().flatten() {
+        upstream.reject(t.trim_start_matches("Bearer "), 401);
+    }
+    // The first requests meet the upstream's 401 (and its echo, which holds the old
+    // token: not collected); the next ones get the proxy's 503.
+    for path in ["/cmd/r", "/jwt/r"] {
+        let _ = get(&c, &format!("{base}{path}")).await;
+    }
+    for path in ["/cmd/t", "/jwt/t"] {
+        let answer = get(&c, &format!("{base}{path}")).await;
+        assert_eq!(answer.status, 503);
+        bodies.push_str(&String::from_utf8_lossy(&answer.body));
+    }
+    assert!(bodies.contains("invalid_client"), "{bodies}");
+    issuer.set_fault(Fault::None);
+    let mut recovered = false;
+    for _ in 0..100 {
+        if get(&c, &format!("{base}/cmd/s")).await.status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the rotated secret is picked up without a restart"
+    );
+    let rotated = issuer.last_request().body;
+    assert!(
+        rotated.contains(
+            &url::form_urlencoded::byte_serialize(CMD_SECRETS[1].as_bytes()).collect::<String>()
+        ),
+        "the new secret was sent"
+    );
 
     // Invalidation with replay: the basic provider's token is rejected once.
     let basic_token = upstream.seen_auth().into_iter().flatten().next().unwrap();
@@ -173,11 +261,10 @@ provider = "body"
     for t in upstream.seen_auth().into_iter().flatten() {
         upstream.reject(t.trim_start_matches("Bearer "), 401);
     }
-    for path in ["/basic/d", "/body/e"] {
+    for path in ["/basic/d", "/body/e", "/cmd/d", "/jwt/d"] {
         let _ = get(&c, &format!("{base}{path}")).await;
     }
-    let mut bodies = String::new();
-    for path in ["/basic/f", "/body/g"] {
+    for path in ["/basic/f", "/body/g", "/cmd/g", "/jwt/g"] {
         let answer = get(&c, &format!("{base}{path}")).await;
         bodies.push_str(&String::from_utf8_lossy(&answer.body));
     }
@@ -235,6 +322,20 @@ provider = "body"
         .unwrap();
     assert!(logs.contains("TRACE"), "really ran at trace level");
     assert!(logs.contains("token fetched") && logs.contains("config reloaded"));
+    assert!(
+        logs.contains("client secret read again"),
+        "ran the command again"
+    );
+    // No line of the private key, in any output.
+    let key_lines: Vec<&str> = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect();
+    for text in [&logs, &bodies] {
+        for line in &key_lines {
+            assert!(!text.contains(line), "a private key line leaked:\n{text}");
+        }
+    }
     let tokens: Vec<String> = (1..=issuer.hits()).map(|n| issuer.token(n)).collect();
     assert!(tokens.len() >= 3);
     assert_clean("the proxy's logs", &logs, &tokens);

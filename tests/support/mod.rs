@@ -85,6 +85,9 @@ pub enum Fault {
     /// This status with an error body that echoes the request it received (body and
     /// Authorization header), as some real issuers do.
     Echo(u16),
+    /// 401 `invalid_client` whose description echoes the request, as after a rotated
+    /// client secret.
+    EchoInvalidClient,
 }
 
 /// The token response shape.
@@ -259,15 +262,19 @@ async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<Test
                 _ => json(200, r#"{"token_type":"Bearer"}"#.to_owned()),
             }
         }
-        Fault::Echo(code) => {
+        Fault::Echo(_) | Fault::EchoInvalidClient => {
             let last = state.requests.lock().unwrap().last().cloned().unwrap();
             let description = format!(
                 "bad request: body was {} with authorization {:?}",
                 last.body, last.authorization
             );
+            let (code, error) = match fault {
+                Fault::Echo(code) => (code, "invalid_request"),
+                _ => (401, "invalid_client"),
+            };
             return json(
                 code,
-                serde_json::json!({"error": "invalid_request", "error_description": description}).to_string(),
+                serde_json::json!({"error": error, "error_description": description}).to_string(),
             );
         }
         Fault::Hang => {
