@@ -37,7 +37,7 @@ fn provider_toml(extra: &str) -> String {
 }
 
 fn assert_err(result: Result<Config, String>, parts: &[&str]) {
-    let e = result.err().expect("config should be refused");
+    let e = result.expect_err("config should be refused");
     for part in parts {
         assert!(e.contains(part), "`{part}` missing from: {e}");
     }
