@@ -818,7 +818,21 @@ fn every_example_config_parses() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
-    let dummy = |_: &str| Some("dummy-value".to_owned());
+    // Examples that name key files get a throwaway key and certificate.
+    let keys = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["client".to_owned()]).unwrap();
+    let (key_file, cert_file) = (keys.path().join("k.pem"), keys.path().join("c.pem"));
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    let dummy = |name: &str| {
+        Some(if name.ends_with("KEY_FILE") {
+            key_file.display().to_string()
+        } else if name.ends_with("CERT_FILE") {
+            cert_file.display().to_string()
+        } else {
+            "dummy-value".to_owned()
+        })
+    };
     let mut failures = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
