@@ -1081,7 +1081,7 @@ pub(super) fn read_small_file(
         return Err(std::io::Error::other("not a regular file"));
     }
     if meta.len() > limit {
-        let shown = if limit % (1 << 20) == 0 {
+        let shown = if limit.is_multiple_of(1 << 20) {
             format!("{} MiB", limit >> 20)
         } else {
             format!("{} KiB", limit >> 10)
