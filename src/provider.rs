@@ -101,13 +101,19 @@ pub struct TokenClient {
     http: reqwest::Client,
     /// The outbound proxy's rules, to name the proxy a failed fetch went through.
     outbound: Option<Arc<Matcher>>,
-    /// The outbound proxy itself, for the clients built per identity.
-    outbound_config: Option<OutboundProxy>,
-    tls: rustls::ClientConfig,
     connect_timeout: Duration,
+    /// Behind one pointer: every refresher holds a client, so it stays small.
+    identities: Arc<Identities>,
+}
+
+/// What building a client that presents a certificate takes, and those built.
+struct Identities {
+    tls: rustls::ClientConfig,
+    /// The outbound proxy, for the clients built per identity.
+    outbound: Option<OutboundProxy>,
     /// Clients presenting a certificate, by identity digest. Built on first use and
     /// only touched by token fetches, never by proxied requests.
-    with_identity: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
+    clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
 }
 
 /// Identities kept; past this (many reloads with rotated certificates) the map is
@@ -126,10 +132,12 @@ impl TokenClient {
         Ok(Self {
             http,
             outbound: outbound.map(|o| Arc::new(o.matcher())),
-            outbound_config: outbound.cloned(),
-            tls,
             connect_timeout,
-            with_identity: Arc::default(),
+            identities: Arc::new(Identities {
+                tls,
+                outbound: outbound.cloned(),
+                clients: Mutex::default(),
+            }),
         })
     }
 
@@ -140,16 +148,17 @@ impl TokenClient {
         };
         let digest = identity.digest();
         let mut clients = self
-            .with_identity
+            .identities
+            .clients
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(client) = clients.get(&digest) {
             return Ok(client.clone());
         }
         let client = build_http(
-            identity.client_config(&self.tls),
+            identity.client_config(&self.identities.tls),
             self.connect_timeout,
-            self.outbound_config.as_ref(),
+            self.identities.outbound.as_ref(),
         )
         .map_err(|e| {
             FetchError::Credentials(format!(
