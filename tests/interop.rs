@@ -35,3 +35,20 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// `require` and its kin fail only when `CI=true`: `.ci/run` installs the programs, so it
+/// must set that itself (before any cargo command) for runners that do not.
+#[test]
+fn the_ci_script_sets_ci_so_missing_programs_fail_rather_than_skip() {
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).expect(".ci/run");
+    let export = script
+        .lines()
+        .position(|l| l.trim() == r#"export CI="${CI:-true}""#)
+        .expect(".ci/run exports CI=true by default");
+    let first_cargo = script
+        .lines()
+        .position(|l| l.trim_start().starts_with("cargo "))
+        .expect("a cargo command");
+    assert!(export < first_cargo);
+}
