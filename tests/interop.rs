@@ -4,7 +4,7 @@
 
 mod curl;
 mod nginx;
-mod websocket;
+pub mod websocket;
 
 use std::path::PathBuf;
 

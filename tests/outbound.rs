@@ -1192,6 +1192,68 @@ preserve_host = true
 }
 
 #[tokio::test]
+async fn preserve_host_websocket_handshakes_tunnel_to_their_upstream_too() {
+    use crate::interop::websocket::{connect, next, WsServer};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    let recorder = RecordingProxy::start().await;
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+outbound_proxy = "http://u:p@127.0.0.1:{recorder}"
+no_proxy = ["127.0.0.1"]
+
+[providers.p]
+token_url = "{token_url}"
+client_id = "c"
+client_secret = "{SECRET}"
+
+[[routes]]
+upstream = "http://localhost:{port}"
+provider = "p"
+preserve_host = true
+"#,
+        recorder = recorder.port,
+        token_url = issuer.url(),
+        port = server.addr.port(),
+    );
+    let proxy = Proxy::start(&toml).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    let mut ws = connect(
+        &format!("ws://{}/chat", proxy.addr),
+        Some("elsewhere.example:8443"),
+    )
+    .await
+    .expect("handshake through the tunnel");
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].host.as_deref(), Some("elsewhere.example:8443"));
+    assert_eq!(
+        seen[0].authorization,
+        Some(format!("Bearer {}", issuer.token(1)))
+    );
+    let conns = recorder.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    // A tunnel to the route's upstream: the proxy never sees the handshake, its Host
+    // or its token.
+    assert!(
+        conns[0].head.starts_with(&format!(
+            "CONNECT localhost:{} HTTP/1.1\r\n",
+            server.addr.port()
+        )),
+        "{}",
+        conns[0].head
+    );
+    assert!(!conns[0].head.contains("elsewhere") && !conns[0].head.contains("Bearer"));
+    ws.close(None).await.unwrap();
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn the_token_command_goes_through_the_proxy_too() {
     let backend = Backend::start().await;
     let recorder = RecordingProxy::start().await;

@@ -75,6 +75,14 @@ pub struct ClientFactory {
     outbound: Option<Arc<Matcher>>,
 }
 
+/// The clients of one `preserve_host` route, both pinned to its upstream.
+pub struct Pinned {
+    /// HTTP/2 or HTTP/1.1 by ALPN.
+    pub pooled: UpstreamClient,
+    /// HTTP/1.1 only, for Upgrade handshakes.
+    pub http1: UpstreamClient,
+}
+
 /// The clients one worker forwards through (each worker has its own pools).
 pub struct Clients {
     /// HTTP/2 or HTTP/1.1 by ALPN.
@@ -106,16 +114,19 @@ impl ClientFactory {
         }
     }
 
-    /// A client that dials `upstream` whatever authority the request URI names; its
+    /// Clients that dial `upstream` whatever authority the request URI names; their
     /// requests carry the client's Host as the URI authority.
-    pub fn pinned(&self, upstream: &Upstream) -> UpstreamClient {
+    pub fn pinned(&self, upstream: &Upstream) -> Pinned {
         let pin = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
             .path_and_query("/")
             .build()
             .ok();
-        self.build(true, pin)
+        Pinned {
+            pooled: self.build(true, pin.clone()),
+            http1: self.build(false, pin),
+        }
     }
 
     fn build(&self, http2: bool, pin: Option<Uri>) -> UpstreamClient {

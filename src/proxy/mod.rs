@@ -301,19 +301,21 @@ impl Proxy {
             None => None,
         };
         let upstream_authority = || rc.upstream.authority.clone();
-        let (authority, client, host) = match (&upgrade, preserved, &route.pinned) {
-            // HTTP/1.1 for sure: the client's Host can go as a plain field.
-            (Some(_), preserved, _) => (upstream_authority(), &self.clients.http1, preserved),
-            (None, Some(preserved), Some(pinned)) => (preserved, pinned, None),
-            (None, _, _) => (upstream_authority(), &self.clients.pooled, None),
+        // Every request of a `preserve_host` route, Upgrade handshakes included, goes
+        // through its pinned clients: on the shared ones a proxied http:// upstream would
+        // get the handshake in absolute form beside the client's Host.
+        let (authority, client) = match (&route.pinned, &upgrade) {
+            (Some(pinned), Some(_)) => {
+                (preserved.unwrap_or_else(upstream_authority), &pinned.http1)
+            }
+            (Some(pinned), None) => (preserved.unwrap_or_else(upstream_authority), &pinned.pooled),
+            (None, Some(_)) => (upstream_authority(), &self.clients.http1),
+            (None, None) => (upstream_authority(), &self.clients.pooled),
         };
         let uri = upstream_uri(route, &parts.uri, authority)?;
         let mut headers = parts.headers;
         headers::strip_hop_by_hop(&mut headers);
         headers.remove(header::HOST);
-        if let Some(host) = host.and_then(|h| HeaderValue::from_str(h.as_str()).ok()) {
-            headers.insert(header::HOST, host);
-        }
         if let Some(protocol) = upgrade {
             upgrade::restore_headers(&mut headers, protocol);
         }

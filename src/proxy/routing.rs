@@ -6,7 +6,7 @@ use crate::config::RouteConfig;
 use crate::metrics::RouteMetrics;
 use crate::token::{KeyedProvider, ProviderSlot};
 
-use super::client::UpstreamClient;
+use super::client::Pinned;
 
 /// A route with its provider's slot resolved once, at build time.
 pub struct Route {
@@ -17,9 +17,9 @@ pub struct Route {
     pub metrics: RouteMetrics,
     /// The route's name, shared with log lines.
     pub name: Arc<str>,
-    /// `preserve_host` routes: a client whose connections always go to this route's
+    /// `preserve_host` routes: clients whose connections always go to this route's
     /// upstream, so the client's Host can be sent as the authority.
-    pub pinned: Option<UpstreamClient>,
+    pub pinned: Option<Pinned>,
 }
 
 /// The routes of one listener, most specific first.

@@ -405,6 +405,34 @@ async fn websocket_to_an_https_upstream_that_prefers_http2_uses_http1() {
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn a_preserve_host_handshake_goes_to_the_route_upstream_whatever_its_host() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    // A second server named by the Host: it must never see the handshake.
+    let decoy = WsServer::start().await;
+    let upstream = format!("http://{}", server.addr);
+    let proxy = Proxy::start(&ws_config(&issuer, &upstream, "", "preserve_host = true")).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    for host in [decoy.addr.to_string(), "elsewhere.example".to_owned()] {
+        let mut ws = connect(&format!("ws://{}/ws/x", proxy.addr), Some(&host))
+            .await
+            .expect("handshake");
+        assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+        ws.close(None).await.unwrap();
+    }
+    let hosts: Vec<_> = server.seen().into_iter().map(|s| s.host).collect();
+    assert_eq!(
+        hosts,
+        [
+            Some(decoy.addr.to_string()),
+            Some("elsewhere.example".to_owned())
+        ]
+    );
+    assert!(decoy.seen().is_empty());
+    proxy.stop().await;
+}
+
 /// A proxy with `server_extra` in `[server]` in front of a fresh server, and a
 /// WebSocket through it, past the server's greeting.
 async fn open_session(server_extra: &str) -> (Proxy, Ws) {
