@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use http::uri::Scheme;
+use http::uri::{Authority, Scheme};
 use http::{header, Request, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -117,19 +117,17 @@ impl ClientFactory {
     /// Clients that dial `upstream` whatever authority the request URI names; their
     /// requests carry the client's Host as the URI authority.
     pub fn pinned(&self, upstream: &Upstream) -> Pinned {
-        let pin = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query("/")
-            .build()
-            .ok();
+        let pin = PinnedTo {
+            scheme: upstream.scheme.clone(),
+            authority: upstream.authority.clone(),
+        };
         Pinned {
-            pooled: self.build(true, pin.clone()),
-            http1: self.build(false, pin),
+            pooled: self.build(true, Some(pin.clone())),
+            http1: self.build(false, Some(pin)),
         }
     }
 
-    fn build(&self, http2: bool, pin: Option<Uri>) -> UpstreamClient {
+    fn build(&self, http2: bool, pin: Option<PinnedTo>) -> UpstreamClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -149,11 +147,19 @@ impl ClientFactory {
         } else {
             builder.wrap_connector(outbound)
         };
+        // A pinned client's pool is keyed by the client's Host, not by the upstream it
+        // dials, so every distinct Host gets its own idle connections to that upstream:
+        // a small cap keeps many Hosts from holding hundreds of idle sockets each.
+        let max_idle = if tunnel_http {
+            PINNED_MAX_IDLE_PER_HOST
+        } else {
+            MAX_IDLE_PER_HOST
+        };
         let pool = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
+            .pool_max_idle_per_host(max_idle)
             .build(UpstreamConnector {
                 https,
                 pin,
@@ -170,13 +176,39 @@ impl ClientFactory {
     }
 }
 
+/// Idle connections kept per upstream on the shared clients.
+const MAX_IDLE_PER_HOST: usize = 256;
+/// Idle connections kept per client Host on a pinned client (see `build`).
+const PINNED_MAX_IDLE_PER_HOST: usize = 8;
+
+/// The upstream a pinned client always dials.
+#[derive(Clone)]
+struct PinnedTo {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl PinnedTo {
+    /// The URI the connector dials. Built from a valid scheme and authority, so it
+    /// cannot fail in practice; if it ever did, the connect fails rather than falling
+    /// back to the authority the request names.
+    fn target(&self) -> Result<Uri, BoxError> {
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+}
+
 /// Dials the request's upstream (or the pinned one) over TCP (directly or through the
 /// outbound proxy) and TLS, bounded by `connect_timeout` as a whole.
 #[derive(Clone)]
 pub struct UpstreamConnector {
     https: HttpsConnector<OutboundConnector>,
     /// When set, every connection goes here, whatever the request URI names.
-    pin: Option<Uri>,
+    pin: Option<PinnedTo>,
     timeout: Duration,
 }
 
@@ -198,9 +230,13 @@ impl Service<Uri> for UpstreamConnector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let timeout = self.timeout;
-        let target = self.pin.clone().unwrap_or(uri);
-        let fut = self.https.call(target);
+        let target = match &self.pin {
+            Some(pin) => pin.target(),
+            None => Ok(uri),
+        };
+        let fut = target.map(|target| self.https.call(target));
         Box::pin(async move {
+            let fut = fut?;
             match tokio::time::timeout(timeout, fut).await {
                 Ok(result) => result,
                 Err(_) => Err(Box::new(ConnectTimeout(timeout)) as BoxError),
