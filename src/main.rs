@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
+    log_panics_without_payload();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -39,6 +40,18 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Replaces the default panic hook, which prints the panic's message to stderr: that
+/// message may hold a secret or a token. Only where it happened is logged.
+fn log_panics_without_payload() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map_or_else(
+            || "an unknown location".to_owned(),
+            |l| format!("{}:{}:{}", l.file(), l.line(), l.column()),
+        );
+        tracing::error!(%location, "panic (message withheld: it may hold a secret)");
+    }));
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -79,14 +79,7 @@ where
         if cancel.is_cancelled() {
             return;
         }
-        let reason = match outcome {
-            Ok(()) => "the token refresher stopped unexpectedly".to_owned(),
-            Err(e) if e.is_panic() => format!(
-                "the token refresher panicked: {}",
-                panic_message(&slot, e.into_panic())
-            ),
-            Err(e) => format!("the token refresher ended: {e}"),
-        };
+        let reason = stop_reason(outcome);
         // One that ran a good while before failing starts a fresh backoff series.
         if started.elapsed() > slot.settings.tuning.backoff_max * 2 {
             restarts_in_a_row = 0;
@@ -115,22 +108,21 @@ where
     }
 }
 
-/// A panic's message, with the client secret cut out and kept short (it goes to
-/// the log and `/tokens`).
-fn panic_message(slot: &ProviderSlot, payload: Box<dyn std::any::Any + Send>) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned());
-    let text: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(200)
-        .collect();
-    let secret = slot.config.client_secret.current();
-    crate::secret::redact(&text, &[&secret])
+/// Why a refresher task ended, for the log and `/tokens`. A panic's message is never
+/// part of it: it may hold the client secret or a token in any form (whole, cut,
+/// encoded), which no redaction can promise to catch. The process's panic hook logs
+/// where the panic happened.
+fn stop_reason(outcome: Result<(), tokio::task::JoinError>) -> String {
+    match outcome {
+        Ok(()) => "the token refresher stopped unexpectedly".to_owned(),
+        Err(e) if e.is_panic() => PANICKED.to_owned(),
+        Err(_) => "the token refresher was cancelled".to_owned(),
+    }
 }
+
+/// The fixed reason recorded for a refresher that panicked.
+pub(super) const PANICKED: &str =
+    "the token refresher panicked (message withheld; the log names the code location)";
 
 /// Runs until `cancel`: the only caller of `slot`'s token endpoint in this process.
 pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: CancellationToken) {

@@ -194,10 +194,44 @@ async fn the_panic_message_reaches_the_status_without_the_secret() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let status = slot.status();
-    assert_eq!(
-        status.last_restart.as_deref(),
-        Some("the token refresher panicked: boom near ***")
-    );
-    assert!(status.last_error.unwrap().contains("restarting it in"));
+    assert_eq!(status.last_restart.as_deref(), Some(refresh::PANICKED));
+    let last_error = status.last_error.unwrap();
+    assert!(last_error.contains("restarting it in"), "{last_error}");
+    assert!(!last_error.contains("s3cret") && !last_error.contains("boom"));
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_part_of_a_panic_payload_reaches_the_status() {
+    // A token-like value, not the client secret, placed across the old 200-character
+    // cut: neither whole nor as a prefix may show.
+    let token = "tok-0123456789abcdefghij-THE-CURRENT-TOKEN";
+    let payload = format!("{}{token}", "x".repeat(190));
+    let slot = slot("", no_jitter());
+    let cancel = CancellationToken::new();
+    let starts = Arc::new(AtomicU32::new(0));
+    let counter = starts.clone();
+    tokio::spawn(refresh::supervise(
+        slot.clone(),
+        cancel.clone(),
+        move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let payload = payload.clone();
+            async move {
+                if n == 0 {
+                    std::panic::panic_any(payload);
+                }
+                std::future::pending().await
+            }
+        },
+    ));
+    while starts.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = slot.status();
+    for text in [status.last_restart.unwrap(), status.last_error.unwrap()] {
+        assert!(!text.contains("tok-") && !text.contains("xxxx"), "{text}");
+        assert!(text.contains("panicked"), "{text}");
+    }
     cancel.cancel();
 }
