@@ -28,14 +28,6 @@ pub fn require(program: &str) -> Option<PathBuf> {
     found
 }
 
-/// A port that was free a moment ago, for programs that take a port number.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// `require` and its kin fail only when `CI=true`: `.ci/run` installs the programs, so it
 /// must set that itself (before any cargo command) for runners that do not.
 #[test]

@@ -12,14 +12,6 @@ const SECRET: &str = "S3cr3t+Value/with=chars&more";
 /// What `client_secret_command` prints, before and after the secret is rotated.
 const CMD_SECRETS: [&str; 2] = ["Cmd+First/S3cret=value", "Cmd+Second/S3cret=value"];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child on every path out of the test.
 struct Child(std::process::Child);
 

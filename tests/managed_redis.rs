@@ -16,7 +16,6 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 
 type CaIssuer = rcgen::Issuer<'static, KeyPair>;
 
-use crate::interop::free_port;
 use crate::support::*;
 
 const PASSWORD: &str = "acl-pass-7f3e9c";

@@ -150,14 +150,6 @@ upstream = "{url}"
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_listening(port: u16, what: &str) {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..1000 {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::Request;
 use sha2::Digest;
 
-use super::{free_port, require};
+use super::require;
 use crate::support::*;
 
 /// A running nginx with its own prefix, logs and temp dirs in a temporary directory.

@@ -514,7 +514,7 @@ impl Drop for Child {
 async fn a_closed_tunnel_is_logged_with_bytes_and_duration() {
     let issuer = Issuer::start_named(Dialect::OAuth2, "WSLOGTOK").await;
     let server = WsServer::start().await;
-    let port = super::free_port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
     let toml = ws_config(&issuer, &format!("http://{}", server.addr), "", "")

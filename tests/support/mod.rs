@@ -768,3 +768,11 @@ pub fn self_signed_acceptor(alpn: &[&[u8]]) -> (tokio_rustls::TlsAcceptor, Strin
         cert.cert.pem(),
     )
 }
+
+/// A port that was free a moment ago, for programs that take a port number.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
