@@ -286,20 +286,24 @@ impl Fleet {
         key_id: Option<&str>,
         t: &SharedToken,
     ) -> Result<bool, FleetError> {
-        // The stored expiry is read from the value's clear fields (either format);
-        // a value that does not parse is replaced.
+        // The decision rests on the stored value as `open` authenticates it, never on
+        // its clear fields (anyone who can write to Redis could set those). The
+        // script then replaces exactly the bytes that were judged, so a value written
+        // meanwhile by another instance is left alone.
         const SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
-             if v then \
-               local ok, doc = pcall(cjson.decode, v) \
-               if ok and type(doc) == 'table' then \
-                 local e = tonumber(doc['expires_at_ms']) \
-                 if not e and tonumber(doc['expires_at']) then e = tonumber(doc['expires_at']) * 1000 end \
-                 if e and e >= tonumber(ARGV[2]) then return 0 end \
-               end \
-             end \
+             if (v or '') ~= ARGV[3] then return 0 end \
              redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2]) \
              return 1";
         let key = self.token_key(p, key_id);
+        let raw: Option<String> = self.query(redis::cmd("GET").arg(&key)).await?;
+        let raw = raw.unwrap_or_default();
+        if !raw.is_empty() {
+            match open(p, key_id, &key, &raw, SystemTime::now()) {
+                Ok(stored) if stored.expires_at >= t.expires_at => return Ok(false),
+                Ok(_) | Err(Unusable::Expired) => {}
+                Err(why) => self.report_unusable(p, &key, &raw, why),
+            }
+        }
         let sealed =
             seal(p, key_id, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
         let expires_ms = t
@@ -313,7 +317,8 @@ impl Fleet {
                     .arg(1)
                     .arg(&key)
                     .arg(sealed)
-                    .arg(expires_ms),
+                    .arg(expires_ms)
+                    .arg(&raw),
             )
             .await?;
         Ok(stored == 1)
