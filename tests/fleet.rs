@@ -447,3 +447,65 @@ async fn tampered_values_in_redis_are_ignored_and_replaced_while_every_proxy_ser
         p.stop().await;
     }
 }
+
+#[tokio::test]
+async fn an_offer_is_judged_on_the_authenticated_expiry_not_the_clear_one() {
+    use bearer_proxy::config::StoreConfig;
+    use bearer_proxy::metrics::Metrics;
+    use bearer_proxy::secret::Secret;
+    use bearer_proxy::token::fleet::{Fleet, SharedToken};
+    use std::time::SystemTime;
+
+    let redis = Redis::start();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let upstream = Upstream::start().await;
+    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let StoreConfig::Redis(rc) = &config.store else {
+        panic!("the fleet config has no Redis store");
+    };
+    let fleet = Fleet::new(
+        rc,
+        Duration::from_secs(2),
+        std::sync::Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let p = &config.providers["p"];
+    let token = |id: u64, secs: u64| SharedToken {
+        id,
+        value: Secret::new(format!("tok-offer-{id}")),
+        fetched_at: SystemTime::now(),
+        expires_at: SystemTime::now() + Duration::from_secs(secs),
+    };
+    assert!(fleet.offer(p, None, &token(1, 3600)).await.unwrap());
+
+    // A writer to Redis stretches the clear expiry of the stored value far ahead.
+    let (name, fp) = provider_tag(p, None);
+    let key = format!("test:token:{name}:{fp}");
+    let mut conn = redis.conn().await;
+    let raw: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    doc["expires_at_ms"] = serde_json::json!(1e15);
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(doc.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The forged value does not open, so a longer-lived offer replaces it...
+    assert!(fleet.offer(p, None, &token(2, 7200)).await.unwrap());
+    // ...and a genuinely longer-lived stored token still wins over a shorter offer.
+    assert!(!fleet.offer(p, None, &token(3, 1800)).await.unwrap());
+    let stored: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let opened =
+        bearer_proxy::token::fleet::open(p, None, &key, &stored, SystemTime::now()).unwrap();
+    assert_eq!(opened.id, 2);
+}
