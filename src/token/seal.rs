@@ -258,4 +258,49 @@ mod tests {
             Some(Unusable::Format)
         );
     }
+
+    /// Values written by earlier versions, byte for byte: a cache file and a Redis
+    /// value sealed for a plain provider and for one key of a keyed provider. They
+    /// must keep opening, and the fingerprints naming them must not move.
+    #[test]
+    fn values_written_by_earlier_versions_still_open() {
+        let text = "[providers.p]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\nclient_secret = \"s3cret-value\"\nscope = \"read {key}\"\nkey_header = \"X-Member\"\nextra_params = { resource = \"r1\" }\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n[providers.q]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\nclient_secret = \"s3cret-value\"\n";
+        let cfg = Config::parse(text, Path::new("t.toml"), &|_| None).unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let now = at + Duration::from_secs(60);
+        let key = "0123456789abcdef0123456789abcdef";
+        let cases = [
+            (
+                "q",
+                None,
+                "93d7d51f91d701b8e43dd13a7d0a6a2d618081ace3245f1f21b5702854ceeded",
+                r#"{"v":2,"provider":"q","fingerprint":"93d7d51f91d701b8e43dd13a7d0a6a2d618081ace3245f1f21b5702854ceeded","fetched_at_ms":1800000000000,"expires_at_ms":1800003600000,"nonce":"gwkWo6f7nDC56hlB","ciphertext":"PWrcVc5T1EMxxW9Zvi472DVWzfMnjDNoBw=="}"#,
+                "bp:token:q:93d7d51f91d701b8",
+                r#"{"v":2,"id":"42","fetched_at_ms":1800000000000,"expires_at_ms":1800003600000,"nonce":"QHkWMouP5PJHn3nL","ciphertext":"tk+XtajqlO475et0Toa6BB4/Id2nO0B0Og=="}"#,
+            ),
+            (
+                "p",
+                Some(key),
+                "70fa636d90484a40f655d6a3d3f2de644bd71231f741045635e5531f17270418",
+                r#"{"v":2,"provider":"p","fingerprint":"70fa636d90484a40f655d6a3d3f2de644bd71231f741045635e5531f17270418","fetched_at_ms":1800000000000,"expires_at_ms":1800003600000,"nonce":"F6phL/6pOR3qnloJ","ciphertext":"tXwiWZ4wlL77Ll6l1gvbwwW6HsBWuOKmIg=="}"#,
+                "bp:token:p:70fa636d90484a40",
+                r#"{"v":2,"id":"42","fetched_at_ms":1800000000000,"expires_at_ms":1800003600000,"nonce":"LBq7vlL2VuI1WVCr","ciphertext":"PBlvWtCR6fQ13R+5Rr1eCFwflzIDeSCumQ=="}"#,
+            ),
+        ];
+        for (name, key_id, fp, file, redis_key, redis_value) in cases {
+            let p = &cfg.providers[name];
+            assert_eq!(cache::fingerprint_for(p, key_id), fp, "{name}");
+            let (tag_name, tag) = fleet::provider_tag(p, key_id);
+            assert_eq!(format!("bp:token:{tag_name}:{tag}"), redis_key, "{name}");
+            let cached = cache::decode(p, key_id, file, now).unwrap().unwrap();
+            assert_eq!(cached.value.expose(), "the-token", "{name}");
+            assert_eq!(cached.expires_at, at + Duration::from_secs(3600), "{name}");
+            let shared = fleet::open(p, key_id, redis_key, redis_value, now).unwrap();
+            assert_eq!(
+                (shared.id, shared.value.expose()),
+                (42, "the-token"),
+                "{name}"
+            );
+        }
+    }
 }
