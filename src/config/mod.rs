@@ -4,6 +4,7 @@
 //! check every key and build the settings the rest of the proxy uses. Every error
 //! names the file, the key and the problem.
 
+mod fingerprint;
 pub mod outbound;
 mod raw;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use url::Url;
 
 use crate::client_auth::{AssertionKey, ClientIdentity, SecretCell, SecretCommand};
 use crate::secret::Secret;
+pub use fingerprint::{Fingerprint, FingerprintMemo};
 pub use outbound::{OutboundProxy, ProxyUrl};
 use raw::RawConfig;
 use validate::{syntax_message, Validator};
@@ -387,6 +389,8 @@ pub struct ProviderConfig {
     pub prefetch: bool,
     /// Set for a keyed provider: one token per value of a request header.
     pub keys: Option<KeyConfig>,
+    /// Kept by [`ProviderConfig::fingerprint`]; starts empty.
+    pub fingerprint_memo: FingerprintMemo,
 }
 
 /// `key_header` and friends: a keyed provider holds one token per key.

@@ -563,6 +563,7 @@ impl Validator<'_> {
             invalidate_on,
             prefetch: p.prefetch.unwrap_or(true),
             keys,
+            fingerprint_memo: Default::default(),
         };
         match (&provider.keys, provider.uses_key_placeholder()) {
             (Some(_), false) => Err(self.err(

@@ -1,7 +1,8 @@
 //! The on-disk token cache (`token_cache_dir`): tokens that survive a restart.
 //!
-//! One file per provider, named by a fingerprint of every setting that shapes the
-//! token (the secret included), so changed credentials never reuse an old token.
+//! One file per provider, named by the provider's fingerprint (every setting that
+//! shapes the token, the secret included: see `ProviderConfig::fingerprint`), so
+//! changed credentials never reuse an old token.
 //! Files are 0600 in a 0700 directory and replaced atomically (temp file + rename).
 //! All functions here block: call them from `spawn_blocking` or before serving.
 
@@ -12,11 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::seal::{check_times, unix_ms, Sealer, Unusable};
 
-use crate::config::{ProviderConfig, RequestFormat};
+use crate::config::ProviderConfig;
 use crate::secret::Secret;
 
 /// Why the cache directory cannot be used.
@@ -78,7 +78,7 @@ pub fn encode(
     let mut file = CacheFile {
         v: FORMAT,
         provider: provider.name.clone(),
-        fingerprint: fingerprint_for(provider, key_id),
+        fingerprint: provider.fingerprint_for(key_id).to_string(),
         fetched_at_ms: unix_ms(fetched_at),
         expires_at_ms: unix_ms(expires_at),
         nonce: String::new(),
@@ -102,7 +102,7 @@ pub fn decode(
     if file.v != FORMAT {
         return Err(Unusable::Format);
     }
-    if file.fingerprint != fingerprint_for(provider, key_id) {
+    if file.fingerprint != provider.fingerprint_for(key_id).as_str() {
         return Ok(None);
     }
     let plain = Sealer::new(provider, key_id, "cache").open(
@@ -173,7 +173,7 @@ impl TokenCache {
             .collect();
         self.dir.join(format!(
             "{name}-{}.json",
-            &fingerprint_for(provider, key_id)[..16]
+            provider.fingerprint_for(key_id).tag()
         ))
     }
 
@@ -236,21 +236,6 @@ impl TokenCache {
     }
 }
 
-/// [`fingerprint`], and for one key of a keyed provider, of that key's id (a keyed
-/// hash: file and Redis key names derived from it never reveal the key).
-pub fn fingerprint_for(p: &ProviderConfig, key_id: Option<&str>) -> String {
-    match key_id {
-        None => fingerprint(p),
-        Some(id) => {
-            let mut h = Sha256::new();
-            h.update(fingerprint(p).as_bytes());
-            h.update(b"/key/");
-            h.update(id.as_bytes());
-            h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-        }
-    }
-}
-
 /// Reads a cache file of at most 64 KiB (a token file is far smaller; anything
 /// bigger is not ours and is not read into memory).
 fn read_small(path: &Path) -> std::io::Result<String> {
@@ -263,47 +248,4 @@ fn read_small(path: &Path) -> std::io::Result<String> {
         return Err(std::io::Error::other("larger than 64 KiB"));
     }
     Ok(text)
-}
-
-/// A hash of every provider setting that shapes the token, secret included.
-pub fn fingerprint(p: &ProviderConfig) -> String {
-    let mut h = Sha256::new();
-    let mut field = |s: &str| {
-        h.update((s.len() as u64).to_le_bytes());
-        h.update(s.as_bytes());
-    };
-    field(p.token_url.as_str());
-    field(&p.client_id);
-    field(p.client_secret.current().expose());
-    // Key and certificate by digest: a rotated key or certificate never reuses a token.
-    if let Some(key) = &p.assertion_key {
-        field(&hex(&key.digest()));
-        field(&format!("{:?}", key.alg));
-        field(key.key_id.as_deref().unwrap_or("\0none"));
-        field(&key.audience);
-    }
-    if let Some(identity) = &p.client_identity {
-        field(&hex(&identity.digest()));
-    }
-    field(p.audience.as_deref().unwrap_or("\0none"));
-    field(p.scope.as_deref().unwrap_or("\0none"));
-    for (k, v) in &p.extra_params {
-        field(k);
-        field(v);
-    }
-    field(match p.request_format {
-        RequestFormat::Form => "form",
-        RequestFormat::Json => "json",
-    });
-    field(p.client_auth.as_str());
-    field(&p.token_field.to_string());
-    field(&p.header_prefix);
-    if let Some(keys) = &p.keys {
-        field(keys.header.as_str());
-    }
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -15,7 +15,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::cache::fingerprint_for;
 use super::redis_link::{explain, RedisLink};
 use super::seal::{check_times, unix_ms, Sealer, Unusable};
 use crate::config::{ProviderConfig, RedisConfig};
@@ -98,7 +97,7 @@ impl std::fmt::Debug for Fleet {
 /// Short provider tag used in key names: name plus fingerprint prefix (of the key's
 /// id too for a keyed provider, so names never reveal the key).
 pub fn provider_tag(p: &ProviderConfig, key_id: Option<&str>) -> (String, String) {
-    (p.name.clone(), fingerprint_for(p, key_id)[..16].to_owned())
+    (p.name.clone(), p.fingerprint_for(key_id).tag().to_owned())
 }
 
 /// Builds the Redis clients for `config` without connecting, as [`Fleet::new`] does:

@@ -61,7 +61,7 @@ impl KeyBinding {
         mac.update(value.as_bytes());
         let digest = mac.finalize().into_bytes();
         let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        let tag = super::fleet::provider_tag(config, Some(&id)).1;
+        let tag = config.fingerprint_for(Some(&id)).tag().to_owned();
         Self {
             value: Secret::new(value),
             id: id.into(),

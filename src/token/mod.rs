@@ -509,7 +509,7 @@ impl TokenStore {
             return keyed.slot_by_tag(fp);
         }
         self.slot(provider)
-            .filter(|slot| fleet::provider_tag(&slot.config, None).1 == fp)
+            .filter(|slot| slot.config.fingerprint().tag() == fp)
     }
 
     fn fleet_event(&self, event: FleetEvent) {

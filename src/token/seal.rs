@@ -14,7 +14,6 @@ use base64::Engine;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-use super::cache::fingerprint_for;
 use crate::config::ProviderConfig;
 use crate::provider::MAX_LIFETIME;
 
@@ -47,7 +46,7 @@ impl Sealer {
         let hk = Hkdf::<Sha256>::new(Some(salt.as_bytes()), &p.credential_material());
         let mut key = [0u8; 32];
         // 32 bytes is always a valid HKDF-SHA256 output length.
-        let _ = hk.expand(fingerprint_for(p, key_id).as_bytes(), &mut key);
+        let _ = hk.expand(p.fingerprint_for(key_id).as_str().as_bytes(), &mut key);
         Self(Aes256Gcm::new(&key.into()))
     }
 
@@ -289,7 +288,7 @@ mod tests {
         ];
         for (name, key_id, fp, file, redis_key, redis_value) in cases {
             let p = &cfg.providers[name];
-            assert_eq!(cache::fingerprint_for(p, key_id), fp, "{name}");
+            assert_eq!(p.fingerprint_for(key_id).as_str(), fp, "{name}");
             let (tag_name, tag) = fleet::provider_tag(p, key_id);
             assert_eq!(format!("bp:token:{tag_name}:{tag}"), redis_key, "{name}");
             let cached = cache::decode(p, key_id, file, now).unwrap().unwrap();
