@@ -3,6 +3,14 @@
 
 #![allow(dead_code)]
 
+mod conf;
+mod harness;
+
+#[allow(unused_imports)] // not every test binary uses every section
+pub use conf::{ProviderSection, RouteSection, ServerSection, StoreSection, TestConfig};
+#[allow(unused_imports)]
+pub use harness::{Harness, Servers};
+
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
@@ -224,13 +232,7 @@ async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<Test
     }
     let lifetime = *state.lifetime.lock().unwrap();
     let token = format!("{}-{n}", state.prefix);
-    let json = |status: u16, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(full(body))
-            .unwrap()
-    };
+    let json = json_answer;
     match fault {
         Fault::None => {}
         Fault::Status(code, body) => return json(code, body),
@@ -304,19 +306,41 @@ async fn issue(req: Request<Incoming>, state: Arc<IssuerState>) -> Response<Test
             serde_json::json!({"access_token": token, "expires_in": format!("{}", lifetime as u64)})
                 .to_string(),
         ),
-        Dialect::Loyalife => {
-            let expires = time::OffsetDateTime::now_utc()
-                + time::Duration::milliseconds((lifetime * 1000.0) as i64);
-            let expires = expires
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap();
-            json(
-                200,
-                serde_json::json!({"results": {"token": token, "tokenExpiresOn": expires}})
-                    .to_string(),
-            )
-        }
+        Dialect::Loyalife => loyalife_answer(&token, lifetime),
     }
+}
+
+// === Provider answers ===
+
+/// A JSON answer with this status.
+pub fn json_answer(status: u16, body: String) -> Response<TestBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(body))
+        .unwrap()
+}
+
+/// A plain OAuth2 token answer: `access_token` + numeric `expires_in`.
+pub fn oauth2_answer(token: &str, lifetime_secs: f64) -> Response<TestBody> {
+    json_answer(
+        200,
+        serde_json::json!({"access_token": token, "expires_in": lifetime_secs}).to_string(),
+    )
+}
+
+/// Loyalife's token answer: `results.token` and an RFC 3339 `results.tokenExpiresOn`
+/// `lifetime_secs` from now.
+pub fn loyalife_answer(token: &str, lifetime_secs: f64) -> Response<TestBody> {
+    let expires = time::OffsetDateTime::now_utc()
+        + time::Duration::milliseconds((lifetime_secs * 1000.0) as i64);
+    let expires = expires
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    json_answer(
+        200,
+        serde_json::json!({"results": {"token": token, "tokenExpiresOn": expires}}).to_string(),
+    )
 }
 
 // === Upstream ===
@@ -521,6 +545,11 @@ impl Proxy {
         Self::start_config(config).await
     }
 
+    /// Starts a typed config with test backoff.
+    pub async fn start_with(config: &TestConfig) -> Self {
+        Self::start_config(config.parse()).await
+    }
+
     /// Like `start`, with backoff from `base` doubling up to `max`.
     pub async fn start_tuned(toml: &str, base: Duration, max: Duration) -> Self {
         let mut config =
@@ -723,6 +752,33 @@ pub async fn send(client: &Client, req: Request<TestBody>) -> Answer {
 
 pub async fn get(client: &Client, url: &str) -> Answer {
     send(client, Request::get(url).body(full("")).unwrap()).await
+}
+
+/// Writes `bytes` on a fresh connection, then reads until the peer closes or `wait`
+/// passes, and returns what came back (possibly nothing).
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    raw_exchange(addr, bytes, wait).await.0
+}
+
+/// Like `raw`, but the peer must answer and close within `within`.
+pub async fn raw_until_close(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
+    let (text, closed) = raw_exchange(addr, bytes, within).await;
+    assert!(closed, "answer within {within:?}, got so far: {text:?}");
+    text
+}
+
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A peer may refuse and close before it has read everything: what it answered
+    // still counts.
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let closed = matches!(
+        tokio::time::timeout(wait, s.read_to_end(&mut out)).await,
+        Ok(Ok(_))
+    );
+    (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
 /// Polls `check` every 10 ms until it holds or `within` passes.
