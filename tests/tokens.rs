@@ -8,15 +8,13 @@ use crate::support::*;
 
 #[tokio::test]
 async fn oauth2_json_with_audience_and_extra_params() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        r#"request_format = "json"
-audience = "https://api.lwolf.com"
-extra_params = { lwt_client_id = "tenant-42" }"#,
-    ))
+    let Harness { issuer, proxy, .. } = Harness::with(|c| {
+        c.p(|p| {
+            p.request_format("json")
+                .audience("https://api.lwolf.com")
+                .extra_params([("lwt_client_id", "tenant-42")])
+        })
+    })
     .await;
     let answer = get(&client(), &proxy.url("/v1/transactions")).await;
     assert_eq!(answer.status, 200);
@@ -37,14 +35,10 @@ extra_params = { lwt_client_id = "tenant-42" }"#,
 
 #[tokio::test]
 async fn form_with_basic_auth_and_string_expiry() {
-    let issuer = Issuer::start(Dialect::OAuth2StringExpiry).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        "client_auth = \"basic\"\nscope = \"read write\"",
-    ))
-    .await;
+    let Harness { issuer, proxy, .. } = Servers::start(Dialect::OAuth2StringExpiry)
+        .await
+        .proxy(|c| c.p(|p| p.client_auth("basic").scope("read write")))
+        .await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(
         answer.echoed("authorization"),
@@ -70,18 +64,10 @@ async fn form_with_basic_auth_and_string_expiry() {
 
 #[tokio::test]
 async fn loyalife_dialect_and_custom_header() {
-    let issuer = Issuer::start(Dialect::Loyalife).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        r#"request_format = "json"
-token_field = "results.token"
-expires_at_field = "results.tokenExpiresOn"
-header = "X-Api-Token"
-header_prefix = "" "#,
-    ))
-    .await;
+    let Harness { issuer, proxy, .. } = Servers::start(Dialect::Loyalife)
+        .await
+        .proxy(|c| c.p(|p| p.loyalife().header("X-Api-Token").header_prefix("")))
+        .await;
     let answer = get(&client(), &proxy.url("/members")).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.echoed("x-api-token"), [issuer.token(1)]);
@@ -91,17 +77,11 @@ header_prefix = "" "#,
 
 #[tokio::test]
 async fn loyalife_error_shape_gives_503_with_its_message() {
-    let issuer = Issuer::start(Dialect::Loyalife).await;
-    issuer.set_fault(Fault::NoToken);
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        r#"request_format = "json"
-token_field = "results.token"
-expires_at_field = "results.tokenExpiresOn""#,
-    ))
-    .await;
+    let servers = Servers::start(Dialect::Loyalife).await;
+    servers.issuer.set_fault(Fault::NoToken);
+    let Harness {
+        upstream, proxy, ..
+    } = servers.proxy(|c| c.p(|p| p.loyalife())).await;
     let answer = get(&client(), &proxy.url("/members")).await;
     assert_eq!(answer.status, 503);
     let body = answer.json();
@@ -115,10 +95,9 @@ expires_at_field = "results.tokenExpiresOn""#,
 
 #[tokio::test]
 async fn single_flight_200_concurrent_first_requests() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_delay(Duration::from_millis(300));
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "prefetch = false")).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_delay(Duration::from_millis(300));
+    let Harness { issuer, proxy, .. } = servers.proxy(|c| c.p(|p| p.prefetch(false))).await;
     let client = client();
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -135,32 +114,13 @@ async fn single_flight_200_concurrent_first_requests() {
 
 #[tokio::test]
 async fn token_reused_across_many_requests_and_routes() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[providers.p]
-token_url = "{}"
-client_id = "id"
-client_secret = "secret-value"
-
-[[routes]]
-path_prefix = "/a"
-upstream = "{up}"
-provider = "p"
-
-[[routes]]
-listen = "127.0.0.2:0"
-upstream = "{up}"
-provider = "p"
-"#,
-        issuer.url(),
-        up = upstream.url()
-    );
-    let proxy = Proxy::start(&toml).await;
+    let Harness { issuer, proxy, .. } = Harness::with(|c| {
+        let up = c.routes[0].clone();
+        c.without_routes()
+            .route(up.clone().path_prefix("/a"))
+            .route(up.listen("127.0.0.2:0"))
+    })
+    .await;
     let other = proxy.listener("127.0.0.2:0");
     let client = client();
     for i in 0..300 {
@@ -177,15 +137,9 @@ provider = "p"
 
 #[tokio::test]
 async fn refresh_ahead_keeps_requests_off_a_slow_issuer() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_lifetime(3.0);
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        "refresh_before = \"50%\"",
-    ))
-    .await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_lifetime(3.0);
+    let Harness { issuer, proxy, .. } = servers.proxy(|c| c.p(|p| p.refresh_before("50%"))).await;
     let client = client();
     assert!(eventually(Duration::from_secs(5), || issuer.hits() == 1).await);
     proxy.token_ready(Duration::from_secs(5)).await;
@@ -216,12 +170,9 @@ async fn refresh_ahead_keeps_requests_off_a_slow_issuer() {
 
 #[tokio::test]
 async fn token_wait_bounds_a_request_when_the_issuer_hangs() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_fault(Fault::Hang);
-    let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "")
-        .replace("token_wait = \"2s\"", "token_wait = \"300ms\"");
-    let proxy = Proxy::start(&toml).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_fault(Fault::Hang);
+    let Harness { proxy, .. } = servers.proxy(|c| c.server(|s| s.token_wait("300ms"))).await;
     let t = tokio::time::Instant::now();
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(answer.status, 503);
@@ -236,10 +187,11 @@ async fn token_wait_bounds_a_request_when_the_issuer_hangs() {
 
 #[tokio::test]
 async fn failing_provider_does_not_stop_startup_and_recovers() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_fault(Fault::Status(500, r#"{"error":"server_error"}"#.into()));
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers
+        .issuer
+        .set_fault(Fault::Status(500, r#"{"error":"server_error"}"#.into()));
+    let Harness { issuer, proxy, .. } = servers.proxy(|c| c).await;
     let client = client();
     let answer = get(&client, &proxy.url("/x")).await;
     assert_eq!(answer.status, 503);
@@ -255,9 +207,12 @@ async fn failing_provider_does_not_stop_startup_and_recovers() {
 
 #[tokio::test]
 async fn upstream_401_invalidates_and_replays_once() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = Harness::start().await;
     let client = client();
     assert_eq!(get(&client, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 401);
