@@ -9,35 +9,25 @@ use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// Writes `bytes`, then reads until the peer closes or 3 s pass.
-async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// How long a hostile exchange may take before what came back is judged.
+const RAW_WAIT: Duration = Duration::from_secs(3);
 
 async fn still_serves(proxy: &Proxy) {
     let answer = get(&client(), &proxy.url("/ok")).await;
     assert_eq!(answer.status, 200, "a normal request after the hostile one");
 }
 
-async fn setup(server_extra: &str) -> (Issuer, Upstream, Proxy) {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "")
-        .replace("[server]\n", &format!("[server]\n{server_extra}\n"));
-    let proxy = Proxy::start(&toml).await;
-    (issuer, upstream, proxy)
+async fn setup(server: impl FnOnce(ServerSection) -> ServerSection) -> (Issuer, Upstream, Proxy) {
+    let h = Harness::with(|c| c.server(server)).await;
+    (h.issuer, h.upstream, h.proxy)
 }
 
 #[tokio::test]
 async fn garbage_bytes_get_400() {
-    let (_i, upstream, proxy) = setup("").await;
-    let out = raw(proxy.addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    let (_i, upstream, proxy) = setup(|s| s).await;
+    let out = raw(proxy.addr, b"\x16\x03\x01\x02\x00garbage\r\n\r\n", RAW_WAIT).await;
     assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
-    let out = raw(proxy.addr, b"GET / HTTP/9.9\r\n\r\n").await;
+    let out = raw(proxy.addr, b"GET / HTTP/9.9\r\n\r\n", RAW_WAIT).await;
     assert!(
         out.is_empty() || out.starts_with("HTTP/1.1 400") || out.starts_with("HTTP/1.1 505"),
         "{out}"
@@ -48,19 +38,19 @@ async fn garbage_bytes_get_400() {
 
 #[tokio::test]
 async fn oversized_headers_get_431() {
-    let (_i, upstream, proxy) = setup("").await;
+    let (_i, upstream, proxy) = setup(|s| s).await;
     let big = format!(
         "GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
         "a".repeat(100 * 1024)
     );
-    let out = raw(proxy.addr, big.as_bytes()).await;
+    let out = raw(proxy.addr, big.as_bytes(), RAW_WAIT).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     let mut many = String::from("GET /x HTTP/1.1\r\nHost: a\r\n");
     for i in 0..10_000 {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    let out = raw(proxy.addr, many.as_bytes()).await;
+    let out = raw(proxy.addr, many.as_bytes(), RAW_WAIT).await;
     assert!(out.starts_with("HTTP/1.1 431"), "{out}");
     assert_eq!(upstream.hits(), 0);
     still_serves(&proxy).await;
@@ -68,12 +58,12 @@ async fn oversized_headers_get_431() {
 
 #[tokio::test]
 async fn long_uri_gets_414() {
-    let (_i, upstream, proxy) = setup("max_uri_length = \"1KiB\"").await;
+    let (_i, upstream, proxy) = setup(|s| s.max_uri_length("1KiB")).await;
     let req = format!(
         "GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         "a".repeat(2000)
     );
-    let out = raw(proxy.addr, req.as_bytes()).await;
+    let out = raw(proxy.addr, req.as_bytes(), RAW_WAIT).await;
     assert!(out.starts_with("HTTP/1.1 414"), "{out}");
     assert!(out.contains("uri_too_long"));
     assert_eq!(upstream.hits(), 0);
@@ -82,7 +72,7 @@ async fn long_uri_gets_414() {
 
 #[tokio::test]
 async fn slowloris_is_cut_off() {
-    let (_i, _u, proxy) = setup("header_read_timeout = \"500ms\"").await;
+    let (_i, _u, proxy) = setup(|s| s.header_read_timeout("500ms")).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let started = tokio::time::Instant::now();
     let mut closed_at = None;
@@ -111,7 +101,7 @@ async fn slowloris_is_cut_off() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
-    let (_i, _u, proxy) = setup("header_read_timeout = \"300ms\"").await;
+    let (_i, _u, proxy) = setup(|s| s.header_read_timeout("300ms")).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
@@ -135,11 +125,11 @@ async fn idle_keep_alive_connections_are_closed() {
 
 #[tokio::test]
 async fn smuggling_pairs_are_neutralised() {
-    let (_i, upstream, proxy) = setup("").await;
+    let (_i, upstream, proxy) = setup(|s| s).await;
     // CL + TE: parsed as chunked (RFC 9112 §6.1), Content-Length dropped, connection
     // closed after the answer, so the "smuggled" request is never executed.
     let pair = b"POST /first HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
-    let out = raw(proxy.addr, pair).await;
+    let out = raw(proxy.addr, pair, RAW_WAIT).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(
         out.contains("/first") && !out.contains("/smuggled"),
@@ -154,6 +144,7 @@ async fn smuggling_pairs_are_neutralised() {
     let out = raw(
         proxy.addr,
         b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        RAW_WAIT,
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
@@ -161,6 +152,7 @@ async fn smuggling_pairs_are_neutralised() {
     let out = raw(
         proxy.addr,
         b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        RAW_WAIT,
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
@@ -170,11 +162,10 @@ async fn smuggling_pairs_are_neutralised() {
 
 #[tokio::test]
 async fn bad_chunk_sizes_are_refused() {
-    let (_i, upstream, proxy) = setup("").await;
+    let (_i, upstream, proxy) = setup(|s| s).await;
     let out = raw(
         proxy.addr,
-        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-    )
+        b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", RAW_WAIT)
     .await;
     assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
     assert_eq!(upstream.hits(), 0, "nothing forwarded");
@@ -183,20 +174,20 @@ async fn bad_chunk_sizes_are_refused() {
 
 #[tokio::test]
 async fn clients_outside_allowed_clients_get_403() {
-    let (_i, upstream, proxy) = setup("allowed_clients = [\"10.0.0.0/8\"]").await;
+    let (_i, upstream, proxy) = setup(|s| s.allowed_clients(["10.0.0.0/8"])).await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(answer.status, 403);
     assert_eq!(answer.json()["error"], "forbidden_client");
     assert_eq!(upstream.hits(), 0);
     proxy.stop().await;
     // The same proxy with loopback allowed serves.
-    let (_i, _u, proxy) = setup("allowed_clients = [\"127.0.0.1\", \"::1/128\"]").await;
+    let (_i, _u, proxy) = setup(|s| s.allowed_clients(["127.0.0.1", "::1/128"])).await;
     still_serves(&proxy).await;
 }
 
 #[tokio::test]
 async fn redirects_are_returned_not_followed() {
-    let (_i, upstream, proxy) = setup("").await;
+    let (_i, upstream, proxy) = setup(|s| s).await;
     let elsewhere = Upstream::start().await;
     let answer = get(
         &client(),
@@ -218,7 +209,7 @@ async fn redirects_are_returned_not_followed() {
 
 #[tokio::test]
 async fn connections_over_the_cap_wait_and_in_flight_ones_complete() {
-    let (_i, upstream, proxy) = setup("max_connections = 4").await;
+    let (_i, upstream, proxy) = setup(|s| s.max_connections(4)).await;
     upstream.set_delay(Duration::from_millis(200));
     // 16 clients, each on its own connection (a fresh client each), all at once.
     let mut tasks = Vec::new();
@@ -305,7 +296,7 @@ async fn h2c(
 
 #[tokio::test]
 async fn http2_stream_limit_is_advertised() {
-    let (_i, _u, proxy) = setup("max_concurrent_streams = 7").await;
+    let (_i, _u, proxy) = setup(|s| s.max_concurrent_streams(7)).await;
     let (mut send, driver, settings) = h2c(proxy.addr).await;
     let req = http::Request::get(format!("http://{}/x", proxy.addr))
         .body(())
@@ -325,7 +316,7 @@ async fn http2_stream_limit_is_advertised() {
 
 #[tokio::test]
 async fn http2_rapid_reset_flood_is_cut_off() {
-    let (_i, upstream, proxy) = setup("").await;
+    let (_i, upstream, proxy) = setup(|s| s).await;
     upstream.set_delay(Duration::from_millis(200));
     let (mut send, driver, _settings) = h2c(proxy.addr).await;
     // Open streams and reset each at once, far beyond what any client needs.
