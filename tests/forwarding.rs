@@ -3,76 +3,52 @@
 use std::time::Duration;
 
 use http::Request;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-fn two_route_config(issuer: &Issuer, a: &Upstream, b: &Upstream) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-upstream_timeout = "1s"
-
-[providers.p]
-token_url = "{}"
-client_id = "id"
-client_secret = "secret-value"
-
-[[routes]]
-path_prefix = "/wll"
-upstream = "{a}/api/v1"
-provider = "p"
-
-[[routes]]
-path_prefix = "/wll/special/"
-upstream = "{b}/special-base"
-provider = "p"
-
-[[routes]]
-host = "api.example.com"
-path_prefix = "/wll"
-upstream = "{b}/by-host"
-provider = "p"
-
-[[routes]]
-path_prefix = "/keep"
-strip_prefix = false
-preserve_host = true
-upstream = "{a}"
-provider = "p"
-
-[[routes]]
-path_prefix = "/mine"
-pass_client_authorization = true
-upstream = "{a}"
-provider = "p"
-
-[[routes]]
-path_prefix = "/open"
-upstream = "{a}/open"
-
-[[routes]]
-path_prefix = "/down"
-upstream = "http://127.0.0.1:1"
-provider = "p"
-
-[[routes]]
-listen = "127.0.0.3:0"
-upstream = "{b}/own-listener"
-provider = "p"
-"#,
-        issuer.url(),
-        a = a.url(),
-        b = b.url()
-    )
+/// Routes by prefix, host and listener over upstreams `a` (the harness's) and `b`.
+async fn two_routes() -> (Harness, Upstream) {
+    let b = Upstream::start().await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    let (a, b_url) = (servers.upstream.url(), b.url());
+    let h = servers
+        .proxy(|c| {
+            c.server(|s| s.upstream_timeout("1s"))
+                .without_routes()
+                .route(RouteSection::to(&format!("{a}/api/v1"), "p").path_prefix("/wll"))
+                .route(
+                    RouteSection::to(&format!("{b_url}/special-base"), "p")
+                        .path_prefix("/wll/special/"),
+                )
+                .route(
+                    RouteSection::to(&format!("{b_url}/by-host"), "p")
+                        .host("api.example.com")
+                        .path_prefix("/wll"),
+                )
+                .route(
+                    RouteSection::to(&a, "p")
+                        .path_prefix("/keep")
+                        .strip_prefix(false)
+                        .preserve_host(true),
+                )
+                .route(
+                    RouteSection::to(&a, "p")
+                        .path_prefix("/mine")
+                        .pass_client_authorization(true),
+                )
+                .route(RouteSection::open(&format!("{a}/open")).path_prefix("/open"))
+                .route(RouteSection::to("http://127.0.0.1:1", "p").path_prefix("/down"))
+                .route(
+                    RouteSection::to(&format!("{b_url}/own-listener"), "p").listen("127.0.0.3:0"),
+                )
+        })
+        .await;
+    (h, b)
 }
 
 #[tokio::test]
 async fn routing_prefix_host_longest_and_own_listener() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let proxy = Proxy::start(&two_route_config(&issuer, &a, &b)).await;
+    let (Harness { proxy, .. }, _b) = two_routes().await;
     let c = client();
     let uri = |ans: &Answer| ans.json()["uri"].as_str().unwrap().to_owned();
 
@@ -108,9 +84,15 @@ async fn routing_prefix_host_longest_and_own_listener() {
 
 #[tokio::test]
 async fn query_string_and_headers_pass_as_sent() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let proxy = Proxy::start(&two_route_config(&issuer, &a, &b)).await;
+    let (
+        Harness {
+            issuer,
+            upstream: a,
+            proxy,
+            ..
+        },
+        _,
+    ) = two_routes().await;
     let c = client();
     let q = "/wll/s?b=2&a=1&a=%2F%20x&empty=&flag&enc=%E2%9C%93";
     let req = Request::get(proxy.url(q))
@@ -179,9 +161,12 @@ async fn query_string_and_headers_pass_as_sent() {
 
 #[tokio::test]
 async fn error_answers() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let proxy = Proxy::start(&two_route_config(&issuer, &a, &b)).await;
+    let (
+        Harness {
+            upstream: a, proxy, ..
+        },
+        _b,
+    ) = two_routes().await;
     let c = client();
     let down = get(&c, &proxy.url("/down/x")).await;
     assert_eq!(down.status, 502);
@@ -213,26 +198,18 @@ async fn error_answers() {
     proxy.stop().await;
 }
 
-/// Sends raw bytes on a fresh connection and returns everything read until close or 2 s.
-async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// How long a raw exchange may take before what came back is judged.
+const RAW_WAIT: Duration = Duration::from_secs(2);
 
 #[tokio::test]
 async fn token_goes_only_to_the_routes_upstream() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let proxy = Proxy::start(&two_route_config(&issuer, &a, &b)).await;
+    let (Harness { proxy, .. }, b) = two_routes().await;
     // Absolute-form naming upstream b: the route (by path) still sends it to a.
     let req = format!(
         "GET http://{}/wll/abs HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         b.addr, b.addr
     );
-    let out = raw(proxy.addr, req.as_bytes()).await;
+    let out = raw(proxy.addr, req.as_bytes(), RAW_WAIT).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("/api/v1/abs"), "{out}");
     assert_eq!(b.hits(), 0, "the other upstream received nothing");
@@ -240,6 +217,7 @@ async fn token_goes_only_to_the_routes_upstream() {
     let out = raw(
         proxy.addr,
         format!("CONNECT {} HTTP/1.1\r\nHost: {}\r\n\r\n", b.addr, b.addr).as_bytes(),
+        RAW_WAIT,
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
@@ -249,9 +227,7 @@ async fn token_goes_only_to_the_routes_upstream() {
 
 #[tokio::test]
 async fn h2c_inbound() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let (a, b) = (Upstream::start().await, Upstream::start().await);
-    let proxy = Proxy::start(&two_route_config(&issuer, &a, &b)).await;
+    let (Harness { issuer, proxy, .. }, _b) = two_routes().await;
     let h2: Client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .http2_only(true)
@@ -269,10 +245,8 @@ async fn h2c_inbound() {
 #[tokio::test]
 async fn streams_100_mib_each_way() {
     const N: u64 = 100 * 1024 * 1024;
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
     // invalidate_on = [] so the upload is not held for replay at all.
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "invalidate_on = []")).await;
+    let Harness { proxy, .. } = Harness::with(|c| c.p(|p| p.invalidate_on([]))).await;
     let c = client();
     // Upload: the echo hashes what arrived.
     let req = Request::post(proxy.url("/upload"))
@@ -293,9 +267,7 @@ async fn streams_100_mib_each_way() {
 #[tokio::test]
 async fn large_upload_streams_past_replay_limit() {
     const N: u64 = 8 * 1024 * 1024;
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let Harness { proxy, .. } = Harness::start().await;
     let req = Request::post(proxy.url("/upload"))
         .body(stream_bytes(N))
         .unwrap();
