@@ -110,13 +110,7 @@ async fn keyed_issue(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let json = |status: u16, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(full(body))
-            .unwrap()
-    };
+    let json = json_answer;
     if subject.is_empty() || state.refuse.lock().unwrap().contains(&subject) {
         let echo = format!("unknown subject in request {body}");
         return json(
@@ -135,52 +129,32 @@ async fn keyed_issue(
         .push(token.clone());
     let lifetime = *state.lifetime.lock().unwrap();
     match binding {
-        Binding::LoyalifeScope => {
-            let expires = time::OffsetDateTime::now_utc()
-                + time::Duration::milliseconds((lifetime * 1000.0) as i64);
-            let expires = expires
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap();
-            json(
-                200,
-                serde_json::json!({"results": {"token": token, "tokenExpiresOn": expires}})
-                    .to_string(),
-            )
-        }
-        Binding::LoneWolfTenant => json(
-            200,
-            serde_json::json!({"access_token": token, "expires_in": lifetime}).to_string(),
-        ),
+        Binding::LoyalifeScope => loyalife_answer(&token, lifetime),
+        Binding::LoneWolfTenant => oauth2_answer(&token, lifetime),
     }
 }
 
-/// A keyed Loyalife provider `p` with `extra` settings, one route, and an admin listener.
-pub fn loyalife_config(issuer: &KeyedIssuer, upstream: &Upstream, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-token_wait = "3s"
+/// A keyed Loyalife provider `p`, one route, and an admin listener.
+pub fn loyalife_config(issuer: &KeyedIssuer, upstream: &Upstream) -> TestConfig {
+    TestConfig::default()
+        .server(|s| s.admin().token_wait("3s"))
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "member-client", "member-secret-value")
+                .loyalife()
+                .scope(r#"["LOGIN","{key}"]"#)
+                .key_header("X-Loyalife-Member"),
+        )
+        .route(RouteSection::to(&upstream.url(), "p"))
+}
 
-[providers.p]
-token_url = "{}"
-client_id = "member-client"
-client_secret = "member-secret-value"
-request_format = "json"
-scope = '["LOGIN","{{key}}"]'
-key_header = "X-Loyalife-Member"
-token_field = "results.token"
-expires_at_field = "results.tokenExpiresOn"
-{extra}
-
-[[routes]]
-upstream = "{}"
-provider = "p"
-"#,
-        issuer.url(),
-        upstream.url()
-    )
+/// A proxy on `loyalife_config` as `edit` changes it.
+async fn loyalife_proxy(
+    issuer: &KeyedIssuer,
+    upstream: &Upstream,
+    edit: impl FnOnce(ProviderSection) -> ProviderSection,
+) -> Proxy {
+    Proxy::start_with(&loyalife_config(issuer, upstream).p(edit)).await
 }
 
 pub async fn as_member(proxy: &Proxy, member: &str) -> Answer {
@@ -208,7 +182,7 @@ fn auth(answer: &Answer) -> String {
 async fn loyalife_members_get_their_own_tokens_bound_by_scope() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p).await;
     let a1 = as_member(&proxy, "MBR-1001").await;
     let b = as_member(&proxy, "MBR-2002").await;
     let a2 = as_member(&proxy, "MBR-1001").await;
@@ -235,28 +209,17 @@ async fn loyalife_members_get_their_own_tokens_bound_by_scope() {
 async fn lonewolf_tenants_get_their_own_tokens_bound_by_lwt_client_id() {
     let issuer = KeyedIssuer::start(Binding::LoneWolfTenant).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "3s"
-
-[providers.lonewolf]
-token_url = "{}"
-client_id = "lw-client"
-client_secret = "lw-secret-value"
-audience = "https://api.lwolf.com"
-extra_params = {{ lwt_client_id = "{{key}}" }}
-key_header = "X-LoneWolf-Tenant"
-
-[[routes]]
-upstream = "{}"
-provider = "lonewolf"
-"#,
-        issuer.url(),
-        upstream.url()
-    ))
-    .await;
+    let config = TestConfig::default()
+        .server(|s| s.token_wait("3s"))
+        .with_provider(
+            "lonewolf",
+            ProviderSection::new(&issuer.url(), "lw-client", "lw-secret-value")
+                .audience("https://api.lwolf.com")
+                .extra_params([("lwt_client_id", "{key}")])
+                .key_header("X-LoneWolf-Tenant"),
+        )
+        .route(RouteSection::to(&upstream.url(), "lonewolf"));
+    let proxy = Proxy::start_with(&config).await;
     let c = client();
     let mut seen = Vec::new();
     for tenant in ["tenant-a", "tenant-b", "tenant-a"] {
@@ -282,7 +245,7 @@ provider = "lonewolf"
 async fn a_missing_or_malformed_key_is_400_naming_the_header_and_fetches_nothing() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p).await;
     let c = client();
     let missing = get(&c, &proxy.url("/members/profile")).await;
     let mut answers = vec![missing];
@@ -334,12 +297,7 @@ async fn a_missing_or_malformed_key_is_400_naming_the_header_and_fetches_nothing
 async fn a_custom_key_pattern_still_never_admits_quotes_or_spaces() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(
-        &issuer,
-        &upstream,
-        "key_pattern = \"^.{1,64}$\"",
-    ))
-    .await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p.key_pattern("^.{1,64}$")).await;
     for bad in [r#"a","b"#, "a b", r"a\b"] {
         let answer = as_member(&proxy, bad).await;
         assert_eq!(answer.status, 400, "{bad}");
@@ -358,7 +316,7 @@ async fn a_hundred_concurrent_first_requests_for_one_member_cause_one_fetch() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     *issuer.state.delay.lock().unwrap() = Duration::from_millis(300);
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p).await;
     let c = client();
     let requests = (0..100).map(|_| {
         let c = c.clone();
@@ -387,7 +345,7 @@ async fn a_hundred_concurrent_first_requests_for_one_member_cause_one_fetch() {
 async fn past_max_keys_the_least_recently_used_key_is_dropped() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "max_keys = 3")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p.max_keys(3)).await;
     for member in ["M1", "M2", "M3", "M1", "M4"] {
         auth(&as_member(&proxy, member).await);
     }
@@ -408,7 +366,7 @@ async fn idle_keys_stop_refreshing_and_leave_when_their_token_expires() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     *issuer.state.lifetime.lock().unwrap() = 3.0;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "key_idle = \"1s\"")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p.key_idle("1s")).await;
     auth(&as_member(&proxy, "IDLE").await);
     // BUSY is used all along: refreshed ahead (3 s tokens, refresh_before 10 %).
     let deadline = tokio::time::Instant::now() + Duration::from_millis(6500);
@@ -433,7 +391,7 @@ async fn idle_keys_stop_refreshing_and_leave_when_their_token_expires() {
 async fn a_401_for_one_member_refetches_only_that_members_token_and_replays() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p).await;
     let first_a = auth(&as_member(&proxy, "A").await);
     let first_b = auth(&as_member(&proxy, "B").await);
     upstream.reject(first_a.trim_start_matches("Bearer "), 401);
@@ -451,7 +409,7 @@ async fn a_401_for_one_member_refetches_only_that_members_token_and_replays() {
 async fn tokens_and_metrics_count_keys_and_never_show_them() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&loyalife_config(&issuer, &upstream, "")).await;
+    let proxy = loyalife_proxy(&issuer, &upstream, |p| p).await;
     issuer
         .state
         .refuse
@@ -498,14 +456,9 @@ async fn each_key_has_its_own_cache_file_named_without_the_key() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let toml = loyalife_config(&issuer, &upstream, "").replace(
-        "token_wait = \"3s\"",
-        &format!(
-            "token_wait = \"3s\"\ntoken_cache_dir = \"{}\"",
-            cache.display()
-        ),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let config = loyalife_config(&issuer, &upstream)
+        .server(|s| s.token_cache_dir(cache.display().to_string()));
+    let proxy = Proxy::start_with(&config).await;
     let a = auth(&as_member(&proxy, "MBR-1001").await);
     let b = auth(&as_member(&proxy, "MBR-2002").await);
     proxy.stop().await;
@@ -518,7 +471,7 @@ async fn each_key_has_its_own_cache_file_named_without_the_key() {
         assert!(!name.contains("MBR") && !name.contains("1001"), "{name}");
     }
     // A restart serves each member its cached token without a fetch.
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&config).await;
     assert_eq!(auth(&as_member(&proxy, "MBR-2002").await), b);
     assert_eq!(auth(&as_member(&proxy, "MBR-1001").await), a);
     assert_eq!(issuer.hits(), 2);
@@ -583,14 +536,12 @@ async fn a_fleet_shares_each_members_token_under_a_name_without_the_member() {
     let issuer = KeyedIssuer::start(Binding::LoyalifeScope).await;
     *issuer.state.delay.lock().unwrap() = Duration::from_millis(200);
     let upstream = Upstream::start().await;
-    let toml = loyalife_config(&issuer, &upstream, "").replace(
-        "[server]\n",
-        &format!(
-            "[store]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"kt:\"\n\n[server]\n",
-            redis.url()
-        ),
+    let config = loyalife_config(&issuer, &upstream)
+        .store(StoreSection::redis(&redis.url()).key_prefix("kt:"));
+    let (one, two) = (
+        Proxy::start_with(&config).await,
+        Proxy::start_with(&config).await,
     );
-    let (one, two) = (Proxy::start(&toml).await, Proxy::start(&toml).await);
     // Both proxies ask for the same member at once: one fetch for the fleet.
     let (a, b) = tokio::join!(as_member(&one, "MBR-1001"), as_member(&two, "MBR-1001"));
     assert_eq!(auth(&a), auth(&b));
@@ -628,8 +579,8 @@ async fn a_reload_keeps_an_unchanged_keyed_provider_and_restarts_a_changed_one()
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    let toml = loyalife_config(&issuer, &upstream, "");
-    std::fs::write(&file, &toml).unwrap();
+    let config = loyalife_config(&issuer, &upstream);
+    std::fs::write(&file, config.render()).unwrap();
     let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
     let first = auth(&as_member(&proxy, "MBR-1").await);
     // Unchanged: the member keeps its token.
@@ -637,11 +588,7 @@ async fn a_reload_keeps_an_unchanged_keyed_provider_and_restarts_a_changed_one()
     assert_eq!(report.providers.kept, ["p"]);
     assert_eq!(auth(&as_member(&proxy, "MBR-1").await), first);
     // Changed: keys start over.
-    std::fs::write(
-        &file,
-        toml.replace("[[routes]]", "max_keys = 5\n\n[[routes]]"),
-    )
-    .unwrap();
+    std::fs::write(&file, config.p(|p| p.max_keys(5)).render()).unwrap();
     let report = proxy.shared.reload().await.expect("reload");
     assert_eq!(report.providers.started, ["p"]);
     assert_ne!(auth(&as_member(&proxy, "MBR-1").await), first);
@@ -656,11 +603,11 @@ async fn the_token_command_needs_a_valid_key_for_a_keyed_provider_and_never_quot
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    let toml = loyalife_config(&issuer, &upstream, "").replace(
-        "[[routes]]",
-        "[providers.plain]\ntoken_url = \"http://127.0.0.1:9/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\n[[routes]]",
+    let config = loyalife_config(&issuer, &upstream).with_provider(
+        "plain",
+        ProviderSection::new("http://127.0.0.1:9/t", "c", "s"),
     );
-    std::fs::write(&file, &toml).unwrap();
+    std::fs::write(&file, config.render()).unwrap();
     let run = move |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
             .args(args)
