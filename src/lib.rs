@@ -10,6 +10,7 @@
 //! - [`listener`]: Unix socket files (permissions, stale files, peer uid)
 //! - [`admin`]: health, readiness, metrics, token status, reload endpoints
 //! - [`metrics`]: the Prometheus registry
+//! - [`hop_by_hop`]: the header names that never cross the proxy
 //! - [`tls`]: the TLS client settings
 //! - [`outbound`]: connections directly or through the outbound HTTP proxy
 //! - [`preflight`]: the file checks `check`, `run` and reload share
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod client_auth;
 pub mod config;
 pub mod demo;
+pub mod hop_by_hop;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

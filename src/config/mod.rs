@@ -583,11 +583,6 @@ fn exposed_secret_warning(path: &Path, inline: &[String]) -> Option<String> {
     })
 }
 
-/// Hop-by-hop header names (RFC 9110 §7.6.1 plus the legacy proxy ones).
-pub fn is_hop_by_hop_name(name: &HeaderName) -> bool {
-    crate::proxy::headers::HOP_BY_HOP.contains(name)
-}
-
 /// Expands a leading `~/` to `$HOME`.
 pub fn expand_home(p: &str) -> PathBuf {
     match (p.strip_prefix("~/"), std::env::var_os("HOME")) {

@@ -14,6 +14,7 @@ use url::Url;
 use super::raw::{RawConfig, RawProvider, RawRoute, RawServer};
 use super::*;
 use super::{outbound, values};
+use crate::hop_by_hop::is_hop_by_hop;
 use crate::secret::Secret;
 
 pub(super) struct Validator<'a> {
@@ -486,7 +487,7 @@ impl Validator<'_> {
                 format!("`{header_raw}` is not a valid header name"),
             )
         })?;
-        if is_hop_by_hop_name(&header) || header == http::header::HOST {
+        if is_hop_by_hop(&header) || header == http::header::HOST {
             return Err(self.err(key("header"), format!("`{header}` cannot carry a token")));
         }
         let header_prefix = self
@@ -604,7 +605,7 @@ impl Validator<'_> {
                 format!("`{value}` is not a valid header name"),
             )
         })?;
-        if is_hop_by_hop_name(&header) || header == http::header::HOST || header == *token_header {
+        if is_hop_by_hop(&header) || header == http::header::HOST || header == *token_header {
             return Err(self.err(
                 key("key_header"),
                 format!("`{header}` cannot select a token"),

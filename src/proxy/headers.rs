@@ -2,17 +2,7 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy proxy ones.
-pub static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+use crate::hop_by_hop::HOP_BY_HOP;
 
 /// Removes hop-by-hop headers and every header named in `Connection`.
 ///
