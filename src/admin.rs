@@ -1,5 +1,8 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/tokens`, `POST /reload`.
 //! Nothing here ever shows a token or a secret: only states, times and counts.
+//!
+//! It is handed only what it serves ([`AdminState`]): the token store to read, the
+//! metrics to encode and a handle that reloads; never the listeners or the proxy.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,20 +15,31 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::server::Shared;
-use crate::token::{KeyCounts, ProviderSlot};
+use crate::app::ReloadHandle;
+use crate::metrics::Metrics;
+use crate::token::{KeyCounts, ProviderSlot, TokenStore};
+
+/// What the admin endpoints answer from.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Read for `/readyz` and `/tokens`, and for the token gauges in `/metrics`.
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    /// `POST /reload`.
+    pub reload: ReloadHandle,
+}
 
 /// Answers one admin request.
 pub async fn handle(
-    shared: Arc<Shared>,
+    state: AdminState,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".to_owned(), "text/plain"),
-        (&Method::GET, "/readyz") => readyz(&shared),
-        (&Method::GET, "/metrics") => metrics(&shared),
-        (&Method::GET, "/tokens") => tokens(&shared),
-        (&Method::POST, "/reload") => match shared.reload().await {
+        (&Method::GET, "/readyz") => readyz(&state),
+        (&Method::GET, "/metrics") => metrics(&state),
+        (&Method::GET, "/tokens") => tokens(&state),
+        (&Method::POST, "/reload") => match state.reload.reload().await {
             Ok(report) => json_response(
                 StatusCode::OK,
                 json!({
@@ -37,9 +51,9 @@ pub async fn handle(
                     "needs_restart": report.listener_changes,
                 }),
             ),
-            Err(message) => json_response(
+            Err(error) => json_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"error": "reload_failed", "message": message}),
+                json!({"error": "reload_failed", "message": crate::preflight::describe(&error)}),
             ),
         },
         (_, "/healthz" | "/readyz" | "/metrics" | "/tokens" | "/reload") => json_response(
@@ -54,8 +68,8 @@ pub async fn handle(
     Ok(response)
 }
 
-fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
-    let missing: Vec<String> = shared
+fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
+    let missing: Vec<String> = state
         .store
         .slots()
         .iter()
@@ -76,32 +90,32 @@ fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
-fn metrics(shared: &Shared) -> Response<Full<Bytes>> {
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     let now = Instant::now();
-    for slot in shared.store.slots() {
+    for slot in state.store.slots() {
         let seconds = slot.current().map_or(0.0, |t| {
             t.expires_at.saturating_duration_since(now).as_secs_f64()
         });
-        shared.metrics.set_token_expires_in(slot.name(), seconds);
+        state.metrics.set_token_expires_in(slot.name(), seconds);
     }
-    for keyed in shared.store.keyed_providers() {
-        shared.metrics.set_token_keys(keyed.name(), keyed.counts());
+    for keyed in state.store.keyed_providers() {
+        state.metrics.set_token_keys(keyed.name(), keyed.counts());
     }
     text(
         StatusCode::OK,
-        shared.metrics.encode(),
+        state.metrics.encode(),
         "text/plain; version=0.0.4; charset=utf-8",
     )
 }
 
-fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
-    let store = match shared.store.fleet_up() {
+fn tokens(state: &AdminState) -> Response<Full<Bytes>> {
+    let store = match state.store.fleet_up() {
         None => "memory",
         Some(true) => "redis",
         Some(false) => "memory (redis unavailable)",
     };
-    let node = shared.store.redis_node();
-    let mut providers: serde_json::Map<String, Value> = shared
+    let node = state.store.redis_node();
+    let mut providers: serde_json::Map<String, Value> = state
         .store
         .slots()
         .iter()
@@ -115,7 +129,7 @@ fn tokens(shared: &Shared) -> Response<Full<Bytes>> {
         })
         .collect();
     // Keyed providers: counts only, since keys are personal data.
-    for keyed in shared.store.keyed_providers() {
+    for keyed in state.store.keyed_providers() {
         let counts = keyed.counts();
         let state = match counts {
             KeyCounts { held: 0, .. } => "idle",

@@ -6,7 +6,8 @@
 //! - [`provider`]: token-endpoint dialects (request and response)
 //! - [`token`]: the shared refresh-ahead token store
 //! - [`proxy`]: routing, header hygiene, forwarding, error answers
-//! - [`server`]: listeners, reload and graceful shutdown
+//! - [`app`]: the shared state (config in force, token store, routes, clients, metrics) and reload
+//! - [`server`]: listeners, worker threads and graceful shutdown
 //! - [`listener`]: Unix socket files (permissions, stale files, peer uid)
 //! - [`admin`]: health, readiness, metrics, token status, reload endpoints
 //! - [`metrics`]: the Prometheus registry
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod client_auth;
 pub mod config;

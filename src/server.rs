@@ -1,10 +1,10 @@
-//! Listeners and their lifecycle: bind, accept, serve HTTP/1.1 and h2c, reload,
-//! drain on shutdown.
+//! Listeners and their lifecycle: bind, accept, serve HTTP/1.1 and h2c on worker
+//! threads, hand SIGHUP to the app's reload, drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -17,32 +17,24 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
+use crate::admin::{self, AdminState};
+use crate::app::{App, BuildError, ReloadHandle};
 use crate::config::{self, Config, Limits, ListenAddr};
 use crate::listener::{Accept, UnixBindError, UnixSocket};
-use crate::metrics::Metrics;
-use crate::preflight::{self, PreflightError, Prepared};
-use crate::provider::TokenClient;
-use crate::proxy::client::ClientFactory;
 use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
-use crate::proxy::{Proxy, RoutingTable};
-use crate::token::fleet::FleetError;
-use crate::token::{ProviderChanges, TokenStore};
+use crate::proxy::Proxy;
+use crate::token::TokenStore;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Preflight(#[from] PreflightError),
-    #[error("cannot build the token-endpoint client")]
-    TokenClient(#[from] reqwest::Error),
-    #[error("[store]: {0}")]
-    Fleet(#[from] FleetError),
+    App(#[from] BuildError),
     #[error(transparent)]
     SecretCommand(#[from] crate::client_auth::CommandError),
-    #[error("startup task failed: {0}")]
-    Internal(String),
+    #[error("startup task failed")]
+    Internal(#[from] tokio::task::JoinError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -52,193 +44,9 @@ pub enum StartError {
     Unix(#[from] UnixBindError),
 }
 
-/// Everything a running proxy shares: the store, the routes, the clients, metrics.
-pub struct Shared {
-    /// The configuration in force (replaced by a successful reload).
-    config: Mutex<Config>,
-    pub store: Arc<TokenStore>,
-    pub proxy: Arc<Proxy>,
-    pub metrics: Arc<Metrics>,
-    /// For each worker's own upstream clients, and `preserve_host` routes' pinned ones.
-    clients: ClientFactory,
-    /// Serializes reloads (SIGHUP and `POST /reload` may race).
-    reloading: tokio::sync::Mutex<()>,
-}
-
-/// What a successful reload changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReloadReport {
-    pub providers: ProviderChanges,
-    pub routes: usize,
-    /// Listener addresses that differ from the running ones: they need a restart.
-    pub listener_changes: Vec<String>,
-}
-
-impl Shared {
-    /// Builds the TLS settings, clients, token store and routing table for `config`.
-    /// Reads files (CA bundle, token cache): run it off the async runtime.
-    pub fn build(config: Config) -> Result<Self, StartError> {
-        let Prepared { tls, cache } = preflight::run(&config)?;
-        let token_client = TokenClient::new(
-            tls.clone(),
-            config.server.connect_timeout,
-            config.server.outbound.as_ref(),
-        )?;
-        let metrics = Arc::new(Metrics::new());
-        let store = Arc::new(TokenStore::new(
-            &config,
-            token_client,
-            cache,
-            metrics.clone(),
-        )?);
-        store.load_cache();
-        let outbound = config
-            .server
-            .outbound
-            .as_ref()
-            .map(|o| Arc::new(o.matcher()));
-        let clients = ClientFactory::new(tls, config.server.connect_timeout, outbound);
-        let table = RoutingTable::new(&config, &store, &metrics, &clients);
-        let proxy = Arc::new(Proxy::new(table, clients.clients(), metrics.clone()));
-        Ok(Self {
-            config: Mutex::new(config),
-            store,
-            proxy,
-            metrics,
-            clients,
-            reloading: tokio::sync::Mutex::new(()),
-        })
-    }
-
-    /// A copy of the configuration in force.
-    pub fn config(&self) -> Config {
-        self.config
-            .lock()
-            .map(|c| c.clone())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
-    }
-
-    /// Re-reads the config file. When it validates, providers and routes are swapped
-    /// atomically (unchanged providers keep their token); otherwise nothing changes and
-    /// the error is returned. Listener changes are reported, not applied.
-    pub async fn reload(self: &Arc<Self>) -> Result<ReloadReport, String> {
-        let _serial = self.reloading.lock().await;
-        let result = self.reload_inner().await;
-        match &result {
-            Ok(report) => {
-                tracing::info!(
-                    kept = ?report.providers.kept,
-                    started = ?report.providers.started,
-                    stopped = ?report.providers.stopped,
-                    routes = report.routes,
-                    "config reloaded"
-                );
-                for change in &report.listener_changes {
-                    tracing::warn!(
-                        change = %change,
-                        "this change needs a restart to take effect; the running listeners and clients are unchanged"
-                    );
-                }
-            }
-            Err(error) => {
-                tracing::error!(%error, "config reload failed; the running config stays")
-            }
-        }
-        result
-    }
-
-    async fn reload_inner(self: &Arc<Self>) -> Result<ReloadReport, String> {
-        let old = self.config();
-        let path = old.source.clone();
-        let new = tokio::task::spawn_blocking(move || config::load(&path))
-            .await
-            .map_err(|e| format!("reload task failed: {e}"))?
-            .map_err(|e| preflight::describe(&e))?;
-        for warning in &new.warnings {
-            tracing::warn!("{warning}");
-        }
-        // A secret command runs again: a rotated secret is picked up by a reload.
-        config::resolve_secrets(&new)
-            .await
-            .map_err(|e| e.to_string())?;
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || -> Result<ReloadReport, String> {
-            let mut new = new;
-            // The same checks as at startup, so a reload never adopts a config that
-            // would not start; what they build is used only after a restart.
-            preflight::run(&new).map_err(|e| preflight::describe(&e))?;
-            new.tuning = old.tuning.clone();
-            let mut listener_changes = Vec::new();
-            if new.listen_addrs() != old.listen_addrs() {
-                listener_changes.push(format!(
-                    "listeners {:?} -> {:?}",
-                    old.listen_addrs(),
-                    new.listen_addrs()
-                ));
-            }
-            if new.server.admin_listen != old.server.admin_listen {
-                listener_changes.push(format!(
-                    "admin_listen {:?} -> {:?}",
-                    old.server.admin_listen, new.server.admin_listen
-                ));
-            }
-            for (key, changed) in [
-                (
-                    "token_cache_dir",
-                    new.server.token_cache_dir != old.server.token_cache_dir,
-                ),
-                (
-                    "extra_ca_file",
-                    new.server.extra_ca_file != old.server.extra_ca_file,
-                ),
-                (
-                    "connect_timeout",
-                    new.server.connect_timeout != old.server.connect_timeout,
-                ),
-                // The socket files were created with them; allowed_uids reloads.
-                (
-                    "unix_socket_mode/unix_socket_group",
-                    new.server.unix_socket.mode != old.server.unix_socket.mode
-                        || new.server.unix_socket.group != old.server.unix_socket.group,
-                ),
-                // Both clients are built with it, and pooled connections were opened
-                // through (or around) the old proxy.
-                (
-                    "outbound_proxy/no_proxy",
-                    new.server.outbound != old.server.outbound,
-                ),
-                // The Redis link (node or Sentinels, TLS files) is built once at start.
-                ("[store]", new.store != old.store),
-            ] {
-                if changed {
-                    listener_changes.push(format!("{key} changed"));
-                }
-            }
-            let providers = this.store.apply(&new);
-            this.proxy.swap_table(RoutingTable::new(
-                &new,
-                &this.store,
-                &this.metrics,
-                &this.clients,
-            ));
-            let routes = new.routes.len();
-            if let Ok(mut current) = this.config.lock() {
-                *current = new;
-            }
-            Ok(ReloadReport {
-                providers,
-                routes,
-                listener_changes,
-            })
-        })
-        .await
-        .map_err(|e| format!("reload task failed: {e}"))?
-    }
-}
-
 /// A bound, not yet serving proxy.
 pub struct Server {
-    shared: Arc<Shared>,
+    app: Arc<App>,
     /// Per configured address, one socket per worker (SO_REUSEPORT: the kernel spreads
     /// connections over the workers).
     listeners: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
@@ -257,10 +65,8 @@ impl Server {
     /// Builds everything and binds every listener; fails before serving anything.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         config::resolve_secrets(&config).await?;
-        let shared = tokio::task::spawn_blocking(move || Shared::build(config))
-            .await
-            .map_err(|e| StartError::Internal(e.to_string()))??;
-        let config = shared.config();
+        let app = tokio::task::spawn_blocking(move || App::build(config)).await??;
+        let config = app.config();
         let mut listeners = Vec::new();
         let mut unix = Vec::new();
         for addr in config.listen_addrs() {
@@ -282,7 +88,7 @@ impl Server {
             None => None,
         };
         Ok(Self {
-            shared: Arc::new(shared),
+            app: Arc::new(app),
             listeners,
             unix,
             admin,
@@ -305,14 +111,14 @@ impl Server {
         }
     }
 
-    /// The token store, for callers that inspect it (tests, admin).
+    /// The token store, for callers that inspect it (tests).
     pub fn store(&self) -> &Arc<TokenStore> {
-        &self.shared.store
+        &self.app.store
     }
 
     /// The shared state (reload, metrics).
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
     }
 
     /// Serves until `shutdown` completes, then drains connections for at most
@@ -325,8 +131,8 @@ impl Server {
     /// and signals run on the caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
-        self.shared.store.start();
-        let config = self.shared.config();
+        self.app.store.start();
+        let config = self.app.config();
         let grace = config.server.shutdown_grace;
         let limits = config.server.limits.clone();
         let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
@@ -347,8 +153,8 @@ impl Server {
         }
         let mut threads = Vec::new();
         for (w, sockets) in per_worker.into_iter().enumerate() {
-            let proxy = Arc::new(self.shared.proxy.for_worker(
-                self.shared.clients.clients(),
+            let proxy = Arc::new(self.app.proxy.for_worker(
+                self.app.clients.clients(),
                 Tunnels::new(stop.clone(), grace),
             ));
             let settings = ListenerSettings {
@@ -381,7 +187,7 @@ impl Server {
                 permits: permits.clone(),
                 grace,
             };
-            let proxy = self.shared.proxy.clone();
+            let proxy = self.app.proxy.clone();
             let handler_proxy = proxy.clone();
             let configured = Arc::new(configured);
             let handler = move |req| {
@@ -399,15 +205,19 @@ impl Server {
             )));
         }
         if let Some(admin) = self.admin {
-            let shared = self.shared.clone();
-            let handler = move |req| admin::handle(shared.clone(), req);
+            let state = AdminState {
+                store: self.app.store.clone(),
+                metrics: self.app.metrics.clone(),
+                reload: self.app.reload_handle(),
+            };
+            let handler = move |req| admin::handle(state.clone(), req);
             // The admin listener has its own small cap, so a saturated proxy stays observable.
             let settings = ListenerSettings {
                 limits: limits.clone(),
                 permits: Arc::new(Semaphore::new(64)),
                 grace,
             };
-            let proxy = self.shared.proxy.clone();
+            let proxy = self.app.proxy.clone();
             match admin {
                 AdminListener::Tcp(listener) => {
                     if let Ok(addr) = listener.local_addr() {
@@ -441,7 +251,7 @@ impl Server {
                 }
             }
         }
-        let hup = tokio::spawn(reload_on_sighup(self.shared.clone(), stop.clone()));
+        let hup = tokio::spawn(reload_on_sighup(self.app.reload_handle(), stop.clone()));
         shutdown.await;
         tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
         stop.cancel();
@@ -455,7 +265,7 @@ impl Server {
         })
         .await;
         let _ = hup.await;
-        self.shared.store.stop();
+        self.app.store.stop();
     }
 }
 
@@ -552,8 +362,7 @@ fn bind_shared(addr: SocketAddr, workers: usize) -> Result<Vec<std::net::TcpList
 async fn bind_unix(path: std::path::PathBuf, config: &Config) -> Result<UnixSocket, StartError> {
     let settings = config.server.unix_socket.clone();
     tokio::task::spawn_blocking(move || UnixSocket::bind(&path, &settings))
-        .await
-        .map_err(|e| StartError::Internal(e.to_string()))?
+        .await?
         .map_err(StartError::from)
 }
 
@@ -564,7 +373,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 #[cfg(unix)]
-async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
+async fn reload_on_sighup(app: ReloadHandle, stop: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; reload with POST /reload on the admin listener");
@@ -578,14 +387,15 @@ async fn reload_on_sighup(shared: Arc<Shared>, stop: CancellationToken) {
                     return;
                 }
                 tracing::info!("SIGHUP: reloading the config");
-                let _ = shared.reload().await;
+                // The outcome is logged by the reload itself.
+                let _ = app.reload().await;
             }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn reload_on_sighup(_shared: Arc<Shared>, _stop: CancellationToken) {}
+async fn reload_on_sighup(_app: ReloadHandle, _stop: CancellationToken) {}
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -530,7 +530,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin listener, when the config has `admin_listen`.
     pub admin: Option<SocketAddr>,
-    pub shared: Arc<bearer_proxy::server::Shared>,
+    pub shared: Arc<bearer_proxy::app::App>,
     pub store: Arc<TokenStore>,
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
@@ -583,7 +583,7 @@ impl Proxy {
             .collect();
         let store = server.store().clone();
         let admin = server.admin_addr();
-        let shared = server.shared().clone();
+        let shared = server.app().clone();
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
