@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::answer::{self, text};
 use crate::app::ReloadHandle;
 use crate::metrics::Metrics;
 use crate::token::{KeyCounts, ProviderSlot, TokenStore};
@@ -40,7 +41,7 @@ pub async fn handle(
         (&Method::GET, "/metrics") => metrics(&state),
         (&Method::GET, "/tokens") => tokens(&state),
         (&Method::POST, "/reload") => match state.reload.reload().await {
-            Ok(report) => json_response(
+            Ok(report) => answer::json(
                 StatusCode::OK,
                 json!({
                     "reloaded": true,
@@ -51,16 +52,16 @@ pub async fn handle(
                     "needs_restart": report.listener_changes,
                 }),
             ),
-            Err(error) => json_response(
+            Err(error) => answer::json(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"error": "reload_failed", "message": crate::preflight::describe(&error)}),
+                json!({"error": "reload_failed", "message": crate::error::chain(&error)}),
             ),
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/tokens" | "/reload") => json_response(
+        (_, "/healthz" | "/readyz" | "/metrics" | "/tokens" | "/reload") => answer::json(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method_not_allowed", "message": "see the README for the admin endpoints"}),
         ),
-        _ => json_response(
+        _ => answer::json(
             StatusCode::NOT_FOUND,
             json!({"error": "not_found", "message": "admin endpoints: /healthz /readyz /metrics /tokens, POST /reload"}),
         ),
@@ -77,9 +78,9 @@ fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
         .map(|slot| slot.name().to_owned())
         .collect();
     if missing.is_empty() {
-        json_response(StatusCode::OK, json!({"ready": true}))
+        answer::json(StatusCode::OK, json!({"ready": true}))
     } else {
-        json_response(
+        answer::json(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({
                 "ready": false,
@@ -152,7 +153,7 @@ fn tokens(state: &AdminState) -> Response<Full<Bytes>> {
             }),
         );
     }
-    json_response(StatusCode::OK, Value::Object(providers))
+    answer::json(StatusCode::OK, Value::Object(providers))
 }
 
 /// One provider's entry in `/tokens`.
@@ -190,17 +191,4 @@ fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
-}
-
-fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    text(status, body.to_string(), "application/json")
-}
-
-fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
 }

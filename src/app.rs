@@ -146,7 +146,7 @@ impl App {
                 }
             }
             Err(error) => {
-                let error = preflight::describe(error);
+                let error = crate::error::chain(error);
                 tracing::error!(%error, "config reload failed; the running config stays")
             }
         }

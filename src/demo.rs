@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::answer;
 use crate::config::Config;
 use crate::server::Server;
 
@@ -102,7 +103,7 @@ async fn issue(
     } else {
         serde_json::json!({ "error": "not_found" })
     };
-    Ok(json(body))
+    Ok(answer::json(StatusCode::OK, body))
 }
 
 fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -116,18 +117,12 @@ fn echo(req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         })
         .collect();
-    json(serde_json::json!({
-        "method": req.method().as_str(),
-        "uri": req.uri().to_string(),
-        "headers": headers,
-    }))
-}
-
-fn json(value: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
+    answer::json(
+        StatusCode::OK,
+        serde_json::json!({
+            "method": req.method().as_str(),
+            "uri": req.uri().to_string(),
+            "headers": headers,
+        }),
+    )
 }

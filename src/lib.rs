@@ -9,8 +9,10 @@
 //! - [`app`]: the shared state (config in force, token store, routes, clients, metrics) and reload
 //! - [`server`]: listeners, worker threads and graceful shutdown
 //! - [`listener`]: Unix socket files (permissions, stale files, peer uid)
+//! - [`answer`]: the small JSON and text answers the proxy writes itself
 //! - [`admin`]: health, readiness, metrics, token status, reload endpoints
 //! - [`metrics`]: the Prometheus registry
+//! - [`error`]: the boxed error type and the one-line cause chain
 //! - [`hop_by_hop`]: the header names that never cross the proxy
 //! - [`tls`]: the TLS client settings
 //! - [`outbound`]: connections directly or through the outbound HTTP proxy
@@ -20,11 +22,13 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod answer;
 pub mod app;
 pub mod cli;
 pub mod client_auth;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod hop_by_hop;
 pub mod listener;
 pub mod logging;

@@ -24,8 +24,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use crate::config::outbound::shown;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 /// Connects directly, or through the proxy `matcher` picks for the destination.
 #[derive(Clone)]

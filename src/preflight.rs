@@ -69,20 +69,3 @@ pub fn run(config: &Config) -> Result<Prepared, PreflightError> {
     }
     Ok(Prepared { tls, cache })
 }
-
-/// `error` and its causes on one line, `: `-separated (as anyhow's `{:#}` does),
-/// for places that hand an error on as text.
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // A transparent wrapper repeats its inner error's text: say it once.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}

@@ -18,6 +18,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 
 use crate::config::outbound::shown;
 use crate::config::{ClientAuth, OutboundProxy, ProviderConfig, RequestFormat, KEY_PLACEHOLDER};
+use crate::error::chain;
 use crate::secret::{redact, Secret};
 
 /// Token-endpoint bodies above this size are refused.
@@ -163,7 +164,7 @@ impl TokenClient {
         .map_err(|e| {
             FetchError::Credentials(format!(
                 "cannot set up TLS with the client certificate: {}",
-                describe_reqwest(&e)
+                chain(&e)
             ))
         })?;
         if clients.len() >= MAX_IDENTITY_CLIENTS {
@@ -177,7 +178,7 @@ impl TokenClient {
     /// credentials) when the token endpoint is reached through one.
     async fn network_error(&self, provider: &ProviderConfig, e: reqwest::Error) -> FetchError {
         let e = &e;
-        let described = describe_reqwest(e);
+        let described = chain(e);
         let url = &provider.token_url;
         let proxy = self
             .outbound
@@ -290,7 +291,7 @@ impl TokenClient {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| FetchError::Network(describe_reqwest(&e)))?
+            .map_err(|e| FetchError::Network(chain(&e)))?
         {
             if body.len() + chunk.len() > MAX_TOKEN_RESPONSE {
                 return Err(FetchError::TooLarge);
@@ -426,18 +427,6 @@ fn basic_auth(p: &ProviderConfig, secret: &Secret) -> http::HeaderValue {
         http::HeaderValue::from_str(&value).unwrap_or(http::HeaderValue::from_static(""));
     header.set_sensitive(true);
     header
-}
-
-/// reqwest errors print their source chain only with `{:#}`-like walking.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// The longest a `Retry-After` holds back the next fetch: a provider asking for more

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::app::{App, BuildError, ReloadHandle};
 use crate::config::{self, Config, Limits, ListenAddr};
+use crate::error::BoxError;
 use crate::listener::{Accept, UnixBindError, UnixSocket};
 use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
@@ -416,8 +417,6 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_local_error_reset_streams(Some(256));
     builder
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How one listener accepts and serves connections.
 #[derive(Clone)]

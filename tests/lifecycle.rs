@@ -430,7 +430,7 @@ async fn insecure_cache_dir_is_refused() {
         .await
         .err()
         .expect("refused");
-    let message = bearer_proxy::preflight::describe(&error);
+    let message = bearer_proxy::error::chain(&error);
     assert!(
         message.contains("t.toml: server.token_cache_dir"),
         "{message}"

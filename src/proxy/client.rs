@@ -34,6 +34,7 @@ use tower_service::Service;
 
 use super::body::OutBody;
 use crate::config::Upstream;
+use crate::error::BoxError;
 use crate::outbound::{OutboundConnector, OutboundStream};
 
 /// A pooled client the proxy forwards through.
@@ -216,8 +217,6 @@ pub struct UpstreamConnector {
 #[derive(Debug, thiserror::Error)]
 #[error("connect timed out after {0:?}")]
 pub struct ConnectTimeout(Duration);
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Service<Uri> for UpstreamConnector {
     type Response = MaybeHttpsStream<OutboundStream>;

@@ -23,6 +23,7 @@ use ipnet::IpNet;
 use tokio::time::Instant;
 
 use crate::config::{Config, ListenAddr};
+use crate::error::chain;
 use crate::listener::Peer;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::token::{Token, TokenStore};
@@ -30,7 +31,7 @@ use access_log::RequestLog;
 pub use access_log::ResBody;
 use body::{keep_for_replay, Kept, OutBody};
 use client::{ClientFactory, Clients, UpstreamClient};
-use error::{chain, ProxyError};
+use error::ProxyError;
 use routing::{Route, Router};
 use upgrade::{Handshake, Tunnels};
 

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use bearer_proxy::error::BoxError;
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 pub fn full(data: impl Into<Bytes>) -> TestBody {
