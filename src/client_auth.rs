@@ -258,10 +258,7 @@ impl AssertionKey {
     /// A fresh client assertion for `client_id`: `iss` = `sub` = client_id, the
     /// configured `aud`, a random `jti`, `iat` now and `exp` a minute later.
     pub fn assertion(&self, client_id: &str) -> Result<Secret, jsonwebtoken::errors::Error> {
-        let iat = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let iat = crate::unix_time::secs(SystemTime::now());
         let claims = serde_json::json!({
             "iss": client_id,
             "sub": client_id,

@@ -14,6 +14,7 @@
 //! - [`metrics`]: the Prometheus registry
 //! - [`error`]: the boxed error type and the one-line cause chain
 //! - [`hop_by_hop`]: the header names that never cross the proxy
+//! - [`unix_time`]: `SystemTime` to and from Unix seconds and milliseconds
 //! - [`tls`]: the TLS client settings
 //! - [`outbound`]: connections directly or through the outbound HTTP proxy
 //! - [`preflight`]: the file checks `check`, `run` and reload share
@@ -41,3 +42,4 @@ pub mod secret;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod unix_time;

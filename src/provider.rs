@@ -603,20 +603,15 @@ fn expires_at(value: &Value, now: SystemTime) -> Result<Expiry, &'static str> {
 /// Unix seconds as far as [`FAR_FUTURE_SECS`]; `secs` must be finite and positive.
 fn unix_time(secs: f64) -> SystemTime {
     // Every value up to FAR_FUTURE_SECS fits a Duration and a SystemTime.
-    Duration::try_from_secs_f64(secs.clamp(0.0, FAR_FUTURE_SECS))
-        .ok()
-        .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+    crate::unix_time::from_secs_f64(secs.clamp(0.0, FAR_FUTURE_SECS))
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// Unix nanoseconds as far as [`FAR_FUTURE_SECS`]; `nanos` must be positive.
 fn unix_time_nanos(nanos: i128) -> SystemTime {
-    let secs = u64::try_from(nanos / 1_000_000_000)
-        .unwrap_or(u64::MAX)
-        .min(FAR_FUTURE_SECS as u64);
-    let sub = u32::try_from(nanos % 1_000_000_000).unwrap_or(0);
-    SystemTime::UNIX_EPOCH
-        .checked_add(Duration::new(secs, sub))
-        .unwrap_or(SystemTime::UNIX_EPOCH)
+    // FAR_FUTURE_SECS is a whole number of seconds (1e11), exact as an i128.
+    let far = FAR_FUTURE_SECS as i128 * 1_000_000_000;
+    crate::unix_time::from_nanos(nanos.clamp(0, far)).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// An absolute expiry with at most [`MAX_LIFETIME`] left after `now`.

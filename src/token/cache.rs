@@ -14,10 +14,11 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::seal::{check_times, unix_ms, Sealer, Unusable};
+use super::seal::{check_times, Sealer, Unusable};
 
 use crate::config::ProviderConfig;
 use crate::secret::Secret;
+use crate::unix_time;
 
 /// Why the cache directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +80,8 @@ pub fn encode(
         v: FORMAT,
         provider: provider.name.clone(),
         fingerprint: provider.fingerprint_for(key_id).to_string(),
-        fetched_at_ms: unix_ms(fetched_at),
-        expires_at_ms: unix_ms(expires_at),
+        fetched_at_ms: unix_time::millis(fetched_at),
+        expires_at_ms: unix_time::millis(expires_at),
         nonce: String::new(),
         ciphertext: String::new(),
     };

@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::redis_link::{explain, RedisLink};
-use super::seal::{check_times, unix_ms, Sealer, Unusable};
+use super::seal::{check_times, Sealer, Unusable};
 use crate::config::{ProviderConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::unix_time;
 
 /// A Redis problem: the caller falls back to its own memory store.
 #[derive(Debug, thiserror::Error)]
@@ -264,7 +265,7 @@ impl Fleet {
         let key = self.token_key(p, key_id);
         let sealed =
             seal(p, key_id, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
-        let expires_ms = unix_ms(t.expires_at);
+        let expires_ms = unix_time::millis(t.expires_at);
         let mut cmd = redis::cmd("SET");
         cmd.arg(&key).arg(sealed).arg("PXAT").arg(expires_ms);
         if only_if_absent {
@@ -305,10 +306,7 @@ impl Fleet {
         }
         let sealed =
             seal(p, key_id, &key, t).ok_or_else(|| FleetError::Redis("cannot encrypt".into()))?;
-        let expires_ms = t
-            .expires_at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let expires_ms = unix_time::millis(t.expires_at);
         let stored: i64 = self
             .query(
                 redis::cmd("EVAL")
@@ -499,7 +497,10 @@ pub fn seal(
     t: &SharedToken,
 ) -> Option<String> {
     let id = t.id.to_string();
-    let (fetched_at_ms, expires_at_ms) = (unix_ms(t.fetched_at), unix_ms(t.expires_at));
+    let (fetched_at_ms, expires_at_ms) = (
+        unix_time::millis(t.fetched_at),
+        unix_time::millis(t.expires_at),
+    );
     let (nonce, ciphertext) = Sealer::new(p, key_id, "redis").seal(
         &associated(key, &id, fetched_at_ms, expires_at_ms),
         t.value.expose().as_bytes(),

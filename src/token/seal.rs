@@ -16,6 +16,7 @@ use sha2::Sha256;
 
 use crate::config::ProviderConfig;
 use crate::provider::MAX_LIFETIME;
+use crate::unix_time;
 
 /// Clocks of a fleet (or of one machine across a restart) may disagree this much.
 const CLOCK_SLACK: Duration = Duration::from_secs(24 * 3600);
@@ -82,12 +83,6 @@ impl Sealer {
     }
 }
 
-/// Milliseconds since the Unix epoch (0 before it).
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Checks stored times: fetched before expiry, not from the future, and expiring
 /// within [`MAX_LIFETIME`] (plus clock slack) of `now`. `Expired` when all is right
 /// but the token is past its time.
@@ -96,7 +91,7 @@ pub fn check_times(
     expires_at_ms: u64,
     now: SystemTime,
 ) -> Result<(SystemTime, SystemTime), Unusable> {
-    let at = |ms| SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms));
+    let at = unix_time::from_millis;
     let (Some(fetched_at), Some(expires_at)) = (at(fetched_at_ms), at(expires_at_ms)) else {
         return Err(Unusable::Times);
     };
@@ -180,8 +175,8 @@ mod tests {
         let t = fleet::open(&p, None, "k:token", &raw, now).unwrap();
         assert_eq!((t.id, t.value.expose()), (42, "the-token"));
         assert_eq!(
-            unix_ms(t.expires_at),
-            unix_ms(now + Duration::from_secs(3600))
+            unix_time::millis(t.expires_at),
+            unix_time::millis(now + Duration::from_secs(3600))
         );
         assert!(!raw.contains("the-token"));
         // Other key, other credentials, any edit: unusable, never a panic.
