@@ -237,25 +237,24 @@ impl KeyedProvider {
     }
 
     fn touch(&self, slot: &ProviderSlot, now_ms: u64) {
-        if let Some(binding) = &slot.key {
+        if let Some(binding) = slot.key() {
             let last = binding.last_used.swap(now_ms, Ordering::Relaxed);
             // Back from idle: the refresher may be waiting for the token to expire;
             // wake it so the key is refreshed ahead again.
             if u128::from(now_ms.saturating_sub(last)) >= self.keys.idle.as_millis() {
-                slot.wake.notify_one();
+                slot.wake();
             }
         }
     }
 
     fn new_slot(&self, key: &str, now_ms: u64) -> ProviderSlot {
         let binding = KeyBinding::with_mac(&self.config, &self.mac, key, self.this.clone(), now_ms);
-        let mut slot = ProviderSlot::new(
+        ProviderSlot::new(
             self.config.clone(),
             self.settings.clone(),
             self.cancel.child_token(),
-        );
-        slot.key = Some(binding);
-        slot
+        )
+        .with_key(binding)
     }
 
     /// Drops the least recently used key other than `keep` (O(keys), only when a new
@@ -269,8 +268,7 @@ impl KeyedProvider {
                     continue;
                 }
                 let used = slot
-                    .key
-                    .as_ref()
+                    .key()
                     .map_or(0, |k| k.last_used.load(Ordering::Relaxed));
                 if oldest.as_ref().is_none_or(|(at, _)| used < *at) {
                     oldest = Some((used, slot.clone()));
@@ -278,7 +276,7 @@ impl KeyedProvider {
             }
         }
         if let Some((_, slot)) = oldest {
-            if let Some(binding) = &slot.key {
+            if let Some(binding) = slot.key() {
                 tracing::debug!(provider = %self.config.name, key_id = %binding.id, "max_keys reached: dropping the least recently used key");
                 self.remove_if(binding.value.expose(), &slot, |_| true);
             }
@@ -311,7 +309,7 @@ impl KeyedProvider {
         if removed {
             self.held.fetch_sub(1, Ordering::AcqRel);
         }
-        slot.cancel.cancel();
+        slot.stop();
         true
     }
 
@@ -337,7 +335,7 @@ impl KeyedProvider {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .values()
-                .find(|slot| slot.key.as_ref().is_some_and(|k| &*k.tag == tag))
+                .find(|slot| slot.key().is_some_and(|k| &*k.tag == tag))
                 .cloned()
         })
     }

@@ -76,6 +76,36 @@ pub struct TokenUnavailable {
     pub reason: String,
 }
 
+/// How a fetch ended: where a published token came from, or that it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Fetched from the token endpoint by this process.
+    Fetched,
+    /// Fetched by another proxy of the fleet and taken from Redis.
+    Shared,
+    /// Read from the on-disk token cache.
+    Cached,
+    /// The token endpoint call failed.
+    Failed,
+}
+
+impl Outcome {
+    /// The `outcome` label of metrics and log lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Fetched => "ok",
+            Self::Shared => "shared",
+            Self::Cached => "cached",
+            Self::Failed => "error",
+        }
+    }
+
+    /// True when this process called the token endpoint.
+    fn called_the_endpoint(self) -> bool {
+        matches!(self, Self::Fetched | Self::Failed)
+    }
+}
+
 /// What a slot reports about itself (for logs, `/tokens` and `/readyz`).
 #[derive(Debug, Clone, Default)]
 pub struct SlotStatus {
@@ -150,6 +180,12 @@ impl ProviderSlot {
         }
     }
 
+    /// The slot of one key of a keyed provider.
+    fn with_key(mut self, key: KeyBinding) -> Self {
+        self.key = Some(key);
+        self
+    }
+
     /// The keyed hash of the slot's key (keyed providers only): what files and
     /// Redis names use instead of the key.
     pub fn key_id(&self) -> Option<&str> {
@@ -159,6 +195,87 @@ impl ProviderSlot {
     /// The provider's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The key this slot's token is bound to (keyed providers only).
+    fn key(&self) -> Option<&KeyBinding> {
+        self.key.as_ref()
+    }
+
+    /// Stops this slot's refresher.
+    fn stop(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Cancelled when the refresher must stop.
+    fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    fn tuning(&self) -> &Tuning {
+        &self.settings.tuning
+    }
+
+    fn token_timeout(&self) -> Duration {
+        self.settings.token_timeout
+    }
+
+    /// Wakes the refresher to look at the slot again.
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Completes when someone calls [`ProviderSlot::wake`] (a wake-up while the
+    /// refresher is busy is kept for its next wait).
+    fn woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
+    }
+
+    /// Another proxy announced a new token: look in the fleet store, and wake a
+    /// refresher waiting for another proxy's fetch.
+    fn fleet_changed(&self) {
+        self.fleet_hint.store(true, Ordering::Release);
+        self.fleet_wake.notify_waiters();
+        self.wake();
+    }
+
+    /// Asks the refresher to look in the fleet store (after Redis came back).
+    fn look_in_fleet(&self) {
+        self.fleet_hint.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// True once after [`ProviderSlot::fleet_changed`] or [`ProviderSlot::look_in_fleet`].
+    fn take_fleet_hint(&self) -> bool {
+        self.fleet_hint.swap(false, Ordering::AcqRel)
+    }
+
+    /// Completes when another proxy announces a token ([`ProviderSlot::fleet_changed`]).
+    fn fleet_woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.fleet_wake.notified()
+    }
+
+    /// The id of the token held, valid or not.
+    fn held_id(&self) -> Option<u64> {
+        self.current.load().as_ref().map(|t| t.id)
+    }
+
+    /// When the token held expires on the wall clock, valid or not.
+    fn held_expiry(&self) -> Option<SystemTime> {
+        self.current.load().as_ref().map(|t| t.expires_at_wall)
+    }
+
+    /// When the slot next needs a fetch, ignoring backoff; `None`: not until asked.
+    fn next_due(&self, now: Instant) -> Option<Instant> {
+        match self.current.load().as_ref() {
+            Some(token) if token.is_valid_at(now) => Some(token.refresh_at),
+            _ if (self.config.prefetch && self.key.is_none())
+                || self.wanted.load(Ordering::Acquire) =>
+            {
+                Some(now)
+            }
+            _ => None,
+        }
     }
 
     /// The current token if it is still valid, without waiting or locking.
@@ -243,7 +360,7 @@ impl ProviderSlot {
             self.settings.metrics.token_invalidated(&self.config.name);
             tracing::info!(provider = %self.config.name, generation, "token rejected by upstream; fetching a new one");
             self.wanted.store(true, Ordering::Release);
-            self.wake.notify_one();
+            self.wake();
         }
         dropped
     }
@@ -274,7 +391,7 @@ impl ProviderSlot {
         if current.as_ref().is_some_and(|t| t.id == id) {
             self.current.compare_and_swap(&*current, None);
             self.wanted.store(true, Ordering::Release);
-            self.wake.notify_one();
+            self.wake();
         }
     }
 
@@ -343,28 +460,67 @@ impl ProviderSlot {
         };
         tracing::info!(
             provider = %self.config.name,
-            outcome = "cached",
+            outcome = Outcome::Cached.label(),
             expires_in_s = remaining.as_secs(),
             "token loaded from the token cache"
         );
-        self.publish(token, "cached");
+        self.publish(token, Outcome::Cached);
         true
     }
 
     /// Makes `token` the current one and wakes every request waiting for it.
-    /// `outcome` is where it came from: `ok` (fetched here), `shared` (the fleet) or
-    /// `cached` (the disk cache); only `ok` counts as a token-endpoint call.
-    fn publish(&self, token: Token, outcome: &'static str) {
+    /// `outcome` is where it came from; only [`Outcome::Fetched`] counts as a
+    /// token-endpoint call.
+    fn publish(&self, token: Token, outcome: Outcome) {
         self.current.store(Some(Arc::new(token)));
         self.settings
             .metrics
-            .token_fetch(&self.config.name, outcome);
+            .token_fetch(&self.config.name, outcome.label());
         self.wanted.store(false, Ordering::Release);
         self.update_status(|s| {
             s.fetching = false;
-            s.fetches += u64::from(outcome == "ok");
+            s.fetches += u64::from(outcome.called_the_endpoint());
             s.last_error = None;
             s.next_attempt = None;
+        });
+    }
+
+    /// Notes that a fetch started (for `/tokens` and for requests deciding to wait).
+    fn mark_fetching(&self) {
+        self.update_status(|s| s.fetching = true);
+    }
+
+    /// Notes a failed token endpoint call and when the next one is due.
+    fn record_failure(&self, error: String, next_attempt: Instant) {
+        self.settings
+            .metrics
+            .token_fetch(&self.config.name, Outcome::Failed.label());
+        self.update_status(|s| {
+            s.fetching = false;
+            s.fetches += 1;
+            s.failures += 1;
+            s.last_error = Some(error);
+            s.next_attempt = Some(next_attempt);
+        });
+    }
+
+    /// Notes that fetching waits (after fresh tokens were rejected) and why.
+    fn record_backoff(&self, why: String, next_attempt: Instant) {
+        self.update_status(|s| {
+            s.last_error = Some(why);
+            s.next_attempt = Some(next_attempt);
+        });
+    }
+
+    /// Notes that the refresher ended unexpectedly and starts again at `next_attempt`.
+    fn record_restart(&self, reason: &str, delay: Duration, next_attempt: Instant) {
+        self.settings.metrics.refresher_restart(&self.config.name);
+        self.update_status(|s| {
+            s.fetching = false;
+            s.restarts += 1;
+            s.last_restart = Some(reason.to_owned());
+            s.last_error = Some(format!("{reason}; restarting it in {delay:?}"));
+            s.next_attempt = Some(next_attempt);
         });
     }
 
@@ -516,9 +672,7 @@ impl TokenStore {
         match event {
             FleetEvent::Changed { provider, fp } => {
                 if let Some(slot) = self.slot_for(&provider, &fp) {
-                    slot.fleet_hint.store(true, Ordering::Release);
-                    slot.fleet_wake.notify_waiters();
-                    slot.wake.notify_one();
+                    slot.fleet_changed();
                 }
             }
             FleetEvent::Invalidated { provider, fp, id } => {
@@ -559,8 +713,7 @@ impl TokenStore {
                         }
                     }
                 }
-                slot.fleet_hint.store(true, Ordering::Release);
-                slot.wake.notify_one();
+                slot.look_in_fleet();
             });
         }
     }
@@ -624,7 +777,7 @@ impl TokenStore {
                 .get(name)
                 .is_none_or(|now| !Arc::ptr_eq(now, slot));
             if replaced {
-                slot.cancel.cancel();
+                slot.stop();
                 if !config.providers.contains_key(name) {
                     changes.stopped.push(name.clone());
                 }

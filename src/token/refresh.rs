@@ -1,7 +1,11 @@
 //! The per-provider refresher: fetch when needed, refresh ahead, back off on failure,
 //! and (with a Redis store) share each token with the fleet.
+//!
+//! It works on its slot only through the slot's methods. What it remembers between
+//! rounds (failures, rejections, when it may fetch next) is a [`Schedule`]; how
+//! often a refresher that ended is started again is counted by [`Restarts`]. Both
+//! are plain values, so their timing is tested on tokio's paused clock.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::TokenCache;
 use super::fleet::{Fleet, FleetError, SharedToken};
-use super::{ProviderSlot, Token};
+use super::{Outcome, ProviderSlot, Token};
+use crate::config::Tuning;
 use crate::provider::{Expiry, FetchError, FetchedToken, TokenClient, MAX_LIFETIME};
 use crate::secret::Secret;
 
@@ -37,8 +42,8 @@ impl Ingredients {
     /// Starts `slot`'s refresher on the store's runtime.
     pub fn spawn(&self, slot: &Arc<ProviderSlot>) {
         let refresher = Arc::new(self.refresher.clone());
-        let (run_slot, cancel) = (slot.clone(), slot.cancel.clone());
-        let task = supervise(slot.clone(), slot.cancel.clone(), move || {
+        let (run_slot, cancel) = (slot.clone(), slot.cancel_token().clone());
+        let task = supervise(slot.clone(), cancel.clone(), move || {
             run(run_slot.clone(), refresher.clone(), cancel.clone())
         });
         match self.runtime.get() {
@@ -52,8 +57,95 @@ impl Ingredients {
 struct Obtained {
     token: Token,
     value: Secret,
-    /// `ok` (fetched here) or `shared` (fetched by another proxy of the fleet).
-    outcome: &'static str,
+    /// [`Outcome::Fetched`] or [`Outcome::Shared`].
+    outcome: Outcome,
+}
+
+/// How often a refresher that ended on its own was started again, for its backoff.
+#[derive(Debug, Default)]
+pub(super) struct Restarts {
+    in_a_row: u32,
+}
+
+impl Restarts {
+    /// Counts one more restart of a refresher that ran for `ran` and returns how
+    /// long to wait before starting it. One that ran a good while before ending
+    /// starts a fresh backoff series.
+    pub fn next_delay(&mut self, ran: Duration, tuning: &Tuning) -> Duration {
+        if ran > tuning.backoff_max * 2 {
+            self.in_a_row = 0;
+        }
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        backoff(tuning, self.in_a_row)
+    }
+}
+
+/// What the refresher remembers between rounds.
+#[derive(Debug, Default)]
+pub(super) struct Schedule {
+    /// Failed token endpoint calls in a row.
+    failures: u32,
+    /// Tokens the upstream rejected soon after we fetched them, in a row: bad
+    /// credentials or a confused API must not turn every request into a fetch.
+    quick_rejections: u32,
+    /// No fetch before this (backoff, `Retry-After`).
+    not_before: Option<Instant>,
+    last_fetch: Option<Instant>,
+    /// The last token the upstream rejected, until a fetch succeeds: never taken
+    /// back from the fleet.
+    rejected: Option<u64>,
+}
+
+impl Schedule {
+    /// Notes that the upstream rejected token `id` at `now`. When fresh tokens keep
+    /// being rejected, fetching backs off: returns how many in a row and the delay.
+    pub fn rejected(&mut self, id: u64, now: Instant, tuning: &Tuning) -> Option<(u32, Duration)> {
+        self.rejected = Some(id);
+        let quick = self
+            .last_fetch
+            .is_some_and(|at| now.duration_since(at) < QUICK_REJECTION);
+        self.quick_rejections = if quick {
+            self.quick_rejections.saturating_add(1)
+        } else {
+            0
+        };
+        if self.quick_rejections < 2 {
+            return None;
+        }
+        let delay = backoff(tuning, self.quick_rejections - 1);
+        self.not_before = Some(now + delay);
+        Some((self.quick_rejections, delay))
+    }
+
+    /// The token not to take back from the fleet.
+    pub fn rejected_id(&self) -> Option<u64> {
+        self.rejected
+    }
+
+    /// When to fetch next: when the slot is `due` (see `ProviderSlot::next_due`),
+    /// but not before backoff or `Retry-After` allow. `None`: not until woken.
+    pub fn next_fetch(&self, due: Option<Instant>) -> Option<Instant> {
+        due.map(|due| self.not_before.map_or(due, |nb| due.max(nb)))
+    }
+
+    /// Starts an attempt at `now`; returns which attempt in a row it is.
+    pub fn attempt(&mut self, now: Instant) -> u32 {
+        self.last_fetch = Some(now);
+        self.failures.saturating_add(1)
+    }
+
+    /// The attempt got a token.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+        self.not_before = None;
+        self.rejected = None;
+    }
+
+    /// The attempt failed; the next one is not before `next_attempt`.
+    pub fn failed(&mut self, next_attempt: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        self.not_before = Some(next_attempt);
+    }
 }
 
 /// Keeps `slot`'s refresher running until `cancel`: a refresher that ends on its
@@ -64,7 +156,7 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut restarts_in_a_row: u32 = 0;
+    let mut restarts = Restarts::default();
     loop {
         let started = Instant::now();
         let mut task = tokio::spawn(start());
@@ -80,12 +172,7 @@ where
             return;
         }
         let reason = stop_reason(outcome);
-        // One that ran a good while before failing starts a fresh backoff series.
-        if started.elapsed() > slot.settings.tuning.backoff_max * 2 {
-            restarts_in_a_row = 0;
-        }
-        restarts_in_a_row = restarts_in_a_row.saturating_add(1);
-        let delay = backoff(&slot, restarts_in_a_row);
+        let delay = restarts.next_delay(started.elapsed(), slot.tuning());
         let next_attempt = Instant::now() + delay;
         tracing::error!(
             provider = %slot.config.name,
@@ -93,14 +180,7 @@ where
             restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             "token refresher stopped; restarting it"
         );
-        slot.settings.metrics.refresher_restart(&slot.config.name);
-        slot.update_status(|s| {
-            s.fetching = false;
-            s.restarts += 1;
-            s.last_restart = Some(reason.clone());
-            s.last_error = Some(format!("{reason}; restarting it in {delay:?}"));
-            s.next_attempt = Some(next_attempt);
-        });
+        slot.record_restart(&reason, delay, next_attempt);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep_until(next_attempt) => {}
@@ -126,14 +206,8 @@ pub(super) const PANICKED: &str =
 
 /// Runs until `cancel`: the only caller of `slot`'s token endpoint in this process.
 pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: CancellationToken) {
-    let mut failures: u32 = 0;
-    // Tokens the upstream rejected soon after we fetched them, in a row: bad
-    // credentials or a confused API must not turn every request into a fetch.
-    let mut quick_rejections: u32 = 0;
-    let mut not_before: Option<Instant> = None;
-    let mut last_fetch: Option<Instant> = None;
-    let mut rejected: Option<u64> = None;
-    if let (Some(key), Some(cache)) = (&slot.key, &r.cache) {
+    let mut schedule = Schedule::default();
+    if let (Some(key), Some(cache)) = (slot.key(), &r.cache) {
         // A key's cached token is read when the key is first used (off the runtime).
         let (cache, config, id) = (cache.clone(), slot.config.clone(), key.id().to_owned());
         let cached = Box::pin(tokio::task::spawn_blocking(move || {
@@ -146,7 +220,7 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
     }
     loop {
         let now = Instant::now();
-        if let Some(key) = &slot.key {
+        if let Some(key) = slot.key() {
             if key.is_idle(now) {
                 // Not refreshed ahead: keep the token until it expires, then leave.
                 let Some(expires_at) = slot.current().map(|t| t.expires_at) else {
@@ -157,51 +231,39 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
                 };
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = slot.wake.notified() => {}
+                    () = slot.woken() => {}
                     () = tokio::time::sleep_until(expires_at) => {}
                 }
                 continue;
             }
         }
         if let Some(id) = slot.take_rejected() {
-            rejected = Some(id);
             if let Some(fleet) = &r.fleet {
                 // Drop it for the whole fleet, unless another proxy already replaced it.
                 let _ = Box::pin(fleet.invalidate(&slot.config, slot.key_id(), id)).await;
             }
-            let quick = last_fetch.is_some_and(|at| now.duration_since(at) < QUICK_REJECTION);
-            quick_rejections = if quick { quick_rejections + 1 } else { 0 };
-            if quick_rejections >= 2 {
-                let delay = backoff(&slot, quick_rejections - 1);
-                not_before = Some(now + delay);
-                slot.update_status(|s| {
-                    s.last_error = Some(format!(
-                        "the upstream rejected {quick_rejections} fresh tokens in a row; next fetch in {delay:?}"
-                    ));
-                    s.next_attempt = not_before;
-                });
+            if let Some((in_a_row, delay)) = schedule.rejected(id, now, slot.tuning()) {
+                slot.record_backoff(
+                    format!(
+                        "the upstream rejected {in_a_row} fresh tokens in a row; next fetch in {delay:?}"
+                    ),
+                    now + delay,
+                );
             }
         }
-        if slot.fleet_hint.swap(false, Ordering::AcqRel) {
+        if slot.take_fleet_hint() {
             if let Some(fleet) = &r.fleet {
-                Box::pin(adopt_from_fleet(&slot, fleet, rejected)).await;
+                Box::pin(adopt_from_fleet(&slot, fleet, schedule.rejected_id())).await;
             }
         }
-        let due = next_due(&slot, now).map(|due| not_before.map_or(due, |nb| due.max(nb)));
+        let due = schedule.next_fetch(slot.next_due(now));
         if due.is_some_and(|due| due <= now) {
-            last_fetch = Some(now);
+            let attempt = schedule.attempt(now);
             // Boxed, as every await but the waits below: the large futures exist only
             // while running, which keeps an idle refresher (one per key) small.
-            match Box::pin(fetch_once(&slot, &r, rejected, failures.saturating_add(1))).await {
-                Ok(()) => {
-                    failures = 0;
-                    not_before = None;
-                    rejected = None;
-                }
-                Err(next_attempt) => {
-                    failures = failures.saturating_add(1);
-                    not_before = Some(next_attempt);
-                }
+            match Box::pin(fetch_once(&slot, &r, schedule.rejected_id(), attempt)).await {
+                Ok(()) => schedule.succeeded(),
+                Err(next_attempt) => schedule.failed(next_attempt),
             }
             continue;
         }
@@ -213,7 +275,7 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
         };
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = slot.wake.notified() => {}
+            () = slot.woken() => {}
             () = sleep => {}
         }
     }
@@ -222,30 +284,33 @@ pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: Canc
 /// A token rejected within this long of its fetch counts as a quick rejection.
 const QUICK_REJECTION: Duration = Duration::from_secs(30);
 
-/// When the slot next needs a fetch, ignoring backoff; `None`: not until asked.
-pub(super) fn next_due(slot: &ProviderSlot, now: Instant) -> Option<Instant> {
-    match slot.current.load().as_ref() {
-        Some(token) if token.is_valid_at(now) => Some(token.refresh_at),
-        _ if (slot.config.prefetch && slot.key.is_none())
-            || slot.wanted.load(Ordering::Acquire) =>
-        {
-            Some(now)
-        }
-        _ => None,
-    }
-}
-
 /// Exponential backoff with "equal jitter": uniform in [c/2, c] where
 /// c = min(max, base * 2^(n-1)). Unlike full jitter (uniform in [0, c]) the gaps
 /// never shrink, so a run of unlucky draws cannot hammer the endpoint, and a fleet
 /// still spreads out over half of each interval.
-pub(super) fn backoff(slot: &ProviderSlot, failures: u32) -> Duration {
-    let tuning = &slot.settings.tuning;
-    let ceiling = tuning
+pub(super) fn backoff(tuning: &Tuning, failures: u32) -> Duration {
+    let ceiling = backoff_ceiling(tuning, failures);
+    rand::rng().random_range(ceiling / 2..=ceiling)
+}
+
+/// The longest backoff after `failures` in a row: `base * 2^(n-1)`, at most `max`.
+pub(super) fn backoff_ceiling(tuning: &Tuning, failures: u32) -> Duration {
+    tuning
         .backoff_base
         .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
-        .min(tuning.backoff_max);
-    rand::rng().random_range(ceiling / 2..=ceiling)
+        .min(tuning.backoff_max)
+}
+
+/// How long to wait after the `attempt`-th failure in a row: the backoff, or longer
+/// if the token endpoint asked for it with `Retry-After`.
+pub(super) fn retry_delay(
+    tuning: &Tuning,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    retry_after
+        .unwrap_or_default()
+        .max(backoff(tuning, attempt))
 }
 
 /// One attempt, the `attempt`-th in a row; on failure returns when to try next
@@ -256,7 +321,7 @@ async fn fetch_once(
     rejected: Option<u64>,
     attempt: u32,
 ) -> Result<(), Instant> {
-    slot.update_status(|s| s.fetching = true);
+    slot.mark_fetching();
     let started = Instant::now();
     let result = match &r.fleet {
         Some(fleet) => match coordinate(slot, &r.client, fleet, rejected).await {
@@ -278,7 +343,7 @@ async fn fetch_once(
             let expires_in = token.expires_at.saturating_duration_since(Instant::now());
             tracing::info!(
                 provider = %slot.config.name,
-                outcome = obtained.outcome,
+                outcome = obtained.outcome.label(),
                 duration_ms = elapsed_ms,
                 expires_in_s = expires_in.as_secs(),
                 generation = token.generation,
@@ -291,30 +356,18 @@ async fn fetch_once(
             if e.is_invalid_client() {
                 reread_secret(slot).await;
             }
-            let delay = e
-                .retry_after()
-                .unwrap_or_default()
-                .max(backoff(slot, attempt));
+            let delay = retry_delay(slot.tuning(), attempt, e.retry_after());
             let next_attempt = Instant::now() + delay;
             tracing::warn!(
                 provider = %slot.config.name,
-                outcome = "error",
+                outcome = Outcome::Failed.label(),
                 duration_ms = elapsed_ms,
                 error = %e,
                 failures_in_a_row = attempt,
                 retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "token fetch failed"
             );
-            slot.settings
-                .metrics
-                .token_fetch(&slot.config.name, "error");
-            slot.update_status(|s| {
-                s.fetching = false;
-                s.fetches += 1;
-                s.failures += 1;
-                s.last_error = Some(e.to_string());
-                s.next_attempt = Some(next_attempt);
-            });
+            slot.record_failure(e.to_string(), next_attempt);
             Err(next_attempt)
         }
     }
@@ -326,7 +379,7 @@ async fn reread_secret(slot: &ProviderSlot) {
     let Some(command) = &slot.config.client_secret_command else {
         return;
     };
-    match command.run(slot.settings.token_timeout).await {
+    match command.run(slot.token_timeout()).await {
         Ok(secret) => {
             let changed = slot.config.client_secret.set(secret);
             tracing::info!(
@@ -364,15 +417,15 @@ async fn fetch_here(slot: &ProviderSlot, client: &TokenClient) -> Result<Obtaine
     let fetched = client
         .fetch(
             &slot.config,
-            slot.key.as_ref().map(|k| k.value()),
-            slot.settings.token_timeout,
+            slot.key().map(|k| k.value()),
+            slot.token_timeout(),
         )
         .await?;
     let token = build_token(slot, &fetched, started)?;
     Ok(Obtained {
         token,
         value: fetched.value,
-        outcome: "ok",
+        outcome: Outcome::Fetched,
     })
 }
 
@@ -386,9 +439,9 @@ async fn coordinate(
     rejected: Option<u64>,
 ) -> Result<Result<Obtained, FetchError>, FleetError> {
     let (p, key) = (&slot.config, slot.key_id());
-    let current = slot.current.load().as_ref().map(|t| t.id);
+    let current = slot.held_id();
     // Long enough for a holder to finish one fetch; a dead holder's lock expires.
-    let lock_ttl = slot.settings.token_timeout + Duration::from_secs(1);
+    let lock_ttl = slot.token_timeout() + Duration::from_secs(1);
     let give_up = Instant::now() + lock_ttl * 2;
     let owner = format!("{:016x}", rand::random::<u64>());
     loop {
@@ -425,7 +478,7 @@ async fn coordinate(
         }
         // Another proxy is fetching: wait for its token (pub/sub wakes us early).
         tokio::select! {
-            () = slot.fleet_wake.notified() => {}
+            () = slot.fleet_woken() => {}
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
@@ -463,7 +516,7 @@ fn adoptable(
     Some(Obtained {
         token,
         value: shared.value,
-        outcome: "shared",
+        outcome: Outcome::Shared,
     })
 }
 
@@ -477,12 +530,12 @@ async fn adopt_from_fleet(slot: &ProviderSlot, fleet: &Fleet, rejected: Option<u
         return;
     };
     // Only move to a token that lives longer than ours (or when we have none).
-    let ours = slot.current.load().as_ref().map(|t| t.expires_at_wall);
+    let ours = slot.held_expiry();
     if ours.is_some_and(|ours| shared.expires_at <= ours) {
         return;
     }
     if let Some(obtained) = adoptable(slot, shared, current, rejected) {
-        tracing::info!(provider = %slot.config.name, outcome = "shared", "token adopted from the fleet");
+        tracing::info!(provider = %slot.config.name, outcome = Outcome::Shared.label(), "token adopted from the fleet");
         slot.publish(obtained.token, obtained.outcome);
     }
 }

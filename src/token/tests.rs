@@ -51,18 +51,15 @@ async fn refresh_is_due_refresh_before_ahead_of_expiry() {
         .unwrap();
     assert_eq!(token.expires_at, now + hour);
     assert_eq!(token.refresh_at, now + Duration::from_secs(3240));
-    slot.publish(token, "ok");
-    assert_eq!(
-        refresh::next_due(&slot, now),
-        Some(now + Duration::from_secs(3240))
-    );
+    slot.publish(token, super::Outcome::Fetched);
+    assert_eq!(slot.next_due(now), Some(now + Duration::from_secs(3240)));
     // The clock moves; the token stays until it expires, then a fetch is due at once.
     tokio::time::advance(Duration::from_secs(3300)).await;
     assert!(slot.current().is_some());
     tokio::time::advance(Duration::from_secs(301)).await;
     assert!(slot.current().is_none());
     let later = Instant::now();
-    assert_eq!(refresh::next_due(&slot, later), Some(later));
+    assert_eq!(slot.next_due(later), Some(later));
 }
 
 #[tokio::test(start_paused = true)]
@@ -114,7 +111,7 @@ async fn backoff_doubles_within_equal_jitter_bounds_up_to_the_maximum() {
     let slot = slot("", no_jitter());
     for (failures, ceiling) in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (40, 8)] {
         for _ in 0..50 {
-            let d = refresh::backoff(&slot, failures);
+            let d = refresh::backoff(&slot.settings.tuning, failures);
             let ceiling = Duration::from_secs(ceiling);
             assert!(d >= ceiling / 2 && d <= ceiling, "{failures}: {d:?}");
         }
