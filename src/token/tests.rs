@@ -232,3 +232,183 @@ async fn no_part_of_a_panic_payload_reaches_the_status() {
     }
     cancel.cancel();
 }
+
+#[test]
+fn outcome_labels_are_the_metric_and_log_text() {
+    use super::Outcome;
+    let labels = [
+        Outcome::Fetched,
+        Outcome::Shared,
+        Outcome::Cached,
+        Outcome::Failed,
+    ]
+    .map(Outcome::label);
+    assert_eq!(labels, ["ok", "shared", "cached", "error"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_a_fetch_here_counts_as_a_token_endpoint_call() {
+    use super::Outcome;
+    let slot = slot("", no_jitter());
+    let hour = Duration::from_secs(3600);
+    for outcome in [Outcome::Cached, Outcome::Shared, Outcome::Fetched] {
+        let token = slot
+            .make_token(
+                &Secret::new("t"),
+                hour,
+                hour,
+                Instant::now(),
+                SystemTime::now(),
+                1,
+            )
+            .unwrap();
+        slot.publish(token, outcome);
+    }
+    slot.record_failure("boom".into(), Instant::now());
+    let status = slot.status();
+    assert_eq!((status.fetches, status.failures), (2, 1));
+    let metrics = slot.settings.metrics.encode();
+    for label in ["ok", "shared", "cached", "error"] {
+        let line =
+            format!("bearer_proxy_token_fetches_total{{provider=\"p\",outcome=\"{label}\"}} 1");
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
+}
+
+fn capped() -> Tuning {
+    Tuning {
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        ..no_jitter()
+    }
+}
+
+/// Drives a [`refresh::Schedule`] through `failures` failed attempts the way the
+/// refresher does (wait until the next fetch, attempt, note the failure), each
+/// answered with `retry_after`; returns the gaps between attempts.
+async fn failing_attempts(
+    tuning: &Tuning,
+    failures: usize,
+    retry_after: impl Fn(usize) -> Option<Duration>,
+) -> Vec<Duration> {
+    let mut schedule = refresh::Schedule::default();
+    let mut times = Vec::new();
+    for n in 0..failures {
+        // No token: a fetch is due at once, backoff permitting.
+        let next = schedule.next_fetch(Some(Instant::now())).unwrap();
+        tokio::time::sleep_until(next).await;
+        let now = Instant::now();
+        times.push(now);
+        let attempt = schedule.attempt(now);
+        assert_eq!(attempt as usize, n + 1);
+        schedule.failed(now + refresh::retry_delay(tuning, attempt, retry_after(n)));
+    }
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_attempts_follow_the_backoff_schedule_up_to_its_cap() {
+    let tuning = capped();
+    let ceilings: Vec<_> = (1..=10)
+        .map(|n| refresh::backoff_ceiling(&tuning, n).as_millis())
+        .collect();
+    assert_eq!(ceilings, [50, 100, 200, 200, 200, 200, 200, 200, 200, 200]);
+    // Far past the cap, no overflow.
+    assert_eq!(
+        refresh::backoff_ceiling(&tuning, u32::MAX),
+        Duration::from_millis(200)
+    );
+    for _ in 0..20 {
+        let gaps = failing_attempts(&tuning, 11, |_| None).await;
+        assert_eq!(gaps.len(), 10);
+        for (n, gap) in gaps.iter().enumerate() {
+            let ceiling = refresh::backoff_ceiling(&tuning, u32::try_from(n).unwrap() + 1);
+            assert!(*gap >= ceiling / 2 && *gap <= ceiling, "gap {n}: {gaps:?}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_sets_the_next_attempt_when_longer_than_the_backoff() {
+    let tuning = capped();
+    // Asked for 3 s, then nothing: exactly 3 s, then the backoff of the second failure.
+    let gaps = failing_attempts(&tuning, 3, |n| (n == 0).then(|| Duration::from_secs(3))).await;
+    assert_eq!(gaps[0], Duration::from_secs(3));
+    assert!(gaps[1] >= Duration::from_millis(50) && gaps[1] <= Duration::from_millis(100));
+    // Asked for less than the backoff: the backoff wins.
+    for _ in 0..20 {
+        let d = refresh::retry_delay(&tuning, 3, Some(Duration::from_millis(1)));
+        assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(200));
+    }
+    // An HTTP date 3 s ahead has one-second resolution: between 2 and 3 s remain.
+    let when = SystemTime::now() + Duration::from_secs(3);
+    let asked = crate::provider::parse_retry_after(&httpdate::fmt_http_date(when)).unwrap();
+    assert!(
+        asked > Duration::from_secs(2) - Duration::from_millis(100)
+            && asked <= Duration::from_secs(3)
+    );
+    assert_eq!(refresh::retry_delay(&tuning, 1, Some(asked)), asked);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_starts_a_fresh_backoff_series() {
+    let tuning = capped();
+    let mut schedule = refresh::Schedule::default();
+    let now = Instant::now();
+    for _ in 0..5 {
+        let attempt = schedule.attempt(now);
+        schedule.failed(now + refresh::retry_delay(&tuning, attempt, None));
+    }
+    assert_eq!(schedule.attempt(now), 6);
+    assert!(schedule.next_fetch(Some(now)).unwrap() > now);
+    schedule.succeeded();
+    assert_eq!(schedule.attempt(now), 1);
+    assert_eq!(schedule.next_fetch(Some(now)), Some(now));
+    assert_eq!(schedule.next_fetch(None), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fresh_tokens_rejected_in_a_row_hold_fetching_back() {
+    let tuning = capped();
+    let mut schedule = refresh::Schedule::default();
+    let start = Instant::now();
+    // The first rejection of a fresh token fetches at once.
+    schedule.attempt(start);
+    assert_eq!(
+        schedule.rejected(1, start + Duration::from_secs(1), &tuning),
+        None
+    );
+    assert_eq!(schedule.rejected_id(), Some(1));
+    // The second in a row backs off by the first step, the third by the second.
+    let now = start + Duration::from_secs(2);
+    schedule.attempt(now);
+    let (in_a_row, delay) = schedule.rejected(2, now, &tuning).unwrap();
+    assert_eq!(in_a_row, 2);
+    assert!(delay >= Duration::from_millis(25) && delay <= Duration::from_millis(50));
+    assert_eq!(schedule.next_fetch(Some(now)), Some(now + delay));
+    schedule.attempt(now);
+    let (in_a_row, delay) = schedule.rejected(3, now, &tuning).unwrap();
+    assert_eq!(in_a_row, 3);
+    assert!(delay >= Duration::from_millis(50) && delay <= Duration::from_millis(100));
+    // A token that lived past the quick-rejection window resets the count.
+    let later = now + Duration::from_secs(31);
+    assert_eq!(schedule.rejected(4, later, &tuning), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarts_back_off_and_a_long_run_starts_a_fresh_series() {
+    let tuning = capped();
+    let mut restarts = refresh::Restarts::default();
+    let quick = Duration::from_millis(1);
+    for ceiling in [50, 100, 200, 200] {
+        let d = restarts.next_delay(quick, &tuning);
+        let ceiling = Duration::from_millis(ceiling);
+        assert!(d >= ceiling / 2 && d <= ceiling, "{d:?}");
+    }
+    // Ran longer than twice the cap: back to the first step.
+    let d = restarts.next_delay(Duration::from_millis(401), &tuning);
+    assert!(
+        d >= Duration::from_millis(25) && d <= Duration::from_millis(50),
+        "{d:?}"
+    );
+}
