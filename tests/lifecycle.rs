@@ -34,14 +34,13 @@ async fn every_failure_kind_backs_off_and_recovers() {
     let mut tasks = Vec::new();
     for (name, fault) in faults {
         tasks.push(tokio::spawn(async move {
-            let issuer = Issuer::start(Dialect::OAuth2).await;
-            issuer.set_fault(fault);
-            let upstream = Upstream::start().await;
-            let toml = basic_config(&issuer, &upstream, "").replace(
-                "token_wait = \"2s\"",
-                "token_wait = \"200ms\"\ntoken_timeout = \"100ms\"",
-            );
-            let proxy = Proxy::start_tuned(&toml, 100 * MS, Duration::from_secs(5)).await;
+            let servers = Servers::start(Dialect::OAuth2).await;
+            servers.issuer.set_fault(fault);
+            let Harness { issuer, proxy, .. } = servers
+                .proxy_tuned(100 * MS, Duration::from_secs(5), |c| {
+                    c.server(|s| s.token_wait("200ms").token_timeout("100ms"))
+                })
+                .await;
             tokio::time::sleep(Duration::from_millis(1600)).await;
             let attempts = issuer.hits();
             // Gaps of at least 50, 100, 200, 400, 800 ms: at most 6 attempts in 1.6 s.
@@ -72,13 +71,14 @@ async fn every_failure_kind_backs_off_and_recovers() {
 
 #[tokio::test]
 async fn connection_refused_backs_off() {
-    let upstream = Upstream::start().await;
     // Port 1 on loopback: nothing listens there.
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ntoken_wait = \"100ms\"\n[providers.p]\ntoken_url = \"http://127.0.0.1:1/token\"\nclient_id = \"i\"\nclient_secret = \"secret-value\"\n[[routes]]\nupstream = \"{}\"\nprovider = \"p\"\n",
-        upstream.url()
-    );
-    let proxy = Proxy::start_tuned(&toml, 100 * MS, Duration::from_secs(5)).await;
+    let Harness { proxy, .. } = Servers::start(Dialect::OAuth2)
+        .await
+        .proxy_tuned(100 * MS, Duration::from_secs(5), |c| {
+            c.server(|s| s.token_wait("100ms"))
+                .p(|p| p.token_url("http://127.0.0.1:1/token"))
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let status = proxy.store.slot("p").unwrap().status();
     assert!(
@@ -98,10 +98,9 @@ async fn connection_refused_backs_off() {
 
 #[tokio::test]
 async fn backoff_is_capped() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_fault(Fault::Status(503, "{}".into()));
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start_tuned(&basic_config(&issuer, &upstream, ""), 50 * MS, 200 * MS).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_fault(Fault::Status(503, "{}".into()));
+    let Harness { issuer, proxy, .. } = servers.proxy_tuned(50 * MS, 200 * MS, |c| c).await;
     // The exact schedule is checked on a paused clock (src/token/tests.rs); here, end
     // to end, the refresher keeps retrying and its gaps stop growing. Uncapped, gaps
     // 5 to 7 would be at least 0.8 + 1.6 + 3.2 s; capped at 200 ms they sum to at most
@@ -119,12 +118,14 @@ async fn backoff_is_capped() {
 
 #[tokio::test]
 async fn current_token_served_while_refresh_fails_then_503_with_provider_words() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_lifetime(2.0);
-    let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "refresh_before = \"50%\"")
-        .replace("token_wait = \"2s\"", "token_wait = \"200ms\"");
-    let proxy = Proxy::start(&toml).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_lifetime(2.0);
+    let Harness { issuer, proxy, .. } = servers
+        .proxy(|c| {
+            c.server(|s| s.token_wait("200ms"))
+                .p(|p| p.refresh_before("50%"))
+        })
+        .await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     issuer.set_fault(Fault::Status(
@@ -156,15 +157,9 @@ async fn current_token_served_while_refresh_fails_then_503_with_provider_words()
 
 #[tokio::test]
 async fn served_token_survives_failing_refresh() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_lifetime(3.0);
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        "refresh_before = \"80%\"",
-    ))
-    .await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_lifetime(3.0);
+    let Harness { issuer, proxy, .. } = servers.proxy(|c| c.p(|p| p.refresh_before("80%"))).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     issuer.set_fault(Fault::Html);
@@ -181,10 +176,9 @@ async fn served_token_survives_failing_refresh() {
 
 #[tokio::test]
 async fn retry_after_seconds_is_honoured_and_requests_add_no_fetch() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_fault(Fault::RateLimited("3".into()));
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_fault(Fault::RateLimited("3".into()));
+    let Harness { issuer, proxy, .. } = servers.proxy(|c| c).await;
     assert!(eventually(Duration::from_secs(2), || issuer.hits() == 1).await);
     issuer.set_fault(Fault::None);
     let c = client();
@@ -207,11 +201,12 @@ async fn retry_after_seconds_is_honoured_and_requests_add_no_fetch() {
 
 #[tokio::test]
 async fn retry_after_http_date_is_honoured() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
     let when = SystemTime::now() + Duration::from_secs(3);
-    issuer.set_fault(Fault::RateLimited(httpdate::fmt_http_date(when)));
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    servers
+        .issuer
+        .set_fault(Fault::RateLimited(httpdate::fmt_http_date(when)));
+    let Harness { issuer, proxy, .. } = servers.proxy(|c| c).await;
     assert!(eventually(Duration::from_secs(10), || issuer.hits() == 1).await);
     // The first attempt happened no later than this.
     let seen = SystemTime::now();
@@ -234,10 +229,14 @@ async fn retry_after_http_date_is_honoured() {
 
 #[tokio::test]
 async fn twenty_concurrent_401s_cause_one_fetch_and_all_replay() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_delay(Duration::from_millis(100));
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_delay(Duration::from_millis(100));
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = servers.proxy(|c| c).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 401);
@@ -266,14 +265,12 @@ async fn twenty_concurrent_401s_cause_one_fetch_and_all_replay() {
 
 #[tokio::test]
 async fn lone_wolf_403_replays_post_body_intact() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(
-        &issuer,
-        &upstream,
-        "invalidate_on = [401, 403]",
-    ))
-    .await;
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = Harness::with(|c| c.p(|p| p.invalidate_on([401, 403]))).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 403);
@@ -301,11 +298,12 @@ async fn lone_wolf_403_replays_post_body_intact() {
 
 #[tokio::test]
 async fn body_over_max_replay_body_is_not_replayed() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "")
-        .replace("[server]\n", "[server]\nmax_replay_body = \"1KiB\"\n");
-    let proxy = Proxy::start(&toml).await;
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = Harness::with(|c| c.server(|s| s.max_replay_body("1KiB"))).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 401);
@@ -335,9 +333,12 @@ async fn body_over_max_replay_body_is_not_replayed() {
 
 #[tokio::test]
 async fn a_fresh_token_rejected_again_is_not_fetched_a_third_time() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = Harness::start().await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
     upstream.reject(&issuer.token(1), 401);
@@ -355,28 +356,25 @@ async fn a_fresh_token_rejected_again_is_not_fetched_a_third_time() {
     proxy.stop().await;
 }
 
+/// The basic config with a token cache in `dir` and this client secret.
 fn cache_config(
     issuer: &Issuer,
     upstream: &Upstream,
     dir: &std::path::Path,
     secret: &str,
-) -> String {
-    basic_config(issuer, upstream, "")
-        .replace(
-            "[server]\n",
-            &format!("[server]\ntoken_cache_dir = \"{}\"\n", dir.display()),
-        )
-        .replace("test-secret-value", secret)
+) -> TestConfig {
+    TestConfig::basic(issuer, upstream)
+        .server(|s| s.token_cache_dir(dir.display().to_string()))
+        .p(|p| p.client_secret(secret))
 }
 
 #[tokio::test]
 async fn cache_survives_restart_with_safe_modes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cache");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let toml = cache_config(&issuer, &upstream, &dir, "secret-one");
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
     proxy.stop().await;
     assert_eq!(issuer.hits(), 1);
@@ -390,7 +388,7 @@ async fn cache_survives_restart_with_safe_modes() {
     assert_eq!(mode(&files[0]), 0o600);
 
     // Restart: no token request, the cached token is used.
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(
         answer.echoed("authorization"),
@@ -400,7 +398,7 @@ async fn cache_survives_restart_with_safe_modes() {
     proxy.stop().await;
 
     // Changed credentials: a new fetch.
-    let proxy = Proxy::start(&cache_config(&issuer, &upstream, &dir, "secret-two")).await;
+    let proxy = Proxy::start_with(&cache_config(&issuer, &upstream, &dir, "secret-two")).await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(
         answer.echoed("authorization"),
@@ -413,16 +411,15 @@ async fn cache_survives_restart_with_safe_modes() {
 async fn corrupt_cache_file_is_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cache");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let toml = cache_config(&issuer, &upstream, &dir, "secret-one");
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
     proxy.stop().await;
     for entry in std::fs::read_dir(&dir).unwrap() {
         std::fs::write(entry.unwrap().path(), "{ this is not json").unwrap();
     }
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
     assert_eq!(issuer.hits(), 2);
     proxy.stop().await;
@@ -434,10 +431,9 @@ async fn insecure_cache_dir_is_refused() {
     let dir = tmp.path().join("cache");
     std::fs::create_dir(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let config = Config::parse(
-        &cache_config(&issuer, &upstream, &dir, "s3cret"),
+        &cache_config(&issuer, &upstream, &dir, "s3cret").render(),
         std::path::Path::new("t.toml"),
         &|_| None,
     )
@@ -459,10 +455,9 @@ async fn insecure_cache_dir_is_refused() {
 async fn cached_token_near_expiry_is_refreshed_at_startup() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cache");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let toml = cache_config(&issuer, &upstream, &dir, "secret-one");
-    let config = Config::parse(&toml, std::path::Path::new("t.toml"), &|_| None).unwrap();
+    let config = toml.parse();
     let cache = TokenCache::open(&dir).unwrap();
     let now = SystemTime::now();
     // 100 s lifetime, 5 s left: inside the default 10 % refresh window.
@@ -475,7 +470,7 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
             now + Duration::from_secs(5),
         )
         .unwrap();
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     // The old token is still valid, so it may serve while the refresh runs...
     assert!(
         eventually(Duration::from_secs(2), || issuer.hits() == 1).await,
@@ -498,7 +493,7 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
     // A cached token far from expiry: no fetch at all.
     let issuer2 = Issuer::start(Dialect::OAuth2).await;
     let toml2 = cache_config(&issuer2, &upstream, &dir, "secret-one");
-    let config2 = Config::parse(&toml2, std::path::Path::new("t.toml"), &|_| None).unwrap();
+    let config2 = toml2.parse();
     cache
         .store(
             &config2.providers["p"],
@@ -508,7 +503,7 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
             now + Duration::from_secs(3600),
         )
         .unwrap();
-    let proxy = Proxy::start(&toml2).await;
+    let proxy = Proxy::start_with(&toml2).await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(answer.echoed("authorization"), ["Bearer cached-token"]);
     assert_eq!(issuer2.hits(), 0);
@@ -519,10 +514,13 @@ async fn cached_token_near_expiry_is_refreshed_at_startup() {
 async fn token_command_uses_the_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("cache");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let file = tmp.path().join("bp.toml");
-    std::fs::write(&file, cache_config(&issuer, &upstream, &dir, "secret-one")).unwrap();
+    std::fs::write(
+        &file,
+        cache_config(&issuer, &upstream, &dir, "secret-one").render(),
+    )
+    .unwrap();
     for _ in 0..3 {
         let out = tokio::time::timeout(
             Duration::from_secs(20),
