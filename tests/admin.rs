@@ -8,17 +8,17 @@ use http::Request;
 
 use crate::support::*;
 
-fn with_admin(toml: String) -> String {
-    toml.replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n")
+/// The basic config with an admin listener.
+fn with_admin(c: TestConfig) -> TestConfig {
+    c.server(|s| s.admin())
 }
 
 #[tokio::test]
 async fn readiness_flips_with_the_token() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    issuer.set_delay(Duration::from_millis(500));
-    issuer.set_lifetime(2.0);
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&with_admin(basic_config(&issuer, &upstream, ""))).await;
+    let servers = Servers::start(Dialect::OAuth2).await;
+    servers.issuer.set_delay(Duration::from_millis(500));
+    servers.issuer.set_lifetime(2.0);
+    let Harness { issuer, proxy, .. } = servers.proxy(with_admin).await;
     let c = client();
     assert_eq!(get(&c, &proxy.admin_url("/healthz")).await.status, 200);
     let not_ready = get(&c, &proxy.admin_url("/readyz")).await;
@@ -46,9 +46,12 @@ async fn readiness_flips_with_the_token() {
 
 #[tokio::test]
 async fn metrics_and_tokens_move_with_traffic() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&with_admin(basic_config(&issuer, &upstream, ""))).await;
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = Harness::with(with_admin).await;
     let c = client();
     for _ in 0..7 {
         assert_eq!(get(&c, &proxy.url("/x")).await.status, 200);
@@ -156,13 +159,14 @@ async fn metrics_and_tokens_move_with_traffic() {
 
 #[tokio::test]
 async fn upstream_errors_and_unrouted_requests_are_counted() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let toml = with_admin(basic_config(&issuer, &upstream, "")).replace(
-        "[[routes]]\nupstream",
-        "[[routes]]\npath_prefix = \"/down\"\nupstream = \"http://127.0.0.1:1\"\n\n[[routes]]\npath_prefix = \"/api\"\nupstream",
-    );
-    let proxy = Proxy::start(&toml).await;
+    let Harness { proxy, .. } = Harness::with(|c| {
+        let api = c.routes[0].clone().path_prefix("/api");
+        with_admin(c)
+            .without_routes()
+            .route(RouteSection::open("http://127.0.0.1:1").path_prefix("/down"))
+            .route(api)
+    })
+    .await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/down/x")).await.status, 502);
     assert_eq!(get(&c, &proxy.url("/nowhere")).await.status, 404);
@@ -186,38 +190,16 @@ async fn upstream_errors_and_unrouted_requests_are_counted() {
     proxy.stop().await;
 }
 
-fn reload_config(
-    issuer: &Issuer,
-    other: &Issuer,
-    upstream: &Upstream,
-    extra_route: &str,
-) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-
-[providers.p]
-token_url = "{}"
-client_id = "id"
-client_secret = "secret-value"
-
-[providers.q]
-token_url = "{}"
-client_id = "id-q"
-client_secret = "secret-q"
-
-[[routes]]
-path_prefix = "/a"
-upstream = "{up}/a"
-provider = "p"
-{extra_route}
-"#,
-        issuer.url(),
-        other.url(),
-        up = upstream.url()
-    )
+/// Providers `p` and `q`, a route `/a` for `p`, and an admin listener to reload through.
+fn reload_config(issuer: &Issuer, other: &Issuer, upstream: &Upstream) -> TestConfig {
+    TestConfig::default()
+        .server(|s| s.admin())
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "id", "secret-value"),
+        )
+        .with_provider("q", ProviderSection::new(&other.url(), "id-q", "secret-q"))
+        .route(RouteSection::to(&format!("{}/a", upstream.url()), "p").path_prefix("/a"))
 }
 
 #[tokio::test]
@@ -227,7 +209,7 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream, "")).unwrap();
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
     let config = bearer_proxy::config::load(&file).unwrap();
     let proxy = Proxy::start_config(config).await;
     let c = client();
@@ -257,15 +239,10 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
             >= 200)
         .await
     );
-    let changed = reload_config(
-        &issuer,
-        &other,
-        &upstream,
-        "[[routes]]\npath_prefix = \"/b\"\nupstream = \"UP/b\"\nprovider = \"q\"\n",
-    )
-    .replace("UP", &upstream.url())
-    .replace("id-q", "id-q2");
-    std::fs::write(&file, changed).unwrap();
+    let changed = reload_config(&issuer, &other, &upstream)
+        .route(RouteSection::to(&format!("{}/b", upstream.url()), "q").path_prefix("/b"))
+        .provider("q", |q| q.client_id("id-q2"));
+    std::fs::write(&file, changed.render()).unwrap();
     let report = send(
         &c,
         Request::post(proxy.admin_url("/reload"))
@@ -309,18 +286,15 @@ async fn bad_reload_keeps_serving() {
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream, "")).unwrap();
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
     let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     std::fs::write(
         &file,
-        reload_config(
-            &issuer,
-            &other,
-            &upstream,
-            "[[routes]]\nupstream = \"not a url\"\n",
-        ),
+        reload_config(&issuer, &other, &upstream)
+            .route(RouteSection::open("not a url"))
+            .render(),
     )
     .unwrap();
     let answer = send(
@@ -348,16 +322,14 @@ async fn a_reload_runs_the_startup_file_checks_and_keeps_serving_when_they_fail(
     let upstream = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream, "")).unwrap();
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
     let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     let ca = dir.path().join("no-such-ca.pem");
-    let text = reload_config(&issuer, &other, &upstream, "").replace(
-        "[server]\n",
-        &format!("[server]\nextra_ca_file = \"{}\"\n", ca.display()),
-    );
-    std::fs::write(&file, text).unwrap();
+    let text = reload_config(&issuer, &other, &upstream)
+        .server(|s| s.extra_ca_file(ca.display().to_string()));
+    std::fs::write(&file, text.render()).unwrap();
     let answer = send(
         &c,
         Request::post(proxy.admin_url("/reload"))
@@ -379,23 +351,20 @@ async fn a_reload_runs_the_startup_file_checks_and_keeps_serving_when_they_fail(
 
 #[tokio::test]
 async fn json_logs_have_one_object_per_line_with_the_request_fields() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     // The first fetch fails, so the log also shows a failure with its next attempt.
     issuer.set_fault(Fault::Status(
         503,
         r#"{"error":"temporarily_unavailable"}"#.into(),
     ));
-    let upstream = Upstream::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
     std::fs::write(
         &file,
-        basic_config(&issuer, &upstream, "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+        TestConfig::basic(&issuer, &upstream)
+            .server(|s| s.listen(format!("127.0.0.1:{port}")))
+            .render(),
     )
     .unwrap();
     let log = dir.path().join("stderr.log");
