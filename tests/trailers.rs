@@ -133,32 +133,17 @@ async fn trailers_pass_both_ways_over_http1_and_http2_upstreams() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-extra_ca_file = "{ca}"
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "secret-value"
-
-[[routes]]
-path_prefix = "/h1"
-upstream = "http://{plain}"
-provider = "p"
-
-[[routes]]
-path_prefix = "/h2"
-upstream = "https://localhost:{port}"
-provider = "p"
-"#,
-        ca = ca.display(),
-        token_url = issuer.url(),
-        port = tls.port(),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let config = TestConfig::default()
+        .server(|s| s.extra_ca_file(ca.display().to_string()))
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "c", "secret-value"),
+        )
+        .route(RouteSection::to(&format!("http://{plain}"), "p").path_prefix("/h1"))
+        .route(
+            RouteSection::to(&format!("https://localhost:{}", tls.port()), "p").path_prefix("/h2"),
+        );
+    let proxy = Proxy::start_with(&config).await;
     for (prefix, version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {
         let url = proxy.url(&format!("{prefix}/pkg.Service/Method"));
         let (doc, trailers) = call(&url, "trailers").await;
@@ -178,9 +163,7 @@ provider = "p"
 
 #[tokio::test]
 async fn te_other_than_trailers_is_dropped() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let Harness { proxy, .. } = Harness::start().await;
     let c = client();
     for (sent, forwarded) in [
         ("gzip", None),
