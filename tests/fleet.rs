@@ -76,20 +76,23 @@ impl Drop for Redis {
     }
 }
 
+/// The basic config sharing tokens through `redis` under `test:`.
+fn fleet_toml(redis: &Redis, issuer: &Issuer, upstream: &Upstream) -> TestConfig {
+    TestConfig::basic(issuer, upstream).store(StoreSection::redis(&redis.url()).key_prefix("test:"))
+}
+
+/// `fleet_toml` with a 1 s token timeout, provider `p` as `provider` edits it, and a
+/// short Redis timeout.
 fn fleet_config(
     redis: &Redis,
     issuer: &Issuer,
     upstream: &Upstream,
-    provider_extra: &str,
+    provider: impl FnOnce(ProviderSection) -> ProviderSection,
 ) -> Config {
-    let toml = basic_config(issuer, upstream, provider_extra).replace(
-        "[server]\n",
-        &format!(
-            "[store]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"test:\"\n\n[server]\ntoken_timeout = \"1s\"\n",
-            redis.url()
-        ),
-    );
-    let mut config = Config::parse(&toml, std::path::Path::new("fleet.toml"), &|_| None).unwrap();
+    let mut config = fleet_toml(redis, issuer, upstream)
+        .server(|s| s.token_timeout("1s"))
+        .p(provider)
+        .parse();
     config.tuning.redis_timeout = Duration::from_millis(200);
     config
 }
@@ -97,10 +100,9 @@ fn fleet_config(
 #[tokio::test]
 async fn three_instances_300_first_requests_one_fetch() {
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_delay(Duration::from_millis(200));
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "prefetch = false");
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p.prefetch(false));
     let proxies = fleet(&config, 3).await;
     let mut tasks = Vec::new();
     for proxy in &proxies {
@@ -126,10 +128,9 @@ async fn three_instances_300_first_requests_one_fetch() {
 #[tokio::test]
 async fn refresh_across_the_fleet_is_one_fetch_per_refresh() {
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_lifetime(3.0);
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "refresh_before = \"50%\"");
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p.refresh_before("50%"));
     let proxies = fleet(&config, 3).await;
     assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
     // About three refreshes of a 3 s token refreshed at half-life.
@@ -162,9 +163,8 @@ async fn refresh_across_the_fleet_is_one_fetch_per_refresh() {
 #[tokio::test]
 async fn invalidation_on_one_instance_switches_all_with_one_fetch() {
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p);
     let proxies = fleet(&config, 3).await;
     assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
     assert_eq!(issuer.hits(), 1);
@@ -200,10 +200,9 @@ async fn invalidation_on_one_instance_switches_all_with_one_fetch() {
 #[tokio::test]
 async fn redis_away_then_back() {
     let mut redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_lifetime(2.0);
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "refresh_before = \"50%\"");
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p.refresh_before("50%"));
     let proxies = fleet(&config, 3).await;
     assert!(eventually(Duration::from_secs(3), || converged(&proxies)).await);
     let before = issuer.hits();
@@ -245,9 +244,8 @@ async fn redis_away_then_back() {
 #[tokio::test]
 async fn a_dead_holders_lock_is_taken_over() {
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p);
     let (name, fp) = provider_tag(&config.providers["p"], None);
     let mut conn = redis.conn().await;
     // A holder that died right after taking the lock.
@@ -275,10 +273,9 @@ async fn a_dead_holders_lock_is_taken_over() {
 #[tokio::test]
 async fn values_in_redis_are_sealed_and_expire_with_the_token() {
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_lifetime(600.0);
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p);
     let proxy = Proxy::start_config(config.clone()).await;
     assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
     let (name, fp) = provider_tag(&config.providers["p"], None);
@@ -305,15 +302,9 @@ async fn values_in_redis_are_sealed_and_expire_with_the_token() {
         "TTL is the token's expiry: {ttl_ms}"
     );
     // A proxy with other credentials cannot use it: it fetches its own.
-    let other = Config::parse(
-        &basic_config(&issuer, &upstream, "").replace("test-secret-value", "other-secret").replace(
-            "[server]\n",
-            &format!("[store]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"test:\"\n\n[server]\n", redis.url()),
-        ),
-        std::path::Path::new("other.toml"),
-        &|_| None,
-    )
-    .unwrap();
+    let other = fleet_toml(&redis, &issuer, &upstream)
+        .p(|p| p.client_secret("other-secret"))
+        .parse();
     let proxy2 = Proxy::start_config(other).await;
     let answer = get(&client(), &proxy2.url("/x")).await;
     assert_eq!(
@@ -377,11 +368,10 @@ fn tampered(raw: &str) -> Vec<(&'static str, String)> {
 #[tokio::test]
 async fn tampered_values_in_redis_are_ignored_and_replaced_while_every_proxy_serves() {
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     // Short-lived tokens: each refresh meets the tampered value and must replace it.
     issuer.set_lifetime(2.0);
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p);
     let proxies = fleet(&config, 3).await;
     assert!(eventually(Duration::from_secs(5), || converged(&proxies)).await);
     let (name, fp) = provider_tag(&config.providers["p"], None);
@@ -457,9 +447,8 @@ async fn an_offer_is_judged_on_the_authenticated_expiry_not_the_clear_one() {
     use std::time::SystemTime;
 
     let redis = Redis::start();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let config = fleet_config(&redis, &issuer, &upstream, "");
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let config = fleet_config(&redis, &issuer, &upstream, |p| p);
     let StoreConfig::Redis(rc) = &config.store else {
         panic!("the fleet config has no Redis store");
     };
