@@ -198,29 +198,32 @@ fn tls_redis(dir: &Path, pki: &Pki, auth_clients: &str) -> Node {
     )
 }
 
-fn store_toml(store: &str, issuer: &Issuer, upstream: &Upstream, provider_extra: &str) -> String {
-    // Generous token waits: the tests count failed requests on a loaded machine.
-    basic_config(issuer, upstream, provider_extra)
-        .replace(
-            "[server]\n",
-            &format!("[store]\nbackend = \"redis\"\nkey_prefix = \"test:\"\n{store}\n\n[server]\ntoken_timeout = \"5s\"\n"),
-        )
-        .replace("token_wait = \"2s\"", "token_wait = \"10s\"")
+/// The basic config on a Redis `store` under `test:`, provider `p` as `provider` edits it.
+fn store_toml(
+    store: StoreSection,
+    issuer: &Issuer,
+    upstream: &Upstream,
+    provider: impl FnOnce(ProviderSection) -> ProviderSection,
+) -> TestConfig {
+    TestConfig::basic(issuer, upstream)
+        .store(store.backend("redis").key_prefix("test:"))
+        // Generous token waits: the tests count failed requests on a loaded machine.
+        .server(|s| s.token_timeout("5s").token_wait("10s"))
+        .p(provider)
 }
 
-fn parse(toml: &str) -> Config {
-    let mut config = Config::parse(toml, Path::new("managed.toml"), &|_| None).unwrap();
+fn parse(toml: &TestConfig) -> Config {
+    let mut config = toml.parse();
     // TLS handshakes in a debug build on a loaded machine take a while.
     config.tuning.redis_timeout = Duration::from_millis(1000);
     config
 }
 
-fn tls_store(node: &Node, ca: &Path, extra: &str) -> String {
-    format!(
-        "redis_url = \"rediss://bp:{PASSWORD}@127.0.0.1:{}/0\"\nredis_ca_file = \"{}\"\n{extra}",
-        node.port,
-        ca.display()
-    )
+/// The ACL user on `node` over TLS, trusting `ca`.
+fn tls_store(node: &Node, ca: &Path) -> StoreSection {
+    StoreSection::default()
+        .redis_url(format!("rediss://bp:{PASSWORD}@127.0.0.1:{}/0", node.port))
+        .redis_ca_file(ca.display().to_string())
 }
 
 #[tokio::test]
@@ -228,16 +231,12 @@ async fn tls_and_acl_user_three_proxies_share_one_token() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let redis = tls_redis(dir.path(), &pki, "no");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_delay(Duration::from_millis(200));
-    let upstream = Upstream::start().await;
-    let toml = store_toml(
-        &tls_store(&redis, &pki.ca, ""),
-        &issuer,
-        &upstream,
-        "prefetch = false",
-    )
-    .replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
+    let toml = store_toml(tls_store(&redis, &pki.ca), &issuer, &upstream, |p| {
+        p.prefetch(false)
+    })
+    .server(|s| s.admin());
     let proxies = fleet(&parse(&toml), 3).await;
     let mut tasks = Vec::new();
     for proxy in &proxies {
@@ -300,18 +299,11 @@ async fn client_certificate_required_by_redis() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let redis = tls_redis(dir.path(), &pki, "yes");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let with_cert = tls_store(
-        &redis,
-        &pki.ca,
-        &format!(
-            "redis_client_cert_file = \"{}\"\nredis_client_key_file = \"{}\"",
-            pki.client_cert.display(),
-            pki.client_key.display()
-        ),
-    );
-    let proxies = fleet(&parse(&store_toml(&with_cert, &issuer, &upstream, "")), 2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let with_cert = tls_store(&redis, &pki.ca)
+        .redis_client_cert_file(pki.client_cert.display().to_string())
+        .redis_client_key_file(pki.client_key.display().to_string());
+    let proxies = fleet(&parse(&store_toml(with_cert, &issuer, &upstream, |p| p)), 2).await;
     assert!(
         eventually(Duration::from_secs(5), || converged(&proxies)).await,
         "{:?} {:?}",
@@ -331,8 +323,8 @@ async fn client_certificate_required_by_redis() {
         assert_eq!(get(&client(), &p.url("/x")).await.status, 200);
     }
     // Without the certificate Redis refuses the handshake: that proxy serves alone.
-    let without = tls_store(&redis, &pki.ca, "");
-    let alone = Proxy::start_config(parse(&store_toml(&without, &issuer, &upstream, ""))).await;
+    let without = tls_store(&redis, &pki.ca);
+    let alone = Proxy::start_config(parse(&store_toml(without, &issuer, &upstream, |p| p))).await;
     assert_eq!(get(&client(), &alone.url("/x")).await.status, 200);
     assert!(
         eventually(Duration::from_secs(3), || alone.store.fleet_up()
@@ -378,17 +370,11 @@ async fn wrong_ca_falls_back_to_memory_with_a_clear_log_line() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let redis = tls_redis(dir.path(), &pki, "no");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let port = free_port();
-    let toml = store_toml(
-        &tls_store(&redis, &pki.other_ca, ""),
-        &issuer,
-        &upstream,
-        "",
-    )
-    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let (log, failed) = run_binary(dir.path(), &toml, port, 20).await;
+    let toml = store_toml(tls_store(&redis, &pki.other_ca), &issuer, &upstream, |p| p)
+        .server(|s| s.listen(format!("127.0.0.1:{port}")));
+    let (log, failed) = run_binary(dir.path(), &toml.render(), port, 20).await;
     assert_eq!(failed, 0, "requests never fail because Redis is unusable");
     let line = log
         .lines()
@@ -412,12 +398,11 @@ async fn wrong_ca_falls_back_to_memory_with_a_clear_log_line() {
 async fn check_validates_the_store_files_and_never_prints_the_password() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let check = |store: String| {
-        let toml = store_toml(&store, &issuer, &upstream, "");
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let check = |store: StoreSection| {
+        let toml = store_toml(store, &issuer, &upstream, |p| p);
         let path = dir.path().join("check.toml");
-        std::fs::write(&path, toml).unwrap();
+        std::fs::write(&path, toml.render()).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
             .args(["--config", &path.display().to_string(), "check"])
             .output()
@@ -430,13 +415,17 @@ async fn check_validates_the_store_files_and_never_prints_the_password() {
         assert!(!text.contains(PASSWORD), "password in check output: {text}");
         (out.status.code(), text)
     };
-    let url = format!("redis_url = \"rediss://bp:{PASSWORD}@127.0.0.1:6380/0\"");
-    let cert = format!("redis_client_cert_file = \"{}\"", pki.client_cert.display());
-    let key = format!("redis_client_key_file = \"{}\"", pki.client_key.display());
-    let (code, out) = check(format!(
-        "{url}\nredis_ca_file = \"{}\"\n{cert}\n{key}",
-        pki.ca.display()
-    ));
+    let tls =
+        || StoreSection::default().redis_url(format!("rediss://bp:{PASSWORD}@127.0.0.1:6380/0"));
+    let ca = pki.ca.display().to_string();
+    let cert = pki.client_cert.display().to_string();
+    let key = pki.client_key.display().to_string();
+    let (code, out) = check(
+        tls()
+            .redis_ca_file(&ca)
+            .redis_client_cert_file(&cert)
+            .redis_client_key_file(&key),
+    );
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("127.0.0.1:6380") && out.contains("TLS"),
@@ -446,62 +435,72 @@ async fn check_validates_the_store_files_and_never_prints_the_password() {
         out.contains("user bp") && out.contains("password set"),
         "{out}"
     );
-    let (code, out) = check(format!(
-        "redis_url = \"redis://:{PASSWORD}@sentinel/2\"\nredis_sentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\nredis_sentinel_master = \"bp\""
-    ));
+    let (code, out) = check(
+        StoreSection::default()
+            .redis_url(format!("redis://:{PASSWORD}@sentinel/2"))
+            .redis_sentinels(["127.0.0.1:26379", "[::1]:26380"])
+            .redis_sentinel_master("bp"),
+    );
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("master `bp` via Sentinels 127.0.0.1:26379, ::1:26380")
             && out.contains("db 2"),
         "{out}"
     );
+    let no_sentinels: [&str; 0] = [];
     let cases = [
         (
-            format!("{url}\nredis_ca_file = \"/nonexistent/ca.pem\""),
+            tls().redis_ca_file("/nonexistent/ca.pem"),
             "store.redis_ca_file",
         ),
+        (tls().redis_ca_file(&key), "store.redis_ca_file"),
         (
-            format!("{url}\nredis_ca_file = \"{}\"", pki.client_key.display()),
-            "store.redis_ca_file",
-        ),
-        (format!("{url}\n{cert}"), "store.redis_client_key_file"),
-        (format!("{url}\n{key}"), "store.redis_client_cert_file"),
-        (
-            format!(
-                "{url}\nredis_client_cert_file = \"{}\"\n{key}",
-                pki.server_cert.display()
-            ),
+            tls().redis_client_cert_file(&cert),
             "store.redis_client_key_file",
         ),
         (
-            format!(
-                "redis_url = \"redis://127.0.0.1:6379/0\"\nredis_ca_file = \"{}\"",
-                pki.ca.display()
-            ),
+            tls().redis_client_key_file(&key),
+            "store.redis_client_cert_file",
+        ),
+        (
+            tls()
+                .redis_client_cert_file(pki.server_cert.display().to_string())
+                .redis_client_key_file(&key),
+            "store.redis_client_key_file",
+        ),
+        (
+            StoreSection::default()
+                .redis_url("redis://127.0.0.1:6379/0")
+                .redis_ca_file(&ca),
             "store.redis_ca_file",
         ),
         (
-            format!("redis_url = \"http://bp:{PASSWORD}@127.0.0.1:6379/0\""),
+            StoreSection::default().redis_url(format!("http://bp:{PASSWORD}@127.0.0.1:6379/0")),
             "store.redis_url",
         ),
         (
-            format!("redis_url = \"rediss://bp:{PASSWORD}@127.0.0.1:6380/0#insecure\""),
+            StoreSection::default()
+                .redis_url(format!("rediss://bp:{PASSWORD}@127.0.0.1:6380/0#insecure")),
             "store.redis_url",
         ),
         (
-            format!("{url}\nredis_sentinels = []\nredis_sentinel_master = \"m\""),
+            tls()
+                .redis_sentinels(no_sentinels)
+                .redis_sentinel_master("m"),
             "store.redis_sentinels",
         ),
         (
-            format!("{url}\nredis_sentinels = [\"127.0.0.1\"]\nredis_sentinel_master = \"m\""),
+            tls()
+                .redis_sentinels(["127.0.0.1"])
+                .redis_sentinel_master("m"),
             "store.redis_sentinels[0]",
         ),
         (
-            format!("{url}\nredis_sentinels = [\"127.0.0.1:26379\"]"),
+            tls().redis_sentinels(["127.0.0.1:26379"]),
             "store.redis_sentinel_master",
         ),
         (
-            format!("{url}\nredis_sentinel_master = \"m\""),
+            tls().redis_sentinel_master("m"),
             "store.redis_sentinel_master",
         ),
     ];
@@ -517,11 +516,10 @@ async fn a_reload_that_changes_the_store_says_it_needs_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::generate(dir.path());
     let redis = tls_redis(dir.path(), &pki, "no");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let file = dir.path().join("bp.toml");
-    let toml = store_toml(&tls_store(&redis, &pki.ca, ""), &issuer, &upstream, "");
-    std::fs::write(&file, &toml).unwrap();
+    let toml = store_toml(tls_store(&redis, &pki.ca), &issuer, &upstream, |p| p);
+    std::fs::write(&file, toml.render()).unwrap();
     let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     // The same config again: nothing to restart.
@@ -698,23 +696,20 @@ impl Sentinels {
         false
     }
 
-    fn store(&self) -> String {
-        let list: Vec<String> = self
+    fn store(&self) -> StoreSection {
+        let sentinels = self
             .sentinels
             .iter()
-            .map(|s| format!("\"127.0.0.1:{}\"", s.port))
-            .collect();
-        let sentinels = format!(
-            "redis_sentinels = [{}]\nredis_sentinel_master = \"{MASTER_NAME}\"",
-            list.join(", ")
-        );
-        match &self.pki {
-            Some(pki) => format!(
-                "redis_url = \"rediss://:{PASSWORD}@sentinel/0\"\nredis_ca_file = \"{}\"\n{sentinels}",
-                pki.ca.display()
-            ),
-            None => format!("redis_url = \"redis://:{PASSWORD}@sentinel/0\"\n{sentinels}"),
-        }
+            .map(|s| format!("127.0.0.1:{}", s.port));
+        let store = match &self.pki {
+            Some(pki) => StoreSection::default()
+                .redis_url(format!("rediss://:{PASSWORD}@sentinel/0"))
+                .redis_ca_file(pki.ca.display().to_string()),
+            None => StoreSection::default().redis_url(format!("redis://:{PASSWORD}@sentinel/0")),
+        };
+        store
+            .redis_sentinels(sentinels)
+            .redis_sentinel_master(MASTER_NAME)
     }
 }
 
@@ -761,10 +756,9 @@ async fn sentinel_failover_zero_failed_requests_converges_and_one_fetch_per_refr
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = Sentinels::start(dir.path(), None);
     assert!(nodes.settled().await, "the Sentinels did not settle");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_lifetime(600.0);
-    let upstream = Upstream::start().await;
-    let config = parse(&store_toml(&nodes.store(), &issuer, &upstream, ""));
+    let config = parse(&store_toml(nodes.store(), &issuer, &upstream, |p| p));
     let proxies = fleet(&config, 3).await;
     assert!(
         eventually(Duration::from_secs(5), || converged(&proxies)
@@ -858,10 +852,9 @@ async fn sentinels_master_and_replica_all_over_tls() {
     let pki = Pki::generate(dir.path());
     let mut nodes = Sentinels::start(dir.path(), Some(pki));
     assert!(nodes.settled().await, "the Sentinels did not settle");
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_lifetime(600.0);
-    let upstream = Upstream::start().await;
-    let config = parse(&store_toml(&nodes.store(), &issuer, &upstream, ""));
+    let config = parse(&store_toml(nodes.store(), &issuer, &upstream, |p| p));
     let proxies = fleet(&config, 2).await;
     assert!(
         eventually(Duration::from_secs(5), || converged(&proxies)
@@ -901,15 +894,14 @@ async fn ten_proxies_one_redis_first_requests_refresh_and_restart() {
     args.extend(strings(&["--save", "", "--appendonly", "no", "--dir"]));
     args.push(dir.path().display().to_string());
     let mut redis = Node::start("redis-server", port, args, dir.path().join("redis.log"));
-    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     issuer.set_delay(Duration::from_millis(200));
     issuer.set_lifetime(600.0);
-    let upstream = Upstream::start().await;
     let config = parse(&store_toml(
-        &format!("redis_url = \"redis://127.0.0.1:{port}/0\""),
+        StoreSection::default().redis_url(format!("redis://127.0.0.1:{port}/0")),
         &issuer,
         &upstream,
-        "prefetch = false",
+        |p| p.prefetch(false),
     ));
     let proxies = fleet(&config, 10).await;
 

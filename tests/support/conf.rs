@@ -67,6 +67,13 @@ macro_rules! section {
                 &self.0
             }
         }
+
+        /// The section's keys as TOML, for assertion messages.
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&toml::to_string(&self.0).map_err(|_| std::fmt::Error)?)
+            }
+        }
     };
 }
 
