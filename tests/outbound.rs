@@ -14,7 +14,6 @@ use base64::Engine;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -36,20 +35,10 @@ struct Backend {
 
 impl Backend {
     async fn start() -> Self {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (acceptor, ca_pem) = self_signed_acceptor(&[b"h2", b"http/1.1"]);
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, cert.cert.pem()).unwrap();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        std::fs::write(&ca_file, ca_pem).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let tokens = Arc::new(AtomicUsize::new(0));
@@ -119,35 +108,29 @@ impl Backend {
 }
 
 /// A config with provider `p` at the backend's token endpoint and routes `/api` (with
-/// the token) and `/open` (without) to the backend; `server` goes into `[server]`.
-fn backend_config(backend: &Backend, server: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-connect_timeout = "5s"
-token_wait = "5s"
-extra_ca_file = "{ca}"
-{server}
+/// the token) and `/open` (without) to the backend.
+fn backend_config(backend: &Backend) -> TestConfig {
+    TestConfig::default()
+        .server(|s| {
+            s.connect_timeout("5s")
+                .token_wait("5s")
+                .extra_ca_file(backend.ca_file.display().to_string())
+        })
+        .with_provider(
+            "p",
+            ProviderSection::new(&backend.token_url(), "proxied-client", SECRET),
+        )
+        .route(RouteSection::to(&backend.url(), "p").path_prefix("/api"))
+        .route(RouteSection::open(&backend.url()).path_prefix("/open"))
+}
 
-[providers.p]
-token_url = "{token_url}"
-client_id = "proxied-client"
-client_secret = "{SECRET}"
-
-[[routes]]
-path_prefix = "/api"
-upstream = "{url}"
-provider = "p"
-
-[[routes]]
-path_prefix = "/open"
-upstream = "{url}"
-"#,
-        ca = backend.ca_file.display(),
-        token_url = backend.token_url(),
-        url = backend.url(),
-    )
+/// Provider `p` at `issuer` and one route to `upstream` (a URL) through the outbound
+/// proxy at `outbound`, with loopback direct.
+fn outbound_config(issuer: &Issuer, outbound: &str, upstream: &str) -> TestConfig {
+    TestConfig::default()
+        .server(|s| s.outbound_proxy(outbound).no_proxy(["127.0.0.1"]))
+        .with_provider("p", ProviderSection::new(&issuer.url(), "c", SECRET))
+        .route(RouteSection::to(upstream, "p"))
 }
 
 async fn wait_listening(port: u16, what: &str) {
@@ -251,11 +234,8 @@ async fn token_and_https_upstream_go_through_tinyproxy_with_tls_end_to_end() {
     let Some(tinyproxy) = Tinyproxy::start(&[backend.port]).await else {
         return;
     };
-    let toml = backend_config(
-        &backend,
-        &format!("outbound_proxy = \"{}\"", tinyproxy.url("user:pass")),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = backend_config(&backend).server(|s| s.outbound_proxy(tinyproxy.url("user:pass")));
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/api/x")).await;
     assert_eq!(
         answer.status,
@@ -287,35 +267,22 @@ async fn no_proxy_hosts_go_direct_and_plain_http_goes_through_in_absolute_form()
     let Some(tinyproxy) = Tinyproxy::start(&[443]).await else {
         return;
     };
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "5s"
-outbound_proxy = "{proxy}"
-no_proxy = ["127.0.0.1", ".example.invalid"]
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "{SECRET}"
-
-[[routes]]
-path_prefix = "/direct"
-upstream = "http://127.0.0.1:{direct}"
-provider = "p"
-
-[[routes]]
-path_prefix = "/via"
-upstream = "http://localhost:{proxied}"
-provider = "p"
-"#,
-        proxy = tinyproxy.url("user:pass"),
-        token_url = issuer.url(),
-        direct = direct.addr.port(),
-        proxied = proxied.addr.port(),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = TestConfig::default()
+        .server(|s| {
+            s.token_wait("5s")
+                .outbound_proxy(tinyproxy.url("user:pass"))
+                .no_proxy(["127.0.0.1", ".example.invalid"])
+        })
+        .with_provider("p", ProviderSection::new(&issuer.url(), "c", SECRET))
+        .route(
+            RouteSection::to(&format!("http://127.0.0.1:{}", direct.addr.port()), "p")
+                .path_prefix("/direct"),
+        )
+        .route(
+            RouteSection::to(&format!("http://localhost:{}", proxied.addr.port()), "p")
+                .path_prefix("/via"),
+        );
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/direct/a")).await;
     assert_eq!(
         answer.status,
@@ -367,11 +334,8 @@ async fn a_proxy_refusing_the_tunnel_gives_502_naming_it_and_its_status() {
     let Some(tinyproxy) = Tinyproxy::start(&[443]).await else {
         return;
     };
-    let toml = backend_config(
-        &backend,
-        &format!("outbound_proxy = \"{}\"", tinyproxy.url("user:pass")),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = backend_config(&backend).server(|s| s.outbound_proxy(tinyproxy.url("user:pass")));
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/open/x")).await;
     assert_eq!(
         answer.status,
@@ -407,11 +371,8 @@ async fn a_proxy_refusing_the_tunnel_gives_502_naming_it_and_its_status() {
         } else {
             open.url(credentials)
         };
-        let proxy = Proxy::start(&backend_config(
-            &backend,
-            &format!("outbound_proxy = \"{url}\""),
-        ))
-        .await;
+        let proxy =
+            Proxy::start_with(&backend_config(&backend).server(|s| s.outbound_proxy(&url))).await;
         let answer = get(&client(), &proxy.url("/open/x")).await;
         assert_eq!(
             answer.status,
@@ -442,7 +403,7 @@ async fn a_proxy_refusing_the_tunnel_gives_502_naming_it_and_its_status() {
     assert_eq!(backend.requests.load(Ordering::SeqCst), 0);
 
     // Proxy down: 502 naming it.
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     drop(tinyproxy);
     let answer = get(&client(), &proxy.url("/open/y")).await;
     assert_eq!(
@@ -494,15 +455,15 @@ struct Running {
 
 impl Running {
     /// Runs `toml` (its `listen`/`admin_listen` set here) with `env` added.
-    async fn start(toml: &str, env: &[(&str, String)]) -> Self {
+    async fn start(toml: &TestConfig, env: &[(&str, String)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin) = (free_port(), free_port());
-        let toml = toml.replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\""),
-        );
+        let toml = toml.clone().server(|s| {
+            s.listen(format!("127.0.0.1:{port}"))
+                .admin_listen(format!("127.0.0.1:{admin}"))
+        });
         let file = dir.path().join("proxy.toml");
-        std::fs::write(&file, toml).unwrap();
+        std::fs::write(&file, toml.render()).unwrap();
         let stderr = dir.path().join("stderr.log");
         let mut cmd = bin_command(&["run", "-c", file.to_str().unwrap()]);
         cmd.stderr(std::fs::File::create(&stderr).unwrap());
@@ -563,14 +524,10 @@ async fn wrong_proxy_credentials_give_502_and_503_naming_407_without_the_credent
     let backend = Backend::start().await;
     let recorder = RecordingProxy::start_requiring(Some("user:right-pass")).await;
     let wrong = "user:wrong-proxy-pass";
-    let toml = backend_config(
-        &backend,
-        &format!(
-            "outbound_proxy = \"http://{wrong}@127.0.0.1:{}\"\ntoken_wait = \"1s\"",
-            recorder.port
-        ),
-    )
-    .replace("token_wait = \"5s\"\n", "");
+    let toml = backend_config(&backend).server(|s| {
+        s.outbound_proxy(format!("http://{wrong}@127.0.0.1:{}", recorder.port))
+            .token_wait("1s")
+    });
     let running = Running::start(&toml, &[]).await;
     let shown = format!("http://***@127.0.0.1:{}", recorder.port);
 
@@ -641,22 +598,22 @@ async fn env_mode_reads_https_proxy_and_no_proxy_and_is_ignored_otherwise() {
         return;
     };
     let upstream = Upstream::start().await;
-    let direct_route = format!(
-        "\n[[routes]]\npath_prefix = \"/plain\"\nupstream = \"http://127.0.0.1:{}\"\n",
-        upstream.addr.port()
-    );
+    let direct_route = RouteSection::open(&format!("http://127.0.0.1:{}", upstream.addr.port()))
+        .path_prefix("/plain");
     let env = [
         ("https_proxy", tinyproxy.url("user:pass")),
         // A proxy for http:// that does not exist: only NO_PROXY keeps /plain working.
         ("HTTP_PROXY", format!("http://127.0.0.1:{}", free_port())),
         ("NO_PROXY", "127.0.0.1".to_owned()),
     ];
-    let toml = backend_config(&backend, "outbound_proxy = \"env\"") + &direct_route;
+    let toml = backend_config(&backend)
+        .server(|s| s.outbound_proxy("env"))
+        .route(direct_route.clone());
 
     // `check` shows the proxies from the environment, without credentials.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("check.toml");
-    std::fs::write(&file, &toml).unwrap();
+    std::fs::write(&file, toml.render()).unwrap();
     let mut check = bin_command(&["check", "-c", file.to_str().unwrap()]);
     check.stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in &env {
@@ -704,7 +661,7 @@ async fn env_mode_reads_https_proxy_and_no_proxy_and_is_ignored_otherwise() {
 
     // Without outbound_proxy the same environment is ignored: direct connections.
     let before = tinyproxy.requests(&connect);
-    let toml = backend_config(&backend, "") + &direct_route;
+    let toml = backend_config(&backend).route(direct_route);
     let running = Running::start(&toml, &env).await;
     let answer = get(&client(), &running.url("/api/x")).await;
     assert_eq!(
@@ -871,14 +828,13 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 async fn on_the_wire_only_connect_with_proxy_authorization_then_tls() {
     let backend = Backend::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = backend_config(
-        &backend,
-        &format!(
-            "outbound_proxy = \"http://wire-user:wire-pass@127.0.0.1:{}\"",
+    let toml = backend_config(&backend).server(|s| {
+        s.outbound_proxy(format!(
+            "http://wire-user:wire-pass@127.0.0.1:{}",
             recorder.port
-        ),
-    );
-    let proxy = Proxy::start(&toml).await;
+        ))
+    });
+    let proxy = Proxy::start_with(&toml).await;
     for path in ["/api/one", "/api/two", "/open/three"] {
         let answer = get(&client(), &proxy.url(path)).await;
         assert_eq!(
@@ -940,27 +896,12 @@ async fn on_the_wire_plain_http_is_absolute_form_with_proxy_authorization() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-outbound_proxy = "http://u%40corp:p%3Ass@127.0.0.1:{recorder}"
-no_proxy = ["127.0.0.1"]
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "{SECRET}"
-
-[[routes]]
-upstream = "http://localhost:{port}/base"
-provider = "p"
-"#,
-        recorder = recorder.port,
-        token_url = issuer.url(),
-        port = upstream.addr.port(),
+    let toml = outbound_config(
+        &issuer,
+        &format!("http://u%40corp:p%3Ass@127.0.0.1:{}", recorder.port),
+        &format!("http://localhost:{}/base", upstream.addr.port()),
     );
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/x?y=1")).await;
     assert_eq!(
         answer.status,
@@ -1052,19 +993,14 @@ async fn a_reload_that_changes_the_proxy_says_it_needs_a_restart() {
     let recorder = RecordingProxy::start().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    let toml = basic_config(&issuer, &upstream, "");
-    std::fs::write(&file, &toml).unwrap();
+    let toml = TestConfig::basic(&issuer, &upstream);
+    std::fs::write(&file, toml.render()).unwrap();
     let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
     assert_eq!(get(&client(), &proxy.url("/x")).await.status, 200);
 
-    let with_proxy = toml.replace(
-        "[server]\n",
-        &format!(
-            "[server]\noutbound_proxy = \"http://u:reload-pass@127.0.0.1:{}\"\n",
-            recorder.port
-        ),
-    );
-    std::fs::write(&file, with_proxy).unwrap();
+    let with_proxy = toml
+        .server(|s| s.outbound_proxy(format!("http://u:reload-pass@127.0.0.1:{}", recorder.port)));
+    std::fs::write(&file, with_proxy.render()).unwrap();
     let report = proxy.shared.reload().await.expect("reload");
     assert_eq!(
         report.listener_changes,
@@ -1133,28 +1069,13 @@ async fn preserve_host_routes_tunnel_to_their_upstream_so_the_client_host_never_
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-outbound_proxy = "http://u:p@127.0.0.1:{recorder}"
-no_proxy = ["127.0.0.1"]
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "{SECRET}"
-
-[[routes]]
-upstream = "http://localhost:{port}"
-provider = "p"
-preserve_host = true
-"#,
-        recorder = recorder.port,
-        token_url = issuer.url(),
-        port = upstream.addr.port(),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = outbound_config(
+        &issuer,
+        &format!("http://u:p@127.0.0.1:{}", recorder.port),
+        &format!("http://localhost:{}", upstream.addr.port()),
+    )
+    .edit_route(0, |r| r.preserve_host(true));
+    let proxy = Proxy::start_with(&toml).await;
     let request = http::Request::get(proxy.url("/x"))
         .header("host", "elsewhere.example:8443")
         .body(full(""))
@@ -1191,28 +1112,13 @@ async fn preserve_host_websocket_handshakes_tunnel_to_their_upstream_too() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let server = WsServer::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-outbound_proxy = "http://u:p@127.0.0.1:{recorder}"
-no_proxy = ["127.0.0.1"]
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "{SECRET}"
-
-[[routes]]
-upstream = "http://localhost:{port}"
-provider = "p"
-preserve_host = true
-"#,
-        recorder = recorder.port,
-        token_url = issuer.url(),
-        port = server.addr.port(),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = outbound_config(
+        &issuer,
+        &format!("http://u:p@127.0.0.1:{}", recorder.port),
+        &format!("http://localhost:{}", server.addr.port()),
+    )
+    .edit_route(0, |r| r.preserve_host(true));
+    let proxy = Proxy::start_with(&toml).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     let mut ws = connect(
         &format!("ws://{}/chat", proxy.addr),
@@ -1249,16 +1155,11 @@ preserve_host = true
 async fn the_token_command_goes_through_the_proxy_too() {
     let backend = Backend::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = backend_config(
-        &backend,
-        &format!(
-            "outbound_proxy = \"http://u:p@127.0.0.1:{}\"",
-            recorder.port
-        ),
-    );
+    let toml = backend_config(&backend)
+        .server(|s| s.outbound_proxy(format!("http://u:p@127.0.0.1:{}", recorder.port)));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token.toml");
-    std::fs::write(&file, toml).unwrap();
+    std::fs::write(&file, toml.render()).unwrap();
     let mut cmd = bin_command(&["token", "-c", file.to_str().unwrap(), "p"]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     // Off the runtime: the backend and the recorder run on it.
