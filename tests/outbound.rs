@@ -931,15 +931,22 @@ async fn on_the_wire_plain_http_is_absolute_form_with_proxy_authorization() {
 #[tokio::test]
 async fn check_shows_the_proxy_without_credentials_and_rejects_bad_settings() {
     let dir = tempfile::tempdir().unwrap();
-    let base = |server: &str| {
-        format!(
-            "[server]\n{server}\n[providers.p]\ntoken_url = \"https://auth.example.com/t\"\n\
-             client_id = \"c\"\nclient_secret = \"${{S}}\"\n\n[[routes]]\nupstream = \"https://api.example.com\"\nprovider = \"p\"\n"
+    // The secret comes from the environment, so `check` has one to hide.
+    let base = |server: ServerSection| {
+        // No listen address: `check` takes the default.
+        TestConfig {
+            server,
+            ..TestConfig::default()
+        }
+        .with_provider(
+            "p",
+            ProviderSection::new("https://auth.example.com/t", "c", "${S}"),
         )
+        .route(RouteSection::to("https://api.example.com", "p"))
     };
-    let run = |toml: String| {
+    let run = |toml: TestConfig| {
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, toml).unwrap();
+        std::fs::write(&file, toml.render()).unwrap();
         let mut cmd = bin_command(&["check", "-c", file.to_str().unwrap()]);
         cmd.env("S", "s3cret-value")
             .stdout(Stdio::piped())
@@ -952,7 +959,9 @@ async fn check_shows_the_proxy_without_credentials_and_rejects_bad_settings() {
         )
     };
     let (code, out) = run(base(
-        "outbound_proxy = \"http://corp-user:corp-pass@proxy.corp:3128\"\nno_proxy = [\"localhost\", \".corp.example\", \"10.0.0.0/8\"]",
+        ServerSection::default()
+            .outbound_proxy("http://corp-user:corp-pass@proxy.corp:3128")
+            .no_proxy(["localhost", ".corp.example", "10.0.0.0/8"]),
     ));
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -964,22 +973,24 @@ async fn check_shows_the_proxy_without_credentials_and_rejects_bad_settings() {
         "{out}"
     );
 
+    let s = ServerSection::default;
     for (server, needle) in [
         (
-            "outbound_proxy = \"https://corp-user:corp-pass@proxy.corp:3128\"",
+            s().outbound_proxy("https://corp-user:corp-pass@proxy.corp:3128"),
             "server.outbound_proxy: is an https:// proxy",
         ),
         (
-            "outbound_proxy = \"proxy.corp:3128\"",
+            s().outbound_proxy("proxy.corp:3128"),
             "server.outbound_proxy: must start with http://",
         ),
         (
-            "outbound_proxy = \"http://proxy.corp:3128\"\nno_proxy = [\"*.corp\"]",
+            s().outbound_proxy("http://proxy.corp:3128")
+                .no_proxy(["*.corp"]),
             "server.no_proxy[0]",
         ),
-        ("no_proxy = [\"localhost\"]", "server.outbound_proxy is not"),
+        (s().no_proxy(["localhost"]), "server.outbound_proxy is not"),
     ] {
-        let (code, out) = run(base(server));
+        let (code, out) = run(base(server.clone()));
         assert_eq!(code, Some(1), "{server}: {out}");
         assert!(out.contains(needle), "{server}: {out}");
         assert!(!out.contains("corp-pass"), "{out}");
