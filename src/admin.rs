@@ -100,7 +100,16 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
         state.metrics.set_token_expires_in(slot.name(), seconds);
     }
     for keyed in state.store.keyed_providers() {
-        state.metrics.set_token_keys(keyed.name(), keyed.counts());
+        let counts = keyed.counts();
+        state.metrics.set_token_keys(
+            keyed.name(),
+            [
+                ("held", counts.held),
+                ("valid", counts.valid),
+                ("fetching", counts.fetching),
+                ("failing", counts.failing),
+            ],
+        );
     }
     text(
         StatusCode::OK,

@@ -256,15 +256,15 @@ impl Metrics {
             .set(seconds);
     }
 
-    /// Sets a keyed provider's key counts (called at scrape time).
-    pub fn set_token_keys(&self, provider: &str, counts: crate::token::KeyCounts) {
+    /// Sets a keyed provider's key counts, one `(state, keys)` pair per `state` label
+    /// (called at scrape time).
+    pub fn set_token_keys(
+        &self,
+        provider: &str,
+        counts: impl IntoIterator<Item = (&'static str, usize)>,
+    ) {
         let provider: Arc<str> = provider.into();
-        for (state, n) in [
-            ("held", counts.held),
-            ("valid", counts.valid),
-            ("fetching", counts.fetching),
-            ("failing", counts.failing),
-        ] {
+        for (state, n) in counts {
             self.token_keys
                 .get_or_create(&KeyLabels {
                     provider: provider.clone(),
