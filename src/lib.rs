@@ -1,25 +1,30 @@
 //! bearer-proxy: a local reverse proxy that adds OAuth2 client-credentials tokens.
 //!
-//! - [`config`]: the TOML file, validated into typed settings
-//! - [`secret`]: a type that keeps secrets and tokens out of logs
-//! - [`client_auth`]: secret commands, client assertion keys, client certificates
-//! - [`provider`]: token-endpoint dialects (request and response)
-//! - [`token`]: the shared refresh-ahead token store
-//! - [`proxy`]: routing, header hygiene, forwarding, error answers
+//! # Layout, top down
+//!
+//! - [`cli`], [`logging`]: the command-line edge; [`demo`]: the self-contained loopback demo
 //! - [`app`]: the shared state (config in force, token store, routes, clients, metrics) and reload
 //! - [`server`]: listeners, worker threads and graceful shutdown
+//! - [`admin`]: health, readiness, metrics, token status, reload endpoints (narrow handles only)
 //! - [`listener`]: Unix socket files (permissions, stale files, peer uid)
-//! - [`answer`]: the small JSON and text answers the proxy writes itself
-//! - [`admin`]: health, readiness, metrics, token status, reload endpoints
-//! - [`metrics`]: the Prometheus registry
-//! - [`error`]: the boxed error type and the one-line cause chain
-//! - [`hop_by_hop`]: the header names that never cross the proxy
-//! - [`unix_time`]: `SystemTime` to and from Unix seconds and milliseconds
-//! - [`tls`]: the TLS client settings
-//! - [`outbound`]: connections directly or through the outbound HTTP proxy
+//! - [`proxy`]: routing, header hygiene, forwarding, error answers
+//! - [`token`]: the shared refresh-ahead token store
+//! - [`provider`]: token-endpoint dialects (request and response)
+//! - [`config`]: the TOML file, validated into typed settings
 //! - [`preflight`]: the file checks `check`, `run` and reload share
-//! - [`demo`]: the self-contained loopback demo
-//! - [`cli`], [`logging`]: the command-line edge
+//! - [`client_auth`]: secret commands, client assertion keys, client certificates
+//! - leaves: [`secret`] (secrets that never print), [`metrics`] (the Prometheus registry),
+//!   [`hop_by_hop`] (the header names that never cross the proxy), [`answer`] (the small
+//!   JSON and text answers the proxy writes itself), [`error`] (the boxed error type and the
+//!   one-line cause chain), [`unix_time`] (`SystemTime` to and from Unix time), [`tls`] (the
+//!   TLS client settings), [`outbound`] (connections directly or through the outbound HTTP
+//!   proxy)
+//!
+//! A request is accepted by a [`server`] worker, routed, checked and given its route's
+//! token by the [`proxy`], which reads the token from the [`token`] store without a lock.
+//! Each provider's token is fetched and refreshed ahead of expiry by its own task in the
+//! store, which builds the request and reads the answer through [`provider`]. The
+//! architecture document in `docs/architecture.md` walks both paths in more detail.
 #![forbid(unsafe_code)]
 
 pub mod admin;
