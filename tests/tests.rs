@@ -10,6 +10,7 @@ mod fleet;
 mod forwarding;
 mod interop;
 mod keyed;
+mod large_bodies;
 mod leaks;
 mod lifecycle;
 mod managed_redis;
