@@ -288,6 +288,10 @@ fn serve_worker(
         }
     };
     runtime.block_on(async move {
+        tokio::spawn(timer_heartbeat(
+            settings.limits.header_read_timeout,
+            stop.clone(),
+        ));
         let mut tasks = Vec::new();
         for (configured, socket) in sockets {
             let listener = match TcpListener::from_std(socket) {
@@ -322,6 +326,26 @@ fn serve_worker(
         // `shutdown_grace` after the stop at the latest.
         proxy.tunnels().wait().await;
     });
+}
+
+/// Keeps a timer due within a second in the worker's timer wheel, until `stop`.
+///
+/// A keep-alive connection re-arms its header-read timer (`header_read_timeout` ahead)
+/// each time it waits for the next request. tokio's timer driver interrupts its own
+/// wait (an eventfd write, then an extra `epoll_wait` round) whenever a timer is armed
+/// earlier than the wake-up it planned when it last went to sleep, and when every
+/// connection was busy at that moment the plan was the later upstream-timeout timers:
+/// measured at 0.3 eventfd writes per request with 32 busy connections. With a timer
+/// always due sooner than any re-armed header timer, the driver never needs that
+/// interruption; the cost is one wake-up a second per worker.
+async fn timer_heartbeat(header_read_timeout: Duration, stop: CancellationToken) {
+    let period = (header_read_timeout / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+    }
 }
 
 /// Binds `workers` sockets to `addr` with SO_REUSEPORT (port 0: the first picks the
