@@ -400,6 +400,76 @@ async fn token_when_the_issuer_refuses_exits_1_with_nothing_on_stdout() {
     );
 }
 
+/// `token_config` with a token cache directory and `refresh_before`.
+fn cached_token_config(issuer: &support::Issuer, cache: &Path, refresh_before: &str) -> String {
+    token_config(issuer).replacen(
+        "[providers.p]\n",
+        &format!(
+            "[server]\ntoken_cache_dir = \"{}\"\n\n[providers.p]\nrefresh_before = \"{refresh_before}\"\n",
+            cache.display()
+        ),
+        1,
+    )
+}
+
+#[tokio::test]
+async fn token_reuses_the_cached_token_and_the_proxy_reads_the_file_it_writes() {
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let toml = cached_token_config(&issuer, &cache, "10%");
+    let file = write(dir.path(), "token.toml", &toml);
+    for _ in 0..2 {
+        let out = bin(&["token", "-c", &file, "p"]).await;
+        assert_eq!(out.code(), Some(0), "{out:?}");
+        assert_eq!(out.stdout, format!("{}\n", issuer.token(1)), "{out:?}");
+    }
+    assert_eq!(issuer.hits(), 1, "the second run used the cache");
+    let files: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    // The proxy starts with the token the command cached, without a fetch.
+    let proxy = support::Proxy::start(&toml).await;
+    let slot = proxy.store.slot("p").unwrap();
+    let token = slot.current().expect("the cached token");
+    assert_eq!(
+        token.header_value().to_str().unwrap(),
+        format!("Bearer {}", issuer.token(1))
+    );
+    assert_eq!(issuer.hits(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn token_fetches_again_once_the_proxy_would_refresh_the_cached_token() {
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    issuer.set_lifetime(20.0);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // Refreshed 18 s before its expiry: due 2 s after the fetch, valid for 20 s.
+    let file = write(
+        dir.path(),
+        "token.toml",
+        &cached_token_config(&issuer, &cache, "90%"),
+    );
+    let out = bin(&["token", "-c", &file, "p"]).await;
+    assert_eq!(out.stdout, format!("{}\n", issuer.token(1)), "{out:?}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let out = bin(&["token", "-c", &file, "p"]).await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, format!("{}\n", issuer.token(2)), "{out:?}");
+    assert_eq!(issuer.hits(), 2);
+    // The new token replaced the old one in the cache (read with a short lead, so a
+    // slow machine cannot make it due; `refresh_before` does not name the file).
+    let file = write(
+        dir.path(),
+        "token.toml",
+        &cached_token_config(&issuer, &cache, "10%"),
+    );
+    let out = bin(&["token", "-c", &file, "p"]).await;
+    assert_eq!(out.stdout, format!("{}\n", issuer.token(2)), "{out:?}");
+    assert_eq!(issuer.hits(), 2);
+}
+
 // === demo ===
 
 #[tokio::test]
