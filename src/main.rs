@@ -5,14 +5,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-use std::time::SystemTime;
-
 use bearer_proxy::cli::{Cli, Command};
 use bearer_proxy::config::{self, Config};
 use bearer_proxy::preflight::{self, Prepared};
-use bearer_proxy::provider::{Expiry, TokenClient};
+use bearer_proxy::provider::TokenClient;
 use bearer_proxy::server::Server;
-use bearer_proxy::token::KeyBinding;
+use bearer_proxy::token::{self, KeyBinding};
 use bearer_proxy::{demo, logging};
 
 fn main() -> ExitCode {
@@ -112,58 +110,17 @@ async fn token(config: &Config, name: &str, key: Option<&str>) -> anyhow::Result
         (None, Some(_)) => anyhow::bail!("provider {name} has no key_header: --key does not apply"),
         (None, None) => None,
     };
-    let key_id = binding.as_ref().map(|b| b.id().to_owned());
     let Prepared { tls, cache } = preflight(config).await?;
-    if let Some(cache) = &cache {
-        let (cache, p, id) = (cache.clone(), provider.clone(), key_id.clone());
-        if let Some(cached) =
-            tokio::task::spawn_blocking(move || cache.load(&p, id.as_deref())).await?
-        {
-            // Reuse it unless the proxy itself would already be refreshing it.
-            let lifetime = cached
-                .expires_at
-                .duration_since(cached.fetched_at)
-                .unwrap_or_default();
-            let lead = provider.refresh_before.lead(lifetime);
-            if SystemTime::now()
-                .checked_add(lead)
-                .is_some_and(|at| at < cached.expires_at)
-            {
-                println!("{}", cached.value.expose());
-                return Ok(());
-            }
-        }
-    }
     let client = TokenClient::new(
         tls,
         config.server.connect_timeout,
         config.server.outbound.as_ref(),
     )?;
-    let fetched = client
-        .fetch(
-            &provider,
-            binding.as_ref().map(KeyBinding::value),
-            config.server.token_timeout,
-        )
+    // The store's rules: its cache, its freshness check, its token checks.
+    let value = token::one_token(config, provider, binding, client, cache)
         .await
         .with_context(|| format!("provider {name}"))?;
-    if let Some(cache) = cache {
-        let now = SystemTime::now();
-        let expires_at = match fetched.expiry {
-            Expiry::In(d) => now.checked_add(d),
-            Expiry::At(at) => Some(at),
-        }
-        .unwrap_or(now);
-        let value = fetched.value.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            cache.store(&provider, key_id.as_deref(), &value, now, expires_at)
-        })
-        .await?;
-        if let Err(error) = written {
-            tracing::warn!(%error, "cannot write the token cache");
-        }
-    }
-    println!("{}", fetched.value.expose());
+    println!("{}", value.expose());
     Ok(())
 }
 

@@ -4,6 +4,9 @@
 //! is the only code that calls the token endpoint: single flight by construction.
 //! Requests read the current token with an `ArcSwap` load; only a request that finds
 //! no valid token waits, at most `token_wait`, for the task to publish one.
+//!
+//! [`one_token`] gets a single token the same way outside a running proxy (the
+//! `bearer-proxy token` command): the same cache, freshness rule and token checks.
 
 pub mod cache;
 pub mod fleet;
@@ -128,6 +131,18 @@ pub struct StoreSettings {
     pub token_wait: Duration,
     pub tuning: Tuning,
     pub metrics: Arc<Metrics>,
+}
+
+impl StoreSettings {
+    /// The settings of `config` that every slot shares.
+    fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        Self {
+            token_timeout: config.server.token_timeout,
+            token_wait: config.server.token_wait,
+            tuning: config.tuning.clone(),
+            metrics,
+        }
+    }
 }
 
 /// One provider's token and the state of its refresher.
@@ -372,6 +387,22 @@ impl ProviderSlot {
         (self.current.load().as_ref().map(|t| t.id), *rejected)
     }
 
+    /// The lifetime and what remains at `now` of a stored token (cache file, fleet)
+    /// fetched at `fetched_at`, if the proxy would not be refreshing it yet.
+    fn not_yet_due(
+        &self,
+        fetched_at: SystemTime,
+        expires_at: SystemTime,
+        now: SystemTime,
+    ) -> Option<(Duration, Duration)> {
+        let remaining = expires_at.duration_since(now).ok()?;
+        let lifetime = expires_at
+            .duration_since(fetched_at)
+            .unwrap_or(remaining)
+            .max(remaining);
+        (remaining > self.config.refresh_before.lead(lifetime)).then_some((lifetime, remaining))
+    }
+
     /// The current token's bare value (without `header_prefix`), for sharing it.
     fn current_value(&self) -> Option<Secret> {
         let token = self.current()?;
@@ -574,12 +605,7 @@ impl TokenStore {
                 metrics.clone(),
             )?)),
         };
-        let settings = Arc::new(StoreSettings {
-            token_timeout: config.server.token_timeout,
-            token_wait: config.server.token_wait,
-            tuning: config.tuning.clone(),
-            metrics,
-        });
+        let settings = Arc::new(StoreSettings::new(config, metrics));
         let root = CancellationToken::new();
         let ingredients = refresh::Ingredients {
             refresher: refresh::Refresher {
@@ -840,6 +866,25 @@ impl TokenStore {
     pub fn keyed_providers(&self) -> Vec<Arc<KeyedProvider>> {
         self.keyed.load().values().cloned().collect()
     }
+}
+
+/// One token for `provider` (for its key `key` if keyed) outside a running proxy:
+/// the cached one while the proxy would not be refreshing it yet, else one fetched
+/// now, checked as the proxy checks it, and written to the cache. The fleet store
+/// is not used.
+pub async fn one_token(
+    config: &Config,
+    provider: Arc<ProviderConfig>,
+    key: Option<KeyBinding>,
+    client: TokenClient,
+    cache: Option<TokenCache>,
+) -> Result<Secret, crate::provider::FetchError> {
+    let settings = Arc::new(StoreSettings::new(config, Arc::new(Metrics::new())));
+    let mut slot = ProviderSlot::new(provider, settings, CancellationToken::new());
+    if let Some(key) = key {
+        slot = slot.with_key(key);
+    }
+    refresh::once(&slot, &client, cache.as_ref()).await
 }
 
 #[cfg(test)]

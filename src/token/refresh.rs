@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::cache::TokenCache;
+use super::cache::{CachedToken, TokenCache};
 use super::fleet::{Fleet, FleetError, SharedToken};
 use super::{Outcome, ProviderSlot, Token};
 use crate::config::Tuning;
@@ -207,14 +207,9 @@ pub(super) const PANICKED: &str =
 /// Runs until `cancel`: the only caller of `slot`'s token endpoint in this process.
 pub(super) async fn run(slot: Arc<ProviderSlot>, r: Arc<Refresher>, cancel: CancellationToken) {
     let mut schedule = Schedule::default();
-    if let (Some(key), Some(cache)) = (slot.key(), &r.cache) {
-        // A key's cached token is read when the key is first used (off the runtime).
-        let (cache, config, id) = (cache.clone(), slot.config.clone(), key.id().to_owned());
-        let cached = Box::pin(tokio::task::spawn_blocking(move || {
-            cache.load(&config, Some(&id))
-        }))
-        .await;
-        if let Ok(Some(cached)) = cached {
+    if let (Some(_), Some(cache)) = (slot.key(), &r.cache) {
+        // A key's cached token is read when the key is first used.
+        if let Some(cached) = Box::pin(read_cache(&slot, cache)).await {
             slot.publish_cached(cached);
         }
     }
@@ -396,6 +391,39 @@ async fn reread_secret(slot: &ProviderSlot) {
     }
 }
 
+/// One token without a refresher (see `super::one_token`).
+pub(super) async fn once(
+    slot: &ProviderSlot,
+    client: &TokenClient,
+    cache: Option<&TokenCache>,
+) -> Result<Secret, FetchError> {
+    if let Some(cache) = cache {
+        if let Some(cached) = read_cache(slot, cache).await {
+            if slot
+                .not_yet_due(cached.fetched_at, cached.expires_at, SystemTime::now())
+                .is_some()
+            {
+                return Ok(cached.value);
+            }
+        }
+    }
+    let obtained = fetch_here(slot, client).await?;
+    if let Some(cache) = cache {
+        write_cache(slot, cache, &obtained).await;
+    }
+    Ok(obtained.value)
+}
+
+/// The slot's token from the cache, read off the runtime threads.
+async fn read_cache(slot: &ProviderSlot, cache: &TokenCache) -> Option<CachedToken> {
+    let (cache, config) = (cache.clone(), slot.config.clone());
+    let key_id = slot.key_id().map(str::to_owned);
+    tokio::task::spawn_blocking(move || cache.load(&config, key_id.as_deref()))
+        .await
+        .ok()
+        .flatten()
+}
+
 async fn write_cache(slot: &ProviderSlot, cache: &TokenCache, obtained: &Obtained) {
     let (cache, config) = (cache.clone(), slot.config.clone());
     let key_id = slot.key_id().map(str::to_owned);
@@ -496,15 +524,7 @@ fn adoptable(
         return None;
     }
     let now_wall = SystemTime::now();
-    let remaining = shared.expires_at.duration_since(now_wall).ok()?;
-    let lifetime = shared
-        .expires_at
-        .duration_since(shared.fetched_at)
-        .unwrap_or(remaining)
-        .max(remaining);
-    if remaining <= slot.config.refresh_before.lead(lifetime) {
-        return None;
-    }
+    let (lifetime, remaining) = slot.not_yet_due(shared.fetched_at, shared.expires_at, now_wall)?;
     let token = slot.make_token(
         &shared.value,
         lifetime,
