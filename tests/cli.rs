@@ -400,16 +400,17 @@ async fn token_when_the_issuer_refuses_exits_1_with_nothing_on_stdout() {
     );
 }
 
-/// `token_config` with a token cache directory and `refresh_before`.
+/// `token_config`'s provider with a token cache directory and `refresh_before`.
 fn cached_token_config(issuer: &support::Issuer, cache: &Path, refresh_before: &str) -> String {
-    token_config(issuer).replacen(
-        "[providers.p]\n",
-        &format!(
-            "[server]\ntoken_cache_dir = \"{}\"\n\n[providers.p]\nrefresh_before = \"{refresh_before}\"\n",
-            cache.display()
-        ),
-        1,
-    )
+    support::TestConfig::default()
+        .server(|s| s.token_cache_dir(cache.display().to_string()))
+        .with_provider(
+            "p",
+            support::ProviderSection::new(&issuer.url(), "cli-client", "cli-secret-value")
+                .refresh_before(refresh_before),
+        )
+        .route(support::RouteSection::to("http://127.0.0.1:1", "p"))
+        .render()
 }
 
 #[tokio::test]
