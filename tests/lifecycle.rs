@@ -176,24 +176,32 @@ async fn served_token_survives_failing_refresh() {
 
 #[tokio::test]
 async fn retry_after_seconds_is_honoured_and_requests_add_no_fetch() {
+    // The first attempt comes after this, so the second is due 3 s after it at the
+    // earliest: checks before then are sound however slow the machine is.
+    let started = tokio::time::Instant::now();
     let servers = Servers::start(Dialect::OAuth2).await;
     servers.issuer.set_fault(Fault::RateLimited("3".into()));
     let Harness { issuer, proxy, .. } = servers.proxy(|c| c).await;
-    assert!(eventually(Duration::from_secs(2), || issuer.hits() == 1).await);
+    assert!(eventually(Duration::from_secs(10), || issuer.hits() == 1).await);
     issuer.set_fault(Fault::None);
     let c = client();
-    // Requests during the wait fail fast (the next attempt is past token_wait) and
-    // do not cause a fetch.
-    for _ in 0..20 {
+    let quiet = |at: tokio::time::Instant| at < started + Duration::from_millis(2900);
+    // Requests during the wait fail fast (the next attempt is past token_wait, 2 s,
+    // which a waiting request would take) and do not cause a fetch.
+    let mut asked = 0;
+    while asked < 20 && quiet(tokio::time::Instant::now() + Duration::from_millis(1500)) {
         let t = tokio::time::Instant::now();
         let answer = get(&c, &proxy.url("/x")).await;
         assert_eq!(answer.status, 503);
         assert!(answer.json()["message"].as_str().unwrap().contains("429"));
-        assert!(t.elapsed() < Duration::from_millis(500));
+        assert!(t.elapsed() < Duration::from_millis(1500));
+        asked += 1;
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(issuer.hits(), 1, "no attempt before Retry-After");
-    assert!(eventually(Duration::from_secs(3), || issuer.hits() == 2).await);
+    while quiet(tokio::time::Instant::now()) {
+        assert_eq!(issuer.hits(), 1, "no attempt before Retry-After");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || issuer.hits() == 2).await);
     let gap = issuer.intervals()[0];
     assert!(gap >= Duration::from_secs(3), "{gap:?}");
     proxy.stop().await;
