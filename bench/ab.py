@@ -2,7 +2,7 @@
 """A/B comparison of bearer-proxy builds on one kind of load, interleaved (loopback only).
 
     bench/ab.py --mode upload|download|small [--rounds 5] [--mib 512] [--conns 32] \
-        [--threads 1] [--secs 5] [--direct] NAME=BINARY [NAME=BINARY ...]
+        [--threads 1] [--secs 5] [--direct] NAME=BINARY[@LOGLEVEL] [NAME=BINARY ...]
 
 Starts the benchmark's nginx upstream, token endpoint and upload sink once, one proxy per
 binary (each on its own port, all idle but the one measured), then measures them in turn,
@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--direct", action="store_true", help="also measure without a proxy")
-    ap.add_argument("bins", nargs="+", help="NAME=BINARY")
+    ap.add_argument("bins", nargs="+", help="NAME=BINARY or NAME=BINARY@LEVEL (default warn)")
     a = ap.parse_args()
     size = a.mib << 20
     procs = bench.Procs(os.devnull)
@@ -85,11 +85,12 @@ def main() -> int:
             targets.append(t)
         for spec in a.bins:
             name, path = spec.split("=", 1)
+            path, _, level = path.partition("@")  # NAME=BINARY@info: another log level
             port = bench.free_port()
             conf = os.path.join(tmp, f"{name}.toml")
             with open(conf, "w") as f:
                 f.write(bench.bearer_proxy_conf(port, iss_port, up_port, sink_port))
-            p = procs.start(name, [path, "--log-level", "warn", "run", "-c", conf],
+            p = procs.start(name, [path, "--log-level", level or "warn", "run", "-c", conf],
                             os.path.join(tmp, f"{name}.log"))
             bench.wait_until(lambda: bench.http_get(f"http://127.0.0.1:{port}/small")[0] == 200,
                              30, name, p)
