@@ -36,6 +36,19 @@ fn provider_toml(extra: &str) -> String {
     )
 }
 
+/// Provider `p` at `token_url` as `client_id` with no client authentication yet (each
+/// test picks its own), and one route to `upstream`.
+fn auth_config(token_url: &str, client_id: &str, upstream: &str) -> TestConfig {
+    TestConfig::default()
+        .with_provider(
+            "p",
+            ProviderSection::default()
+                .token_url(token_url)
+                .client_id(client_id),
+        )
+        .route(RouteSection::to(upstream, "p"))
+}
+
 fn assert_err(result: Result<Config, String>, parts: &[&str]) {
     let e = result.expect_err("config should be refused");
     for part in parts {
@@ -341,30 +354,20 @@ async fn private_key_jwt_assertions_verify_in_form_and_json() {
         let (key, kp) = key_file(dir.path(), &format!("{format}.pem"), alg);
         let issuer = assertion_issuer(kp.public_key_pem(), rsa, "jwt-client").await;
         let upstream = Upstream::start().await;
-        let toml = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "3s"
-
-[providers.p]
-token_url = "http://{addr}/token"
-client_id = "jwt-client"
-client_auth = "private_key_jwt"
-client_key_file = "{key}"
-client_key_id = "key-2026"
-client_assertion_audience = "https://issuer.test/token"
-request_format = "{format}"
-
-[[routes]]
-upstream = "{up}"
-provider = "p"
-"#,
-            addr = issuer.addr,
-            key = key.display(),
-            up = upstream.url()
-        );
-        let proxy = Proxy::start(&toml).await;
+        let toml = auth_config(
+            &format!("http://{}/token", issuer.addr),
+            "jwt-client",
+            &upstream.url(),
+        )
+        .server(|s| s.token_wait("3s"))
+        .p(|p| {
+            p.client_auth("private_key_jwt")
+                .client_key_file(key.display().to_string())
+                .client_key_id("key-2026")
+                .client_assertion_audience("https://issuer.test/token")
+                .request_format(format)
+        });
+        let proxy = Proxy::start_with(&toml).await;
         let answer = get(&client(), &proxy.url("/a")).await;
         assert_eq!(
             answer.status,
@@ -407,13 +410,18 @@ async fn private_key_jwt_with_the_wrong_key_is_a_503_with_the_issuers_words() {
     let (wrong, _) = key_file(dir.path(), "wrong.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
     let issuer = assertion_issuer(registered.public_key_pem(), false, "jwt-client").await;
     let upstream = Upstream::start().await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ntoken_wait = \"1s\"\n[providers.p]\ntoken_url = \"http://{}/token\"\nclient_id = \"jwt-client\"\nclient_auth = \"private_key_jwt\"\nclient_key_file = \"{}\"\nclient_assertion_audience = \"https://issuer.test/token\"\n[[routes]]\nupstream = \"{}\"\nprovider = \"p\"\n",
-        issuer.addr,
-        wrong.display(),
-        upstream.url()
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = auth_config(
+        &format!("http://{}/token", issuer.addr),
+        "jwt-client",
+        &upstream.url(),
+    )
+    .server(|s| s.token_wait("1s"))
+    .p(|p| {
+        p.client_auth("private_key_jwt")
+            .client_key_file(wrong.display().to_string())
+            .client_assertion_audience("https://issuer.test/token")
+    });
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/a")).await;
     assert_eq!(answer.status, 503);
     let text = String::from_utf8_lossy(&answer.body);
@@ -541,23 +549,24 @@ async fn tls_client_auth_right_certificate_gets_a_token_none_or_wrong_is_a_503()
         write_file(&key, &key_pem, 0o600);
         files.push((cert, key));
     }
-    let config = |auth: &str| {
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ntoken_wait = \"2s\"\nextra_ca_file = \"{}\"\n[providers.p]\ntoken_url = \"https://localhost:{}/token\"\nclient_id = \"mtls-client\"\n{auth}\n[[routes]]\nupstream = \"{}\"\nprovider = \"p\"\n",
-            ca_file.display(),
-            addr.port(),
-            upstream.url()
-        )
-    };
+    let config = auth_config(
+        &format!("https://localhost:{}/token", addr.port()),
+        "mtls-client",
+        &upstream.url(),
+    )
+    .server(|s| {
+        s.token_wait("2s")
+            .extra_ca_file(ca_file.display().to_string())
+    });
     let with_cert = |(cert, key): &(PathBuf, PathBuf)| {
-        config(&format!(
-            "client_auth = \"tls_client_auth\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
-            cert.display(),
-            key.display()
-        ))
+        config.clone().p(|p| {
+            p.client_auth("tls_client_auth")
+                .client_cert_file(cert.display().to_string())
+                .client_key_file(key.display().to_string())
+        })
     };
 
-    let proxy = Proxy::start(&with_cert(&files[0])).await;
+    let proxy = Proxy::start_with(&with_cert(&files[0])).await;
     let answer = get(&client(), &proxy.url("/a")).await;
     assert_eq!(
         answer.status,
@@ -574,11 +583,11 @@ async fn tls_client_auth_right_certificate_gets_a_token_none_or_wrong_is_a_503()
         ("wrong certificate", with_cert(&files[1]), "UnknownCA"),
         (
             "no certificate",
-            config("client_secret = \"s\""),
+            config.clone().p(|p| p.client_secret("s")),
             "CertificateRequired",
         ),
     ] {
-        let proxy = Proxy::start(&toml).await;
+        let proxy = Proxy::start_with(&toml).await;
         let answer = get(&client(), &proxy.url("/a")).await;
         let text = String::from_utf8_lossy(&answer.body).into_owned();
         assert_eq!(answer.status, 503, "{what}: {text}");
@@ -645,12 +654,14 @@ async fn rotated_secret_from_a_command_recovers_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("secret.sh");
     secret_script(&script, "first-secret-value");
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ntoken_wait = \"3s\"\n[providers.p]\ntoken_url = \"http://{addr}/token\"\nclient_id = \"cmd-client\"\nclient_secret_command = [\"{}\"]\n[[routes]]\nupstream = \"{}\"\nprovider = \"p\"\n",
-        script.display(),
-        upstream.url()
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = auth_config(
+        &format!("http://{addr}/token"),
+        "cmd-client",
+        &upstream.url(),
+    )
+    .server(|s| s.token_wait("3s"))
+    .p(|p| p.client_secret_command([script.display().to_string()]));
+    let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/a")).await;
     assert_eq!(
         answer.status,
@@ -708,9 +719,10 @@ async fn failing_or_silent_secret_command_is_an_error_naming_the_key() {
         (slow.display().to_string(), "did not finish within"),
         ("/nonexistent/helper".to_owned(), "cannot run"),
     ] {
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ntoken_timeout = \"1s\"\n[providers.p]\ntoken_url = \"http://127.0.0.1:9/token\"\nclient_id = \"c\"\nclient_secret_command = [\"{script}\"]\n[[routes]]\nupstream = \"http://127.0.0.1:9\"\nprovider = \"p\"\n",
-        );
+        let toml = auth_config("http://127.0.0.1:9/token", "c", "http://127.0.0.1:9")
+            .server(|s| s.token_timeout("1s"))
+            .p(|p| p.client_secret_command([script]))
+            .render();
         let config = Config::parse(&toml, Path::new("t.toml"), &|_| None).unwrap();
         let started = std::time::Instant::now();
         let e = bearer_proxy::server::Server::bind(config)
