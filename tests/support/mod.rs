@@ -754,31 +754,55 @@ pub async fn get(client: &Client, url: &str) -> Answer {
     send(client, Request::get(url).body(full("")).unwrap()).await
 }
 
-/// Writes `bytes` on a fresh connection, then reads until the peer closes or `wait`
-/// passes, and returns what came back (possibly nothing).
+/// How a raw exchange ended.
+pub struct Exchange {
+    pub out: Vec<u8>,
+    /// The peer closed (or reset) the connection.
+    pub closed: bool,
+}
+
+/// Writes `bytes` on a fresh connection (then half-closes when `half_close`), and reads
+/// until the peer closes or `within` passes: the one raw-socket helper.
+pub async fn exchange(
+    addr: SocketAddr,
+    bytes: &[u8],
+    half_close: bool,
+    within: Duration,
+) -> Exchange {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + within;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy");
+    // The proxy may refuse and close before reading everything: write errors are fine.
+    if let Ok(Ok(())) = tokio::time::timeout_at(deadline, s.write_all(bytes)).await {
+        if half_close {
+            let _ = s.shutdown().await;
+        }
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Exchange { out, closed: true },
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return Exchange { out, closed: false },
+        }
+    }
+}
+
+/// `exchange` as text: what came back (possibly nothing) within `wait`.
 pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
-    raw_exchange(addr, bytes, wait).await.0
+    let ex = exchange(addr, bytes, false, wait).await;
+    String::from_utf8_lossy(&ex.out).into_owned()
 }
 
 /// Like `raw`, but the peer must answer and close within `within`.
 pub async fn raw_until_close(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
-    let (text, closed) = raw_exchange(addr, bytes, within).await;
-    assert!(closed, "answer within {within:?}, got so far: {text:?}");
+    let ex = exchange(addr, bytes, false, within).await;
+    let text = String::from_utf8_lossy(&ex.out).into_owned();
+    assert!(ex.closed, "answer within {within:?}, got so far: {text:?}");
     text
-}
-
-async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    // A peer may refuse and close before it has read everything: what it answered
-    // still counts.
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let closed = matches!(
-        tokio::time::timeout(wait, s.read_to_end(&mut out)).await,
-        Ok(Ok(_))
-    );
-    (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
 /// Polls `check` every 10 ms until it holds or `within` passes.
