@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::time::{timeout, Instant};
 
@@ -215,50 +215,32 @@ impl World {
             let upstream = serve(move |req| record(req, recorded.clone())).await;
             let decoy = Upstream::start().await;
             let raw = raw_upstream(script.clone()).await;
-            let config = format!(
-                r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-token_wait = "5s"
-upstream_timeout = "3s"
-connect_timeout = "2s"
-header_read_timeout = "1s"
-workers = 2
-
-[providers.p]
-token_url = "{issuer}"
-client_id = "test-client"
-client_secret = "test-secret-value"
-
-# The raw upstream may answer 401: its provider must not refetch (that is p's count).
-[providers.q]
-token_url = "{bad_issuer}"
-client_id = "test-client"
-client_secret = "test-secret-value"
-invalidate_on = []
-
-[[routes]]
-path_prefix = "/api"
-upstream = "http://{upstream}/base"
-provider = "p"
-
-# The client's Host goes upstream as the authority; the connection must not follow it.
-[[routes]]
-path_prefix = "/keep"
-upstream = "http://{upstream}/kept"
-provider = "p"
-preserve_host = true
-
-[[routes]]
-path_prefix = "/bad"
-upstream = "http://{raw}"
-provider = "q"
-"#,
-                issuer = issuer.url(),
-                bad_issuer = bad_issuer.url(),
-            );
-            let binary = Binary::start(&config).await;
+            let secret = |url: &str| ProviderSection::new(url, "test-client", "test-secret-value");
+            let config = TestConfig::default()
+                .server(|s| {
+                    s.admin()
+                        .token_wait("5s")
+                        .upstream_timeout("3s")
+                        .connect_timeout("2s")
+                        .header_read_timeout("1s")
+                        .workers(2)
+                })
+                .with_provider("p", secret(&issuer.url()))
+                // The raw upstream may answer 401: its provider must not refetch (that
+                // is p's count).
+                .with_provider("q", secret(&bad_issuer.url()).invalidate_on([]))
+                .route(
+                    RouteSection::to(&format!("http://{upstream}/base"), "p").path_prefix("/api"),
+                )
+                // The client's Host goes upstream as the authority; the connection must
+                // not follow it.
+                .route(
+                    RouteSection::to(&format!("http://{upstream}/kept"), "p")
+                        .path_prefix("/keep")
+                        .preserve_host(true),
+                )
+                .route(RouteSection::to(&format!("http://{raw}"), "q").path_prefix("/bad"));
+            let binary = Binary::start(&config.render()).await;
             (issuer, bad_issuer, upstream, decoy, raw, binary)
         });
         let _ = (bad_issuer, raw);
@@ -499,37 +481,6 @@ impl std::fmt::Debug for Wire {
             )
         } else {
             write!(f, "\"{}\"", self.0.escape_ascii())
-        }
-    }
-}
-
-/// How an exchange ended.
-struct Exchange {
-    out: Vec<u8>,
-    /// The peer closed (or reset) the connection.
-    closed: bool,
-}
-
-/// Writes `bytes` (then half-closes when `half_close`), reads until the peer closes or
-/// `within` passes.
-async fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool, within: Duration) -> Exchange {
-    let deadline = Instant::now() + within;
-    let mut s = TcpStream::connect(addr)
-        .await
-        .expect("connect to the proxy");
-    // The proxy may refuse and close before reading everything: write errors are fine.
-    if let Ok(Ok(())) = tokio::time::timeout_at(deadline, s.write_all(bytes)).await {
-        if half_close {
-            let _ = s.shutdown().await;
-        }
-    }
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Exchange { out, closed: true },
-            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
-            Err(_) => return Exchange { out, closed: false },
         }
     }
 }
@@ -1474,11 +1425,9 @@ fn upstream_answer() -> impl Strategy<Value = UpstreamAnswer> {
 /// the proxy used to wait for it forever, holding the request and its connection.
 #[tokio::test]
 async fn a_short_body_kept_for_replay_gets_408_not_a_hang() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let toml = basic_config(&issuer, &upstream, "")
-        .replace("[server]\n", "[server]\nupstream_timeout = \"1s\"\n");
-    let proxy = Proxy::start(&toml).await;
+    let Harness {
+        upstream, proxy, ..
+    } = Harness::with(|c| c.server(|s| s.upstream_timeout("1s"))).await;
     let started = Instant::now();
     // 28 bytes announced, 5 sent, the connection left open.
     let ex = exchange(
@@ -1505,13 +1454,10 @@ async fn behind_raw_upstream(script: &[u8]) -> Proxy {
         hold: false,
     })))
     .await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\
-         [providers.p]\ntoken_url = \"{}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\
-         [[routes]]\nupstream = \"http://{raw}\"\nprovider = \"p\"\n",
-        issuer.url()
-    );
-    Proxy::start(&toml).await
+    let toml = TestConfig::default()
+        .with_provider("p", ProviderSection::new(&issuer.url(), "c", "s"))
+        .route(RouteSection::to(&format!("http://{raw}"), "p"));
+    Proxy::start_with(&toml).await
 }
 
 const ASK: &[u8] = b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
