@@ -58,14 +58,26 @@ async fn tls_upstream_alpn(alpn: &[&[u8]]) -> (std::net::SocketAddr, String) {
     (addr, pem)
 }
 
-fn tls_config(issuer: &Issuer, port: u16, ca_file: Option<&std::path::Path>) -> String {
-    let ca = ca_file
-        .map(|p| format!("extra_ca_file = \"{}\"\n", p.display()))
-        .unwrap_or_default();
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\n{ca}\n[providers.p]\ntoken_url = \"{}\"\nclient_id = \"i\"\nclient_secret = \"secret-value\"\n\n[[routes]]\nupstream = \"https://localhost:{port}/base\"\nprovider = \"p\"\n",
-        issuer.url()
-    )
+/// Provider `p` at `issuer`, no routes yet, and a short connect timeout.
+fn tls_base(issuer: &Issuer) -> TestConfig {
+    TestConfig::default()
+        .server(|s| s.connect_timeout("2s"))
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "i", "secret-value"),
+        )
+}
+
+/// A route to `https://localhost:<port>/base`, trusting `ca_file` when given.
+fn tls_config(issuer: &Issuer, port: u16, ca_file: Option<&std::path::Path>) -> TestConfig {
+    let config = tls_base(issuer).route(RouteSection::to(
+        &format!("https://localhost:{port}/base"),
+        "p",
+    ));
+    match ca_file {
+        Some(ca) => config.server(|s| s.extra_ca_file(ca.display().to_string())),
+        None => config,
+    }
 }
 
 #[tokio::test]
@@ -75,7 +87,7 @@ async fn https_upstream_with_extra_ca_speaks_http2() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
-    let proxy = Proxy::start(&tls_config(&issuer, addr.port(), Some(&ca))).await;
+    let proxy = Proxy::start_with(&tls_config(&issuer, addr.port(), Some(&ca))).await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(
         answer.status,
@@ -104,18 +116,17 @@ async fn authority_over_http2_and_host_over_http1() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, format!("{ca_pem}{ca1_pem}")).unwrap();
     let route = |prefix: &str, port: u16, preserve: bool| {
-        format!("[[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"https://localhost:{port}/base\"\nprovider = \"p\"\npreserve_host = {preserve}\n")
+        RouteSection::to(&format!("https://localhost:{port}/base"), "p")
+            .path_prefix(prefix)
+            .preserve_host(preserve)
     };
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nconnect_timeout = \"2s\"\nextra_ca_file = \"{}\"\n\n[providers.p]\ntoken_url = \"{}\"\nclient_id = \"i\"\nclient_secret = \"secret-value\"\n\n{}{}{}{}",
-        ca.display(),
-        issuer.url(),
-        route("/h2", h2.port(), false),
-        route("/h2-host", h2.port(), true),
-        route("/h1", h1.port(), false),
-        route("/h1-host", h1.port(), true),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = tls_base(&issuer)
+        .server(|s| s.extra_ca_file(ca.display().to_string()))
+        .route(route("/h2", h2.port(), false))
+        .route(route("/h2-host", h2.port(), true))
+        .route(route("/h1", h1.port(), false))
+        .route(route("/h1-host", h1.port(), true));
+    let proxy = Proxy::start_with(&toml).await;
     let c = client();
     let ask = |path: &str, host: Option<&str>| {
         let mut req = http::Request::get(proxy.url(path));
@@ -167,17 +178,12 @@ async fn authority_over_http2_and_host_over_http1() {
     assert_eq!(other.hits(), 0, "the server named by Host received nothing");
 
     // Without a Host (HTTP/1.0), a preserve_host route sends the upstream's.
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(b"GET /h2-host/z HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
+    let out = raw_until_close(
+        proxy.addr,
+        b"GET /h2-host/z HTTP/1.0\r\n\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(out.starts_with("HTTP/1.0 200"), "{out}");
     assert!(
         out.contains(&format!("\"authority\":\"localhost:{}\"", h2.port())),
@@ -195,7 +201,7 @@ async fn authority_over_http2_and_host_over_http1() {
 async fn untrusted_certificate_is_refused() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let (addr, _) = tls_upstream().await;
-    let proxy = Proxy::start(&tls_config(&issuer, addr.port(), None)).await;
+    let proxy = Proxy::start_with(&tls_config(&issuer, addr.port(), None)).await;
     let answer = get(&client(), &proxy.url("/x")).await;
     assert_eq!(answer.status, 502);
     assert_eq!(answer.json()["error"], "upstream_unreachable");
@@ -206,10 +212,10 @@ async fn untrusted_certificate_is_refused() {
 
 #[tokio::test]
 async fn shutdown_lets_requests_in_flight_finish() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Harness {
+        upstream, proxy, ..
+    } = Harness::start().await;
     upstream.set_delay(Duration::from_millis(500));
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
     proxy.token_ready(Duration::from_secs(2)).await;
     let url = proxy.url("/slow");
     let request = tokio::spawn(async move { get(&client(), &url).await.status });
@@ -227,12 +233,10 @@ async fn shutdown_lets_requests_in_flight_finish() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_the_upstream_request() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Harness {
+        upstream, proxy, ..
+    } = Harness::with(|c| c.server(|s| s.admin())).await;
     upstream.set_delay(Duration::from_secs(3));
-    let toml = basic_config(&issuer, &upstream, "")
-        .replace("[server]\n", "[server]\nadmin_listen = \"127.0.0.1:0\"\n");
-    let proxy = Proxy::start(&toml).await;
     proxy.token_ready(Duration::from_secs(2)).await;
     let url = proxy.url("/slow");
     let request = tokio::spawn(async move { get(&client(), &url).await });
