@@ -4,56 +4,31 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::support::*;
 
 /// One provider route on `/api` to `upstream`/v1, one on `/ids` with encoded slashes allowed.
 async fn setup() -> (Issuer, Upstream, Proxy) {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "2s"
-
-[providers.p]
-token_url = "{issuer}"
-client_id = "test-client"
-client_secret = "test-secret-value"
-
-[[routes]]
-path_prefix = "/api"
-upstream = "{up}/v1"
-provider = "p"
-
-[[routes]]
-path_prefix = "/ids"
-upstream = "{up}/v1/ids"
-provider = "p"
-allow_encoded_slashes = true
-"#,
-        issuer = issuer.url(),
-        up = upstream.url()
-    );
-    let proxy = Proxy::start(&toml).await;
-    proxy.token_ready(Duration::from_secs(10)).await;
-    (issuer, upstream, proxy)
+    let servers = Servers::start(Dialect::OAuth2).await;
+    let up = servers.upstream.url();
+    let h = servers
+        .proxy(|c| {
+            c.without_routes()
+                .route(RouteSection::to(&format!("{up}/v1"), "p").path_prefix("/api"))
+                .route(
+                    RouteSection::to(&format!("{up}/v1/ids"), "p")
+                        .path_prefix("/ids")
+                        .allow_encoded_slashes(true),
+                )
+        })
+        .await;
+    h.proxy.token_ready(Duration::from_secs(10)).await;
+    (h.issuer, h.upstream, h.proxy)
 }
 
 /// Sends `GET <target>` as written (no client-side parsing) and returns the answer.
 async fn raw_get(addr: SocketAddr, target: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("answer within 10 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let text = raw_until_close(addr, request.as_bytes(), Duration::from_secs(10)).await;
     let status = text
         .get(9..12)
         .and_then(|s| s.parse().ok())
