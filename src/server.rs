@@ -22,7 +22,6 @@ use crate::app::{App, BuildError, ReloadHandle};
 use crate::config::{self, Config, Limits, ListenAddr};
 use crate::error::BoxError;
 use crate::listener::{Accept, UnixBindError, UnixSocket};
-use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
 use crate::proxy::Proxy;
 use crate::token::TokenStore;
@@ -490,12 +489,9 @@ async fn accept_loop<L, H, Fut, B>(
             },
         };
         let io = TokioIo::new(stream);
-        if !proxy.admits(&peer) {
-            let refusal = ProxyError::forbidden(&peer);
-            tracing::warn!(%peer, "{refusal}");
-            let svc = service_fn(move |_req| async move {
-                Ok::<_, Infallible>(ProxyError::forbidden(&peer).to_response(None, None))
-            });
+        if let Err(refused) = proxy.admit_peer(&peer) {
+            tracing::warn!(%peer, "{refused}");
+            let svc = service_fn(move |_req| async move { Ok::<_, Infallible>(refused.answer()) });
             let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
             tokio::spawn(async move {
                 let _ = conn.await;

@@ -56,7 +56,7 @@ impl ProxyError {
         }
     }
 
-    /// The refusal for a peer that `Proxy::admits` turned away.
+    /// The refusal for a peer the allowlist turned away (see `admission`).
     pub fn forbidden(peer: &crate::listener::Peer) -> Self {
         match peer {
             crate::listener::Peer::Tcp(_) => Self::ForbiddenClient,

@@ -1,6 +1,29 @@
-//! The forwarding service: route, attach the token, send upstream, replay once.
+//! The forwarding service. Every request takes one straight path, a step per phase,
+//! and [`Proxy::handle`] reads as that list:
+//!
+//! 1. **Route**: the listener's route for the request's host and path
+//!    ([`RoutingTable::route`]).
+//! 2. **Check**: every input check, in one place ([`admission`]): the peer when its
+//!    connection is accepted; then the request's target length, method and path, that
+//!    a route matched, `%2F` as the route allows, and a `preserve_host` route's Host.
+//! 3. **Prepare**: the upstream URI, the client it goes through, and the headers
+//!    without hop-by-hop fields or `Host`.
+//! 4. **Attach token**: no token (no provider, or the client's own credential may
+//!    pass), the route's provider's, or a keyed provider's for the request's key (the
+//!    key header never goes upstream).
+//! 5. **Send**: one upstream exchange, bounded by `upstream_timeout`.
+//! 6. **Replay once**: an answer in the provider's `invalidate_on` invalidates the
+//!    token; the request goes again, once, with a newer token, when its body was kept.
+//! 7. **Answer**: the upstream's response without hop-by-hop fields (a `101` also
+//!    joins the two connections into a tunnel), or the proxy's own JSON error; then
+//!    the route's metrics and the access-log line.
+//!
+//! Each phase is a function from what the previous one produced to a `Result` whose
+//! error is the proxy's answer ([`ProxyError`]), so a refusal at any phase goes
+//! straight to the answer.
 
 pub mod access_log;
+pub mod admission;
 pub mod body;
 pub mod client;
 pub mod error;
@@ -9,15 +32,18 @@ pub mod path;
 pub mod routing;
 pub mod upgrade;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::HeaderName;
 use http::uri::Authority;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tokio::time::Instant;
@@ -26,9 +52,10 @@ use crate::config::{Config, ListenAddr};
 use crate::error::chain;
 use crate::listener::Peer;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::token::{Token, TokenStore};
+use crate::token::{KeyedProvider, ProviderSlot, Token, TokenStore};
 use access_log::RequestLog;
 pub use access_log::ResBody;
+use admission::{Admitted, Refused};
 use body::{keep_for_replay, Kept, OutBody};
 use client::{ClientFactory, Clients, UpstreamClient};
 use error::ProxyError;
@@ -91,6 +118,26 @@ impl RoutingTable {
     pub fn router(&self, listen: &ListenAddr) -> Option<&Router> {
         self.routers.get(listen)
     }
+
+    /// Phase 1, route: the route for `req` on the listener configured as `listen`. The
+    /// host is read only when some route of that listener matches on it.
+    pub fn route<B>(&self, listen: &ListenAddr, req: &Request<B>) -> Option<&Route> {
+        let router = self.router(listen)?;
+        let host = if router.has_hosts() {
+            req.uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    req.headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .and_then(routing::host_without_port)
+        } else {
+            None
+        };
+        router.find(host.as_deref(), req.uri().path())
+    }
 }
 
 /// The service shared by every connection of every listener.
@@ -107,6 +154,16 @@ pub struct Proxy {
 struct Forwarded {
     response: Response<Incoming>,
     replayed: bool,
+}
+
+impl Forwarded {
+    /// The answer to the first send.
+    fn first(response: Response<Incoming>) -> Self {
+        Self {
+            response,
+            replayed: false,
+        }
+    }
 }
 
 /// Keeps the in-flight gauge right however a request ends (including cancellation).
@@ -150,23 +207,14 @@ impl Proxy {
         self.table.store(Arc::new(table));
     }
 
-    /// True when `peer` may use the proxy: a TCP peer's address must be in
-    /// `server.allowed_clients`, a Unix peer's uid in `server.allowed_uids` (when set).
-    pub fn admits(&self, peer: &Peer) -> bool {
-        let table = self.table.load();
-        match peer {
-            Peer::Tcp(addr) => {
-                let ip = addr.ip().to_canonical();
-                table.allowed_clients.iter().any(|net| net.contains(&ip))
-            }
-            Peer::Unix { uid } => match &table.allowed_uids {
-                None => true,
-                Some(allowed) => uid.is_some_and(|uid| allowed.contains(&uid)),
-            },
-        }
+    /// Phase 2, check, for a new connection: whether `peer` may use the proxy (see
+    /// [`admission`]); a refused connection gets [`Refused::answer`] to every request.
+    pub fn admit_peer(&self, peer: &Peer) -> Result<(), Refused> {
+        admission::peer(&self.table.load(), peer)
     }
 
-    /// Handles one request arriving on the listener configured as `listen`.
+    /// Handles one request arriving on the listener configured as `listen`, phase by
+    /// phase (see the module documentation).
     pub async fn handle(
         &self,
         listen: &ListenAddr,
@@ -174,85 +222,108 @@ impl Proxy {
     ) -> Result<Response<ResBody>, Infallible> {
         let started = Instant::now();
         let handshake = Handshake::take(&mut req);
-        self.metrics.in_flight().inc();
-        let _in_flight = InFlight(&self.metrics);
+        let metrics = &self.metrics;
+        metrics.in_flight().inc();
+        let _in_flight = InFlight(metrics);
         let table = self.table.load_full();
-        let route = table.router(listen).and_then(|router| {
-            let host = if router.has_hosts() {
-                req.uri()
-                    .authority()
-                    .map(|a| a.as_str())
-                    .or_else(|| {
-                        req.headers()
-                            .get(header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                    })
-                    .and_then(routing::host_without_port)
-            } else {
-                None
-            };
-            router.find(host.as_deref(), req.uri().path())
-        });
-        let log = tracing::enabled!(tracing::Level::INFO).then(|| {
-            Box::new(RequestLog {
-                method: req.method().clone(),
-                route: route.map(|r| r.name.clone()),
-                path: req.uri().path().to_owned(),
-                status: 0,
-                started,
-                replayed: false,
-                bytes: 0,
-                complete: false,
-            })
-        });
-        let protocol = handshake.as_ref().map(|h| h.protocol.clone());
-        let result = match admit(&table, route, &req) {
+        let route = table.route(listen, &req);
+        let log = access_log_line(&req, route, started);
+        let outcome = match admission::request(&table, route, &req) {
+            Ok(admitted) => {
+                let upgrade = handshake.as_ref().map(|h| h.protocol.clone());
+                self.forward(admitted, &table, req, upgrade).await
+            }
             Err(refused) => Err(refused),
-            Ok(route) => self.forward(route, &table, req, protocol).await,
         };
-        let result = match (result, route) {
-            (Ok(f), Some(route)) if f.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                self.switch(f, handshake, route)
-            }
-            (result, _) => result.map(|f| {
-                let (mut parts, body) = f.response.into_parts();
-                headers::drop_length_beside_chunked(&mut parts.headers);
-                headers::strip_hop_by_hop(&mut parts.headers);
-                (Response::from_parts(parts, body), f.replayed)
-            }),
-        };
-        let route_metrics = route.map_or(&table.unrouted, |r| &r.metrics);
-        let (response, replayed) = match result {
-            Ok((response, replayed)) => (response.map(Either::Left), replayed),
-            Err(e) => {
-                tracing::debug!(error = %e, "request failed");
-                match &e {
-                    ProxyError::UpstreamUnreachable(_) => {
-                        route_metrics.upstream_error("unreachable")
-                    }
-                    ProxyError::UpstreamTimeout(_) => route_metrics.upstream_error("timeout"),
-                    _ => {}
-                }
-                let route_name = route.map(|r| r.config.name.as_str());
-                let provider = route.and_then(|r| r.config.provider.as_deref());
-                (
-                    e.to_response(route_name, provider).map(Either::Right),
-                    false,
-                )
-            }
-        };
-        let status = response.status().as_u16();
-        route_metrics.observe(status, started.elapsed().as_secs_f64(), replayed);
-        let log = log.map(|mut log| {
-            log.status = status;
-            log.replayed = replayed;
-            log
-        });
-        Ok(response.map(|body| ResBody::new(body, log)))
+        let outcome = outcome.and_then(|forwarded| self.pass_on(forwarded, handshake, route));
+        Ok(answer(outcome, route, &table, started, log))
     }
 
-    /// The upstream switched protocols: hand the client its `101` and join the two
-    /// connections once both have switched.
+    /// Phases 3 to 6 for an admitted request: prepare, attach the token, send, replay
+    /// once. `upgrade`: the protocol of an Upgrade handshake, which goes over HTTP/1.1
+    /// with its `Upgrade`.
+    async fn forward(
+        &self,
+        admitted: Admitted<'_>,
+        table: &RoutingTable,
+        req: Request<Incoming>,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<Forwarded, ProxyError> {
+        let route = admitted.route;
+        let (parts, body) = req.into_parts();
+        let (client, mut out) = self.prepare(admitted, parts, upgrade)?;
+        match credential(route, &mut out.headers)? {
+            Credential::AsSent => {
+                let request = out.into_request(OutBody::Stream(body));
+                let response = send(client, request, table.upstream_timeout).await?;
+                Ok(Forwarded::first(response))
+            }
+            Credential::Token { slot, header } => {
+                send_with_token(client, out, body, &slot, header, table).await
+            }
+        }
+    }
+
+    /// Phase 3, prepare: the upstream request short of its token and body, and the
+    /// client it goes through.
+    fn prepare<'a>(
+        &'a self,
+        admitted: Admitted<'a>,
+        parts: http::request::Parts,
+        upgrade: Option<HeaderValue>,
+    ) -> Result<(&'a UpstreamClient, Outgoing), ProxyError> {
+        let Admitted { route, host } = admitted;
+        // The authority in the URI is what goes out as `:authority` (HTTP/2) or `Host`
+        // (HTTP/1.1): see `client`. The connection always goes to the route's upstream.
+        let upstream_authority = || route.config.upstream.authority.clone();
+        // Every request of a `preserve_host` route, Upgrade handshakes included, goes
+        // through its pinned clients: on the shared ones a proxied http:// upstream would
+        // get the handshake in absolute form beside the client's Host.
+        let (authority, client) = match (&route.pinned, &upgrade) {
+            (Some(pinned), Some(_)) => (host.unwrap_or_else(upstream_authority), &pinned.http1),
+            (Some(pinned), None) => (host.unwrap_or_else(upstream_authority), &pinned.pooled),
+            (None, Some(_)) => (upstream_authority(), &self.clients.http1),
+            (None, None) => (upstream_authority(), &self.clients.pooled),
+        };
+        let uri = upstream_uri(route, &parts.uri, authority)?;
+        let mut headers = parts.headers;
+        headers::strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        if let Some(protocol) = upgrade {
+            upgrade::restore_headers(&mut headers, protocol);
+        }
+        Ok((
+            client,
+            Outgoing {
+                method: parts.method,
+                uri,
+                headers,
+            },
+        ))
+    }
+
+    /// Phase 7, the upstream's side: its response made ready for the client. On `101`
+    /// the client gets its `101` and the two connections are joined once both have
+    /// switched.
+    fn pass_on(
+        &self,
+        forwarded: Forwarded,
+        handshake: Option<Handshake>,
+        route: Option<&Route>,
+    ) -> Result<(Response<Incoming>, bool), ProxyError> {
+        match route {
+            Some(route) if forwarded.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.switch(forwarded, handshake, route)
+            }
+            _ => {
+                let (mut parts, body) = forwarded.response.into_parts();
+                headers::drop_length_beside_chunked(&mut parts.headers);
+                headers::strip_hop_by_hop(&mut parts.headers);
+                Ok((Response::from_parts(parts, body), forwarded.replayed))
+            }
+        }
+    }
+
     fn switch(
         &self,
         forwarded: Forwarded,
@@ -282,217 +353,264 @@ impl Proxy {
         );
         Ok((Response::from_parts(parts, body), forwarded.replayed))
     }
+}
 
-    /// Sends the request to the route's upstream with its token, replaying it once with
-    /// a fresh token when the answer says the token was rejected. `upgrade`: the
-    /// protocol of an Upgrade handshake, which goes over HTTP/1.1 with its `Upgrade`.
-    async fn forward(
-        &self,
-        route: &Route,
-        table: &RoutingTable,
-        req: Request<Incoming>,
-        upgrade: Option<HeaderValue>,
-    ) -> Result<Forwarded, ProxyError> {
-        let rc = &route.config;
-        let (parts, body) = req.into_parts();
-        // The authority in the URI is what goes out as `:authority` (HTTP/2) or `Host`
-        // (HTTP/1.1): see `client`. The connection always goes to the route's upstream.
-        let preserved = match &route.pinned {
-            Some(_) => client_authority(&parts)?,
-            None => None,
-        };
-        let upstream_authority = || rc.upstream.authority.clone();
-        // Every request of a `preserve_host` route, Upgrade handshakes included, goes
-        // through its pinned clients: on the shared ones a proxied http:// upstream would
-        // get the handshake in absolute form beside the client's Host.
-        let (authority, client) = match (&route.pinned, &upgrade) {
-            (Some(pinned), Some(_)) => {
-                (preserved.unwrap_or_else(upstream_authority), &pinned.http1)
-            }
-            (Some(pinned), None) => (preserved.unwrap_or_else(upstream_authority), &pinned.pooled),
-            (None, Some(_)) => (upstream_authority(), &self.clients.http1),
-            (None, None) => (upstream_authority(), &self.clients.pooled),
-        };
-        let uri = upstream_uri(route, &parts.uri, authority)?;
-        let mut headers = parts.headers;
-        headers::strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
-        if let Some(protocol) = upgrade {
-            upgrade::restore_headers(&mut headers, protocol);
-        }
+/// The upstream request short of its token and body.
+#[derive(Clone)]
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
 
-        // The key never goes upstream, whatever happens next.
-        let key = route.keyed.as_ref().map(|keyed| {
-            let header = &keyed.keys().header;
-            let once = headers.get_all(header).iter().nth(1).is_none();
-            (keyed, header, headers.remove(header).filter(|_| once))
-        });
-        let config = match (&route.slot, &key) {
-            (Some(slot), _) => &slot.config,
-            (None, Some((keyed, _, _))) => &keyed.config,
-            (None, None) => {
-                let request = build(&parts.method, uri, headers, OutBody::Stream(body));
-                return Ok(Forwarded {
-                    response: self.send(client, request, table.upstream_timeout).await?,
-                    replayed: false,
-                });
-            }
-        };
-        let token_header = &config.header;
-        if rc.pass_client_authorization && headers.contains_key(token_header) {
-            let request = build(&parts.method, uri, headers, OutBody::Stream(body));
-            return Ok(Forwarded {
-                response: self.send(client, request, table.upstream_timeout).await?,
-                replayed: false,
-            });
-        }
-        let keyed_slot;
-        let slot = match (&route.slot, key) {
-            (Some(slot), _) => slot,
-            (None, Some((keyed, header, value))) => {
-                let bad = |problem| ProxyError::BadKey {
-                    header: header.clone(),
-                    problem,
-                };
-                let value = value.ok_or_else(|| bad("is required on this route, exactly once"))?;
-                let value = value
-                    .to_str()
-                    .map_err(|_| bad("does not match the provider's key_pattern"))?;
-                keyed_slot = keyed
-                    .slot(value)
-                    .ok_or_else(|| bad("does not match the provider's key_pattern"))?;
-                &keyed_slot
-            }
-            (None, None) => return Err(ProxyError::NoRoute),
-        };
-        let token = slot.get().await?;
-        let (first_body, kept) = if slot.config.invalidate_on.is_empty() {
-            (OutBody::Stream(body), None)
-        } else {
-            // Bounded: a client that announces more body than it sends would otherwise
-            // hold the request (and its connection) forever.
-            let kept = keep_for_replay(body, table.max_replay_body);
-            match tokio::time::timeout(table.upstream_timeout, kept).await {
-                Ok(Ok(Kept::Whole(bytes))) => (OutBody::Full(Some(bytes.clone())), Some(bytes)),
-                Ok(Ok(Kept::TooLarge(stream))) => (stream, None),
-                Ok(Err(_)) => {
-                    return Err(ProxyError::BadRequest("the request body could not be read"))
-                }
-                Err(_) => return Err(ProxyError::BodyTimeout(table.upstream_timeout)),
-            }
-        };
-        let replay_headers = kept.as_ref().map(|_| headers.clone());
-        let request = build(
-            &parts.method,
-            uri.clone(),
-            with_token(headers, token_header, &token),
-            first_body,
-        );
-        let response = self.send(client, request, table.upstream_timeout).await?;
-        if !slot.config.invalidate_on.contains(&response.status()) {
-            return Ok(Forwarded {
-                response,
-                replayed: false,
-            });
-        }
-        slot.invalidate(token.generation);
-        let (Some(bytes), Some(headers)) = (kept, replay_headers) else {
-            return Ok(Forwarded {
-                response,
-                replayed: false,
-            });
-        };
-        // At most one replay, and only with a token newer than the rejected one.
-        let fresh = match slot.get().await {
-            Ok(fresh) if fresh.generation != token.generation => fresh,
-            _ => {
-                return Ok(Forwarded {
-                    response,
-                    replayed: false,
-                })
-            }
-        };
-        drop(response);
-        let request = build(
-            &parts.method,
-            uri,
-            with_token(headers, token_header, &fresh),
-            OutBody::Full(Some(bytes)),
-        );
-        // A fresh token rejected again is left alone here: the next request that
-        // sees it rejected invalidates it, so one request never causes two fetches.
-        let response = self.send(client, request, table.upstream_timeout).await?;
-        Ok(Forwarded {
-            response,
-            replayed: true,
-        })
+impl Outgoing {
+    fn with_token(mut self, header: &HeaderName, token: &Token) -> Self {
+        self.headers.insert(header, token.header_value().clone());
+        self
     }
 
-    async fn send(
-        &self,
-        client: &UpstreamClient,
-        request: Request<OutBody>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        match tokio::time::timeout(timeout, client.request(request)).await {
-            // 600-999 parse, but are no HTTP status (RFC 9110 §15): not an answer to pass on.
-            Ok(Ok(response)) if response.status().as_u16() > 599 => {
-                Err(ProxyError::UpstreamUnreachable(format!(
-                    "the upstream answered with status {}, which HTTP does not define",
-                    response.status().as_u16()
-                )))
-            }
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
-            Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
-        }
+    fn into_request(self, body: OutBody) -> Request<OutBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        // HTTP/1.1 on the way out; the pool upgrades to HTTP/2 when ALPN agrees.
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = self.headers;
+        request
     }
 }
 
-/// The checks every request passes before anything is forwarded: target length,
-/// method, the path's readings (see [`path`]) and a route. The path is checked
-/// before the route is known; only `%2F` waits for the route's verdict.
-fn admit<'t>(
-    table: &'t RoutingTable,
-    route: Option<&'t Route>,
-    req: &Request<Incoming>,
-) -> Result<&'t Route, ProxyError> {
-    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) as u64;
-    if target_len > table.max_uri_length {
-        return Err(ProxyError::UriTooLong(table.max_uri_length));
-    }
-    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
-        // CONNECT would tunnel past the route; TRACE would echo the token back.
-        return Err(ProxyError::BadRequest("this method is not forwarded"));
-    }
-    let checked = path::check(req.uri().path())
-        .map_err(|refusal| ProxyError::BadRequest(refusal.message()))?;
-    let route = route.ok_or(ProxyError::NoRoute)?;
-    if checked.encoded_slash && !route.config.allow_encoded_slashes {
-        return Err(ProxyError::BadRequest(
-            path::PathRefusal::EncodedSlash.message(),
-        ));
-    }
-    Ok(route)
+/// Phase 4's verdict: what authorizes the request upstream.
+enum Credential<'r> {
+    /// Nothing added: the route has no provider, or the client's own credential passes.
+    AsSent,
+    /// A token from `slot`, sent in `header`.
+    Token {
+        slot: Cow<'r, Arc<ProviderSlot>>,
+        header: &'r HeaderName,
+    },
 }
 
-/// The client's Host: the request URI's authority (absolute form, or HTTP/2's
-/// `:authority`), else the `Host` field. `None` when the client sent neither.
-fn client_authority(parts: &http::request::Parts) -> Result<Option<Authority>, ProxyError> {
-    let raw = match parts.uri.authority() {
-        Some(authority) => authority.as_str().as_bytes(),
-        None => match parts.headers.get(header::HOST) {
-            Some(host) => host.as_bytes(),
-            None => return Ok(None),
-        },
+/// Phase 4, attach token: which credential goes upstream. A keyed route's key header
+/// is taken out of `headers` whatever the verdict, so the key never goes upstream. The
+/// key is checked here rather than at admission because a request whose own
+/// credential passes needs none.
+fn credential<'r>(route: &'r Route, headers: &mut HeaderMap) -> Result<Credential<'r>, ProxyError> {
+    let key = route
+        .keyed
+        .as_ref()
+        .map(|keyed| (keyed, take_key(keyed, headers)));
+    let header = match (&route.slot, &key) {
+        (Some(slot), _) => &slot.config.header,
+        (None, Some((keyed, _))) => &keyed.config.header,
+        (None, None) => return Ok(Credential::AsSent),
     };
-    match Authority::try_from(raw) {
-        // A Host never carries user info; refuse rather than pass it on.
-        Ok(authority) if !authority.as_str().contains('@') => Ok(Some(authority)),
-        _ => Err(ProxyError::BadRequest(
-            "the Host header is not a valid host[:port]",
-        )),
+    if route.config.pass_client_authorization && headers.contains_key(header) {
+        return Ok(Credential::AsSent);
     }
+    let slot = match (&route.slot, key) {
+        (Some(slot), _) => Cow::Borrowed(slot),
+        (None, Some((keyed, value))) => Cow::Owned(keyed_slot(keyed, value)?),
+        (None, None) => return Err(ProxyError::NoRoute),
+    };
+    Ok(Credential::Token { slot, header })
+}
+
+/// Removes the key header; its value when it was sent exactly once.
+fn take_key(keyed: &KeyedProvider, headers: &mut HeaderMap) -> Option<HeaderValue> {
+    let header = &keyed.keys().header;
+    let once = headers.get_all(header).iter().nth(1).is_none();
+    headers.remove(header).filter(|_| once)
+}
+
+/// The slot of the request's key; the error names the header, never the value.
+fn keyed_slot(
+    keyed: &KeyedProvider,
+    value: Option<HeaderValue>,
+) -> Result<Arc<ProviderSlot>, ProxyError> {
+    let bad = |problem| ProxyError::BadKey {
+        header: keyed.keys().header.clone(),
+        problem,
+    };
+    let value = value.ok_or_else(|| bad("is required on this route, exactly once"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| bad("does not match the provider's key_pattern"))?;
+    keyed
+        .slot(value)
+        .ok_or_else(|| bad("does not match the provider's key_pattern"))
+}
+
+/// Phases 4 to 6 with a token: attach it, send, and replay once if it is rejected.
+async fn send_with_token(
+    client: &UpstreamClient,
+    out: Outgoing,
+    body: Incoming,
+    slot: &ProviderSlot,
+    header: &HeaderName,
+    table: &RoutingTable,
+) -> Result<Forwarded, ProxyError> {
+    let token = slot.get().await?;
+    let (first_body, kept) = keep_body(slot, body, table).await?;
+    let replay = kept.map(|body| Replay {
+        out: out.clone(),
+        body,
+    });
+    let request = out.with_token(header, &token).into_request(first_body);
+    let response = send(client, request, table.upstream_timeout).await?;
+    replay_once(client, slot, header, &token, response, replay, table).await
+}
+
+/// The request again, for a replay: everything but the token.
+struct Replay {
+    out: Outgoing,
+    body: Bytes,
+}
+
+/// The body for the first send, and its bytes again when a rejected token may need a
+/// replay: only for a provider with `invalidate_on`, and only up to `max_replay_body`.
+async fn keep_body(
+    slot: &ProviderSlot,
+    body: Incoming,
+    table: &RoutingTable,
+) -> Result<(OutBody, Option<Bytes>), ProxyError> {
+    if slot.config.invalidate_on.is_empty() {
+        return Ok((OutBody::Stream(body), None));
+    }
+    // Bounded: a client that announces more body than it sends would otherwise hold the
+    // request (and its connection) forever.
+    let kept = keep_for_replay(body, table.max_replay_body);
+    match tokio::time::timeout(table.upstream_timeout, kept).await {
+        Ok(Ok(Kept::Whole(bytes))) => Ok((OutBody::Full(Some(bytes.clone())), Some(bytes))),
+        Ok(Ok(Kept::TooLarge(stream))) => Ok((stream, None)),
+        Ok(Err(_)) => Err(ProxyError::BadRequest("the request body could not be read")),
+        Err(_) => Err(ProxyError::BodyTimeout(table.upstream_timeout)),
+    }
+}
+
+/// Phase 6, replay once: an answer in `invalidate_on` invalidates the token that got
+/// it; the request goes again, at most once and only with a newer token, when its body
+/// was kept. Otherwise the first answer stands.
+async fn replay_once(
+    client: &UpstreamClient,
+    slot: &ProviderSlot,
+    header: &HeaderName,
+    used: &Token,
+    response: Response<Incoming>,
+    replay: Option<Replay>,
+    table: &RoutingTable,
+) -> Result<Forwarded, ProxyError> {
+    let rejected = slot.config.invalidate_on.contains(&response.status());
+    if rejected {
+        slot.invalidate(used.generation);
+    }
+    let fresh = match replay {
+        Some(replay) if rejected => match slot.get().await {
+            Ok(fresh) if fresh.generation != used.generation => Some((replay, fresh)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let Some((replay, fresh)) = fresh else {
+        return Ok(Forwarded::first(response));
+    };
+    drop(response);
+    let request = replay
+        .out
+        .with_token(header, &fresh)
+        .into_request(OutBody::Full(Some(replay.body)));
+    // A fresh token rejected again is left alone here: the next request that sees it
+    // rejected invalidates it, so one request never causes two fetches.
+    let response = send(client, request, table.upstream_timeout).await?;
+    Ok(Forwarded {
+        response,
+        replayed: true,
+    })
+}
+
+/// Phase 5, send: one exchange with the upstream, bounded by `timeout` up to the
+/// response headers.
+async fn send(
+    client: &UpstreamClient,
+    request: Request<OutBody>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(timeout, client.request(request)).await {
+        // 600-999 parse, but are no HTTP status (RFC 9110 §15): not an answer to pass on.
+        Ok(Ok(response)) if response.status().as_u16() > 599 => {
+            Err(ProxyError::UpstreamUnreachable(format!(
+                "the upstream answered with status {}, which HTTP does not define",
+                response.status().as_u16()
+            )))
+        }
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
+        Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
+    }
+}
+
+/// Phase 7, answer: the upstream's response or the proxy's own, counted in the route's
+/// metrics; the access-log line goes with the body and is written when it is sent.
+fn answer(
+    outcome: Result<(Response<Incoming>, bool), ProxyError>,
+    route: Option<&Route>,
+    table: &RoutingTable,
+    started: Instant,
+    log: Option<Box<RequestLog>>,
+) -> Response<ResBody> {
+    let route_metrics = route.map_or(&table.unrouted, |r| &r.metrics);
+    let (response, replayed) = match outcome {
+        Ok((response, replayed)) => (response.map(Either::Left), replayed),
+        Err(e) => (
+            error_answer(&e, route, route_metrics).map(Either::Right),
+            false,
+        ),
+    };
+    let status = response.status().as_u16();
+    route_metrics.observe(status, started.elapsed().as_secs_f64(), replayed);
+    let log = log.map(|mut log| {
+        log.status = status;
+        log.replayed = replayed;
+        log
+    });
+    response.map(|body| ResBody::new(body, log))
+}
+
+/// The proxy's own answer for `e`, naming the route and provider when known.
+fn error_answer(
+    e: &ProxyError,
+    route: Option<&Route>,
+    route_metrics: &RouteMetrics,
+) -> Response<Full<Bytes>> {
+    tracing::debug!(error = %e, "request failed");
+    match e {
+        ProxyError::UpstreamUnreachable(_) => route_metrics.upstream_error("unreachable"),
+        ProxyError::UpstreamTimeout(_) => route_metrics.upstream_error("timeout"),
+        _ => {}
+    }
+    let route_name = route.map(|r| r.config.name.as_str());
+    let provider = route.and_then(|r| r.config.provider.as_deref());
+    e.to_response(route_name, provider)
+}
+
+/// The access-log line's fields known up front; `None` when info logging is off.
+fn access_log_line<B>(
+    req: &Request<B>,
+    route: Option<&Route>,
+    started: Instant,
+) -> Option<Box<RequestLog>> {
+    tracing::enabled!(tracing::Level::INFO).then(|| {
+        Box::new(RequestLog {
+            method: req.method().clone(),
+            route: route.map(|r| r.name.clone()),
+            path: req.uri().path().to_owned(),
+            status: 0,
+            started,
+            replayed: false,
+            bytes: 0,
+            complete: false,
+        })
+    })
 }
 
 /// The absolute upstream URI: route's scheme and base path, `authority`, then the
@@ -517,19 +635,4 @@ fn upstream_uri(route: &Route, uri: &Uri, authority: Authority) -> Result<Uri, P
         .path_and_query(pq)
         .build()
         .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded"))
-}
-
-fn with_token(mut headers: HeaderMap, name: &header::HeaderName, token: &Token) -> HeaderMap {
-    headers.insert(name, token.header_value().clone());
-    headers
-}
-
-fn build(method: &Method, uri: Uri, headers: HeaderMap, body: OutBody) -> Request<OutBody> {
-    let mut request = Request::new(body);
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri;
-    // HTTP/1.1 on the way out; the pool upgrades to HTTP/2 when ALPN agrees.
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = headers;
-    request
 }
