@@ -25,7 +25,8 @@ use url::Url;
 
 use crate::client_auth::{AssertionKey, ClientIdentity, SecretCell, SecretCommand};
 use crate::secret::Secret;
-pub use fingerprint::{Fingerprint, FingerprintMemo};
+pub use fingerprint::Fingerprint;
+use fingerprint::FingerprintMemo;
 pub use outbound::{OutboundProxy, ProxyUrl};
 use raw::RawConfig;
 use validate::{syntax_message, Validator};
@@ -390,7 +391,7 @@ pub struct ProviderConfig {
     /// Set for a keyed provider: one token per value of a request header.
     pub keys: Option<KeyConfig>,
     /// Kept by [`ProviderConfig::fingerprint`]; starts empty.
-    pub fingerprint_memo: FingerprintMemo,
+    pub(crate) fingerprint_memo: FingerprintMemo,
 }
 
 /// `key_header` and friends: a keyed provider holds one token per key.
