@@ -67,9 +67,12 @@ async fn curl_as_the_client() {
     let Some(program) = require("curl") else {
         return;
     };
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&basic_config(&issuer, &upstream, "")).await;
+    let Harness {
+        issuer,
+        upstream,
+        proxy,
+        ..
+    } = Harness::start().await;
     proxy.token_ready(Duration::from_secs(5)).await;
     let token = format!("Bearer {}", issuer.token(1));
     let base = format!("http://{}", proxy.addr);
