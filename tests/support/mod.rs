@@ -676,29 +676,6 @@ pub fn converged(proxies: &[Proxy]) -> bool {
     ids[0].is_some() && ids.iter().all(|id| *id == ids[0])
 }
 
-/// A minimal config: one provider `p` at `issuer`, a catch-all route to `upstream`.
-pub fn basic_config(issuer: &Issuer, upstream: &Upstream, provider_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "2s"
-
-[providers.p]
-token_url = "{}"
-client_id = "test-client"
-client_secret = "test-secret-value"
-{provider_extra}
-
-[[routes]]
-upstream = "{}"
-provider = "p"
-"#,
-        issuer.url(),
-        upstream.url()
-    )
-}
-
 // === Client ===
 
 pub type Client = hyper_util::client::legacy::Client<
