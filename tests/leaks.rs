@@ -75,65 +75,48 @@ async fn trace_logs_admin_pages_and_check_never_show_secrets_or_tokens() {
     let key_pem = key_pair.serialize_pem();
     let key_file = dir.path().join("client.key");
     std::fs::write(&key_file, &key_pem).unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin_port}"
-token_wait = "300ms"
-token_cache_dir = "{cache}"
-
-[providers.basic]
-token_url = "{url}"
-client_id = "leak-client"
-client_secret = "{SECRET}"
-client_auth = "basic"
-invalidate_on = [401]
-
-[providers.body]
-token_url = "{url}"
-client_id = "leak-client"
-client_secret = "{SECRET}"
-request_format = "json"
-audience = "aud"
-
-[providers.cmd]
-token_url = "{url}"
-client_id = "leak-client"
-client_secret_command = ["{script}"]
-
-[providers.jwt]
-token_url = "{url}"
-client_id = "leak-client"
-client_auth = "private_key_jwt"
-client_key_file = "{key}"
-
-[[routes]]
-path_prefix = "/basic"
-upstream = "{up}"
-provider = "basic"
-
-[[routes]]
-path_prefix = "/cmd"
-upstream = "{up}"
-provider = "cmd"
-
-[[routes]]
-path_prefix = "/jwt"
-upstream = "{up}"
-provider = "jwt"
-
-[[routes]]
-path_prefix = "/body"
-upstream = "{up}"
-provider = "body"
-"#,
-        cache = dir.path().join("cache").display(),
-        script = script.display(),
-        key = key_file.display(),
-        url = issuer.url(),
-        up = upstream.url()
-    );
+    let (url, up) = (issuer.url(), upstream.url());
+    let provider = || {
+        ProviderSection::default()
+            .token_url(&url)
+            .client_id("leak-client")
+    };
+    let config = TestConfig::default()
+        .server(|s| {
+            s.listen(format!("127.0.0.1:{port}"))
+                .admin_listen(format!("127.0.0.1:{admin_port}"))
+                .token_wait("300ms")
+                .token_cache_dir(dir.path().join("cache").display().to_string())
+        })
+        .with_provider(
+            "basic",
+            provider()
+                .client_secret(SECRET)
+                .client_auth("basic")
+                .invalidate_on([401]),
+        )
+        .with_provider(
+            "body",
+            provider()
+                .client_secret(SECRET)
+                .request_format("json")
+                .audience("aud"),
+        )
+        .with_provider(
+            "cmd",
+            provider().client_secret_command([script.display().to_string()]),
+        )
+        .with_provider(
+            "jwt",
+            provider()
+                .client_auth("private_key_jwt")
+                .client_key_file(key_file.display().to_string()),
+        )
+        .route(RouteSection::to(&up, "basic").path_prefix("/basic"))
+        .route(RouteSection::to(&up, "cmd").path_prefix("/cmd"))
+        .route(RouteSection::to(&up, "jwt").path_prefix("/jwt"))
+        .route(RouteSection::to(&up, "body").path_prefix("/body"));
+    let toml = config.render();
     std::fs::write(&file, &toml).unwrap();
     let log_path = dir.path().join("stderr.log");
     let out_path = dir.path().join("stdout.log");
@@ -280,7 +263,10 @@ provider = "body"
     // A bad reload (its error comes back and is logged), then SIGHUP.
     std::fs::write(
         &file,
-        toml.replace("request_format = \"json\"", "request_format = \"xml\""),
+        config
+            .clone()
+            .provider("body", |p| p.request_format("xml"))
+            .render(),
     )
     .unwrap();
     let bad = send(
@@ -340,11 +326,14 @@ provider = "body"
 
     // check, on the good file and on files with errors next to the secret.
     let mut check_out = String::new();
-    let bad_key = toml.replace("audience = \"aud\"", "audiance = \"aud\"");
-    let bad_syntax = toml.replace(
-        &format!("client_secret = \"{SECRET}\"\nclient_auth"),
-        &format!("client_secret = \"{SECRET}\nclient_auth"),
-    );
+    let bad_key = config
+        .clone()
+        .provider("body", |p| p.unset("audience").set("audiance", "aud"))
+        .render();
+    // Broken TOML text: the secret's closing quote is missing, so the error is next to it.
+    let quoted = format!("client_secret = \"{SECRET}\"");
+    assert!(toml.contains(&quoted), "{toml}");
+    let bad_syntax = toml.replacen(&quoted, &format!("client_secret = \"{SECRET}"), 1);
     for (i, text) in [toml.clone(), bad_key, bad_syntax].into_iter().enumerate() {
         let f = dir.path().join(format!("check{i}.toml"));
         std::fs::write(&f, text).unwrap();
@@ -374,38 +363,23 @@ async fn keys_never_reach_trace_logs_admin_pages_errors_cache_file_names_or_redi
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let file = dir.path().join("bp.toml");
-    let toml = format!(
-        r#"
-[store]
-backend = "redis"
-redis_url = "{redis}"
-key_prefix = "leak:"
-
-[server]
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin_port}"
-token_wait = "10s"
-token_cache_dir = "{cache}"
-
-[providers.member]
-token_url = "{url}"
-client_id = "leak-client"
-client_secret = "{SECRET}"
-request_format = "json"
-scope = '["LOGIN","{{key}}"]'
-key_header = "X-Loyalife-Member"
-token_field = "results.token"
-expires_at_field = "results.tokenExpiresOn"
-
-[[routes]]
-upstream = "{up}"
-provider = "member"
-"#,
-        redis = redis.url(),
-        cache = cache.display(),
-        url = issuer.url(),
-        up = upstream.url()
-    );
+    let toml = TestConfig::default()
+        .store(StoreSection::redis(&redis.url()).key_prefix("leak:"))
+        .server(|s| {
+            s.listen(format!("127.0.0.1:{port}"))
+                .admin_listen(format!("127.0.0.1:{admin_port}"))
+                .token_wait("10s")
+                .token_cache_dir(cache.display().to_string())
+        })
+        .with_provider(
+            "member",
+            ProviderSection::new(&issuer.url(), "leak-client", SECRET)
+                .loyalife()
+                .scope(r#"["LOGIN","{key}"]"#)
+                .key_header("X-Loyalife-Member"),
+        )
+        .route(RouteSection::to(&upstream.url(), "member"))
+        .render();
     std::fs::write(&file, &toml).unwrap();
     let log_path = dir.path().join("stderr.log");
     let mut child = Child(
