@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use bearer_proxy::config::Config;
 use bearer_proxy::server::Server;
 use http::Request;
 use http_body_util::BodyExt;
@@ -20,27 +19,13 @@ use crate::interop::require;
 use crate::support::*;
 
 /// A config serving one provider route on `unix:<dir>/proxy.sock`.
-fn unix_config(dir: &Path, issuer: &Issuer, upstream: &Upstream, server_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "unix:{dir}/proxy.sock"
-token_wait = "5s"
-{server_extra}
-
-[providers.p]
-token_url = "{issuer}"
-client_id = "test-client"
-client_secret = "test-secret-value"
-
-[[routes]]
-upstream = "{upstream}/v1"
-provider = "p"
-"#,
-        dir = dir.display(),
-        issuer = issuer.url(),
-        upstream = upstream.url()
-    )
+fn unix_config(dir: &Path, issuer: &Issuer, upstream: &Upstream) -> TestConfig {
+    TestConfig::basic(issuer, upstream)
+        .server(|s| {
+            s.listen(format!("unix:{}/proxy.sock", dir.display()))
+                .token_wait("5s")
+        })
+        .edit_route(0, |r| r.upstream(format!("{}/v1", upstream.url())))
 }
 
 /// A proxy serving `toml` in this process; `stop` shuts it down and waits.
@@ -50,8 +35,8 @@ struct Running {
 }
 
 impl Running {
-    async fn start(toml: &str) -> Self {
-        let config = Config::parse(toml, Path::new("test.toml"), &|_| None).expect("config");
+    async fn start(toml: &TestConfig) -> Self {
+        let config = toml.parse();
         let server = Server::bind(config).await.expect("bind");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
@@ -120,15 +105,10 @@ fn is_root() -> bool {
 #[tokio::test]
 async fn serves_http1_and_h2c_on_a_0600_socket_and_removes_it_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let admin_sock = dir.path().join("admin.sock");
-    let toml = unix_config(
-        dir.path(),
-        &issuer,
-        &upstream,
-        &format!("admin_listen = \"unix:{}\"", admin_sock.display()),
-    );
+    let toml = unix_config(dir.path(), &issuer, &upstream)
+        .server(|s| s.admin_listen(format!("unix:{}", admin_sock.display())));
     let running = Running::start(&toml).await;
     let sock = dir.path().join("proxy.sock");
     for path in [&sock, &admin_sock] {
@@ -208,12 +188,11 @@ async fn other_users_are_refused_by_the_mode_and_by_allowed_uids() {
     let dir = tempfile::tempdir().unwrap();
     // Let others reach the directory, so the socket's own mode is what decides.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let sock = dir.path().join("proxy.sock");
 
     // Default mode 0600: nobody cannot even connect; root (the owner) can.
-    let running = Running::start(&unix_config(dir.path(), &issuer, &upstream, "")).await;
+    let running = Running::start(&unix_config(dir.path(), &issuer, &upstream)).await;
     let (code, _) = curl(&sock, "/x", Some("nobody"), &[]).await;
     assert_eq!(code, "000", "nobody connected to a 0600 socket");
     let (code, body) = curl(&sock, "/x", None, &[]).await;
@@ -222,12 +201,10 @@ async fn other_users_are_refused_by_the_mode_and_by_allowed_uids() {
     assert_eq!(upstream.hits(), 1);
 
     // Mode 0666 lets nobody connect; allowed_uids = [0] answers it 403.
-    let running = Running::start(&unix_config(
-        dir.path(),
-        &issuer,
-        &upstream,
-        "unix_socket_mode = \"0666\"\nallowed_uids = [0]",
-    ))
+    let running = Running::start(
+        &unix_config(dir.path(), &issuer, &upstream)
+            .server(|s| s.unix_socket_mode("0666").allowed_uids([0])),
+    )
     .await;
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o666);
@@ -246,12 +223,10 @@ async fn other_users_are_refused_by_the_mode_and_by_allowed_uids() {
     running.stop().await;
 
     // unix_socket_group: the file's group is set.
-    let running = Running::start(&unix_config(
-        dir.path(),
-        &issuer,
-        &upstream,
-        "unix_socket_mode = \"0660\"\nunix_socket_group = \"nogroup\"",
-    ))
+    let running = Running::start(
+        &unix_config(dir.path(), &issuer, &upstream)
+            .server(|s| s.unix_socket_mode("0660").unix_socket_group("nogroup")),
+    )
     .await;
     let meta = std::fs::metadata(&sock).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
@@ -318,10 +293,13 @@ fn signal(child: &tokio::process::Child, sig: &str) {
 #[tokio::test]
 async fn live_socket_is_kept_stale_one_replaced_and_removed_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let config: PathBuf = dir.path().join("proxy.toml");
-    std::fs::write(&config, unix_config(dir.path(), &issuer, &upstream, "")).unwrap();
+    std::fs::write(
+        &config,
+        unix_config(dir.path(), &issuer, &upstream).render(),
+    )
+    .unwrap();
     let sock = dir.path().join("proxy.sock");
 
     let mut first = spawn_binary(&config);
@@ -364,12 +342,10 @@ async fn live_socket_is_kept_stale_one_replaced_and_removed_on_sigterm() {
 #[tokio::test]
 async fn a_regular_file_in_the_way_is_an_error_and_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let upstream = Upstream::start().await;
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
     let sock = dir.path().join("proxy.sock");
     std::fs::write(&sock, "not a socket").unwrap();
-    let toml = unix_config(dir.path(), &issuer, &upstream, "");
-    let config = Config::parse(&toml, Path::new("test.toml"), &|_| None).unwrap();
+    let config = unix_config(dir.path(), &issuer, &upstream).parse();
     let error = match Server::bind(config).await {
         Ok(_) => panic!("bound over a regular file"),
         Err(e) => e.to_string(),
