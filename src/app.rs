@@ -104,7 +104,7 @@ impl App {
             .map(|o| Arc::new(o.matcher()));
         let clients = ClientFactory::new(tls, config.server.connect_timeout, outbound);
         let table = RoutingTable::new(&config, &store, &metrics, &clients);
-        let proxy = Arc::new(Proxy::new(table, clients.clients(), metrics.clone()));
+        let proxy = Arc::new(Proxy::new(table, metrics.clone()));
         Ok(Self {
             config: Mutex::new(config),
             store,

@@ -23,7 +23,7 @@ use crate::config::{self, Config, Limits, ListenAddr};
 use crate::error::BoxError;
 use crate::listener::{Accept, UnixBindError, UnixSocket};
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
-use crate::proxy::Proxy;
+use crate::proxy::{Forwarder, Proxy};
 use crate::token::TokenStore;
 
 /// Why the server could not start.
@@ -153,7 +153,7 @@ impl Server {
         }
         let mut threads = Vec::new();
         for (w, sockets) in per_worker.into_iter().enumerate() {
-            let proxy = Arc::new(self.app.proxy.for_worker(
+            let forwarder = Arc::new(self.app.proxy.forwarder(
                 self.app.clients.clients(),
                 Tunnels::new(stop.clone(), grace),
             ));
@@ -165,13 +165,16 @@ impl Server {
             let stop = stop.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("bearer-proxy-w{w}"))
-                .spawn(move || serve_worker(sockets, proxy, settings, stop));
+                .spawn(move || serve_worker(sockets, forwarder, settings, stop));
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(error) => tracing::error!(%error, "cannot start a worker thread"),
             }
         }
         let mut tasks = Vec::new();
+        // The Unix socket listeners share one forwarder on this runtime, made for the
+        // first of them.
+        let mut unix_forwarder: Option<Arc<Forwarder>> = None;
         for (configured, socket) in self.unix {
             let path = socket.path().to_owned();
             let listener = match socket.into_listener() {
@@ -187,14 +190,19 @@ impl Server {
                 permits: permits.clone(),
                 grace,
             };
-            let proxy = self.app.proxy.clone();
-            let handler_proxy = proxy.clone();
+            let forwarder = unix_forwarder
+                .get_or_insert_with(|| {
+                    let clients = self.app.clients.clients();
+                    Arc::new(self.app.proxy.forwarder(clients, Tunnels::default()))
+                })
+                .clone();
+            let proxy = forwarder.proxy().clone();
             let configured = Arc::new(configured);
             let handler = move |req| {
-                let proxy = handler_proxy.clone();
+                let forwarder = forwarder.clone();
                 let configured = configured.clone();
                 // Boxed for the same reason as the workers' handler.
-                Box::pin(async move { proxy.handle(&configured, req).await })
+                Box::pin(async move { forwarder.handle(&configured, req).await })
             };
             tasks.push(tokio::spawn(accept_loop(
                 settings,
@@ -272,7 +280,7 @@ impl Server {
 /// One worker thread: a single-threaded runtime serving its share of every listener.
 fn serve_worker(
     sockets: Vec<(SocketAddr, std::net::TcpListener)>,
-    proxy: Arc<Proxy>,
+    forwarder: Arc<Forwarder>,
     settings: ListenerSettings,
     stop: CancellationToken,
 ) {
@@ -300,20 +308,20 @@ fn serve_worker(
                     continue;
                 }
             };
-            let handler_proxy = proxy.clone();
+            let handler_forwarder = forwarder.clone();
             // Boxed: hyper keeps a slot the size of this future in every connection,
             // idle or not; the request path's state (forward, replay, upstream send)
             // is ~4 KiB that only requests in flight should pay for.
             let configured = Arc::new(ListenAddr::Tcp(configured));
             let handler = move |req| {
-                let proxy = handler_proxy.clone();
+                let forwarder = handler_forwarder.clone();
                 let configured = configured.clone();
-                Box::pin(async move { proxy.handle(&configured, req).await })
+                Box::pin(async move { forwarder.handle(&configured, req).await })
             };
             tasks.push(tokio::spawn(accept_loop(
                 settings.clone(),
                 listener,
-                proxy.clone(),
+                forwarder.proxy().clone(),
                 handler,
                 stop.clone(),
             )));
@@ -323,7 +331,7 @@ fn serve_worker(
         }
         // Upgraded connections outlive their HTTP connection; they close by themselves
         // `shutdown_grace` after the stop at the latest.
-        proxy.tunnels().wait().await;
+        forwarder.tunnels().wait().await;
     });
 }
 

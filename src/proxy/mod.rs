@@ -1,5 +1,5 @@
 //! The forwarding service. Every request takes one straight path, a step per phase,
-//! and [`Proxy::handle`] reads as that list:
+//! and [`Forwarder::handle`] reads as that list:
 //!
 //! 1. **Route**: the listener's route for the request's host and path
 //!    ([`RoutingTable::route`]).
@@ -20,7 +20,9 @@
 //!
 //! Each phase is a function from what the previous one produced to a `Result` whose
 //! error is the proxy's answer ([`ProxyError`]), so a refusal at any phase goes
-//! straight to the answer.
+//! straight to the answer. [`Proxy`] is what every worker shares (the routing table,
+//! swapped whole on reload, and metrics); each worker forwards through its own
+//! [`Forwarder`], which owns its upstream clients and its tunnels.
 
 pub mod access_log;
 pub mod admission;
@@ -140,12 +142,49 @@ impl RoutingTable {
     }
 }
 
-/// The service shared by every connection of every listener.
+/// What every worker shares: the routing table, swapped once for all on reload, and
+/// the metrics.
 pub struct Proxy {
-    /// Shared by every worker's `Proxy`, so a reload swaps it once for all.
-    table: Arc<ArcSwap<RoutingTable>>,
-    clients: Clients,
+    table: ArcSwap<RoutingTable>,
     metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    /// A proxy over `table`.
+    pub fn new(table: RoutingTable, metrics: Arc<Metrics>) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(table),
+            metrics,
+        }
+    }
+
+    /// A forwarder for one worker: the same routes and metrics, its own upstream
+    /// connection pools (so workers never contend on one pool lock) and tunnels.
+    pub fn forwarder(self: &Arc<Self>, clients: Clients, tunnels: Tunnels) -> Forwarder {
+        Forwarder {
+            proxy: self.clone(),
+            clients,
+            tunnels,
+        }
+    }
+
+    /// Replaces the routing table; requests in flight finish on the old one.
+    pub fn swap_table(&self, table: RoutingTable) {
+        self.table.store(Arc::new(table));
+    }
+
+    /// Phase 2, check, for a new connection: whether `peer` may use the proxy (see
+    /// [`admission`]); a refused connection gets [`Refused::answer`] to every request.
+    pub fn admit_peer(&self, peer: &Peer) -> Result<(), Refused> {
+        admission::peer(&self.table.load(), peer)
+    }
+}
+
+/// One worker's request path over the shared [`Proxy`]: it owns the upstream clients
+/// the worker's requests go through and the tunnels they become.
+pub struct Forwarder {
+    proxy: Arc<Proxy>,
+    clients: Clients,
     /// This worker's upgraded connections.
     tunnels: Tunnels,
 }
@@ -175,42 +214,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
-impl Proxy {
-    /// A proxy over `table`, forwarding through `clients`.
-    pub fn new(table: RoutingTable, clients: Clients, metrics: Arc<Metrics>) -> Self {
-        Self {
-            table: Arc::new(ArcSwap::from_pointee(table)),
-            clients,
-            metrics,
-            tunnels: Tunnels::default(),
-        }
-    }
-
-    /// A proxy for a worker thread: the same routes and metrics, its own upstream
-    /// connection pools (so workers never contend on one pool lock) and tunnels.
-    pub fn for_worker(&self, clients: Clients, tunnels: Tunnels) -> Self {
-        Self {
-            table: self.table.clone(),
-            clients,
-            metrics: self.metrics.clone(),
-            tunnels,
-        }
+impl Forwarder {
+    /// The shared state this forwarder serves (the accept loop admits peers with it).
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 
     /// This worker's upgraded connections (shutdown waits for them).
     pub fn tunnels(&self) -> &Tunnels {
         &self.tunnels
-    }
-
-    /// Replaces the routing table; requests in flight finish on the old one.
-    pub fn swap_table(&self, table: RoutingTable) {
-        self.table.store(Arc::new(table));
-    }
-
-    /// Phase 2, check, for a new connection: whether `peer` may use the proxy (see
-    /// [`admission`]); a refused connection gets [`Refused::answer`] to every request.
-    pub fn admit_peer(&self, peer: &Peer) -> Result<(), Refused> {
-        admission::peer(&self.table.load(), peer)
     }
 
     /// Handles one request arriving on the listener configured as `listen`, phase by
@@ -222,10 +234,10 @@ impl Proxy {
     ) -> Result<Response<ResBody>, Infallible> {
         let started = Instant::now();
         let handshake = Handshake::take(&mut req);
-        let metrics = &self.metrics;
+        let metrics = &self.proxy.metrics;
         metrics.in_flight().inc();
         let _in_flight = InFlight(metrics);
-        let table = self.table.load_full();
+        let table = self.proxy.table.load_full();
         let route = table.route(listen, &req);
         let log = access_log_line(&req, route, started);
         let outcome = match admission::request(&table, route, &req) {
@@ -349,7 +361,7 @@ impl Proxy {
             handshake,
             upstream,
             route.name.clone(),
-            self.metrics.clone(),
+            self.proxy.metrics.clone(),
         );
         Ok((Response::from_parts(parts, body), forwarded.replayed))
     }
