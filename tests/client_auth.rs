@@ -49,6 +49,20 @@ fn auth_config(token_url: &str, client_id: &str, upstream: &str) -> TestConfig {
         .route(RouteSection::to(upstream, "p"))
 }
 
+/// `private_key_jwt` as `jwt-client` at the assertion issuer `addr`, signing with `key`.
+fn jwt_config(addr: std::net::SocketAddr, key: &Path, upstream: &Upstream) -> TestConfig {
+    auth_config(
+        &format!("http://{addr}/token"),
+        "jwt-client",
+        &upstream.url(),
+    )
+    .p(|p| {
+        p.client_auth("private_key_jwt")
+            .client_key_file(key.display().to_string())
+            .client_assertion_audience("https://issuer.test/token")
+    })
+}
+
 fn assert_err(result: Result<Config, String>, parts: &[&str]) {
     let e = result.expect_err("config should be refused");
     for part in parts {
@@ -354,19 +368,9 @@ async fn private_key_jwt_assertions_verify_in_form_and_json() {
         let (key, kp) = key_file(dir.path(), &format!("{format}.pem"), alg);
         let issuer = assertion_issuer(kp.public_key_pem(), rsa, "jwt-client").await;
         let upstream = Upstream::start().await;
-        let toml = auth_config(
-            &format!("http://{}/token", issuer.addr),
-            "jwt-client",
-            &upstream.url(),
-        )
-        .server(|s| s.token_wait("3s"))
-        .p(|p| {
-            p.client_auth("private_key_jwt")
-                .client_key_file(key.display().to_string())
-                .client_key_id("key-2026")
-                .client_assertion_audience("https://issuer.test/token")
-                .request_format(format)
-        });
+        let toml = jwt_config(issuer.addr, &key, &upstream)
+            .server(|s| s.token_wait("3s"))
+            .p(|p| p.client_key_id("key-2026").request_format(format));
         let proxy = Proxy::start_with(&toml).await;
         let answer = get(&client(), &proxy.url("/a")).await;
         assert_eq!(
@@ -410,17 +414,7 @@ async fn private_key_jwt_with_the_wrong_key_is_a_503_with_the_issuers_words() {
     let (wrong, _) = key_file(dir.path(), "wrong.pem", &rcgen::PKCS_ECDSA_P256_SHA256);
     let issuer = assertion_issuer(registered.public_key_pem(), false, "jwt-client").await;
     let upstream = Upstream::start().await;
-    let toml = auth_config(
-        &format!("http://{}/token", issuer.addr),
-        "jwt-client",
-        &upstream.url(),
-    )
-    .server(|s| s.token_wait("1s"))
-    .p(|p| {
-        p.client_auth("private_key_jwt")
-            .client_key_file(wrong.display().to_string())
-            .client_assertion_audience("https://issuer.test/token")
-    });
+    let toml = jwt_config(issuer.addr, &wrong, &upstream).server(|s| s.token_wait("1s"));
     let proxy = Proxy::start_with(&toml).await;
     let answer = get(&client(), &proxy.url("/a")).await;
     assert_eq!(answer.status, 503);
