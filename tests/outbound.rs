@@ -124,6 +124,16 @@ fn backend_config(backend: &Backend) -> TestConfig {
         .route(RouteSection::open(&backend.url()).path_prefix("/open"))
 }
 
+/// `outbound_config` through `recorder` to `localhost:<port>` with `preserve_host`.
+fn preserve_host_config(issuer: &Issuer, recorder: &RecordingProxy, port: u16) -> TestConfig {
+    outbound_config(
+        issuer,
+        &format!("http://u:p@127.0.0.1:{}", recorder.port),
+        &format!("http://localhost:{port}"),
+    )
+    .edit_route(0, |r| r.preserve_host(true))
+}
+
 /// Provider `p` at `issuer` and one route to `upstream` (a URL) through the outbound
 /// proxy at `outbound`, with loopback direct.
 fn outbound_config(issuer: &Issuer, outbound: &str, upstream: &str) -> TestConfig {
@@ -1080,12 +1090,7 @@ async fn preserve_host_routes_tunnel_to_their_upstream_so_the_client_host_never_
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = Upstream::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = outbound_config(
-        &issuer,
-        &format!("http://u:p@127.0.0.1:{}", recorder.port),
-        &format!("http://localhost:{}", upstream.addr.port()),
-    )
-    .edit_route(0, |r| r.preserve_host(true));
+    let toml = preserve_host_config(&issuer, &recorder, upstream.addr.port());
     let proxy = Proxy::start_with(&toml).await;
     let request = http::Request::get(proxy.url("/x"))
         .header("host", "elsewhere.example:8443")
@@ -1123,12 +1128,7 @@ async fn preserve_host_websocket_handshakes_tunnel_to_their_upstream_too() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let server = WsServer::start().await;
     let recorder = RecordingProxy::start().await;
-    let toml = outbound_config(
-        &issuer,
-        &format!("http://u:p@127.0.0.1:{}", recorder.port),
-        &format!("http://localhost:{}", server.addr.port()),
-    )
-    .edit_route(0, |r| r.preserve_host(true));
+    let toml = preserve_host_config(&issuer, &recorder, server.addr.port());
     let proxy = Proxy::start_with(&toml).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     let mut ws = connect(
