@@ -7,7 +7,6 @@
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use bearer_proxy::config::Config;
 use bearer_proxy::provider::MAX_LIFETIME;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
@@ -143,41 +142,15 @@ impl Bench {
         let oauth2 = Issuer::start_named(Dialect::OAuth2, "good").await;
         let loyalife = Issuer::start_named(Dialect::Loyalife, "good").await;
         let upstream = Upstream::start().await;
-        let toml = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "2s"
-
-[providers.p]
-token_url = "{}"
-client_id = "id"
-client_secret = "test-secret-value"
-
-[providers.l]
-token_url = "{}"
-client_id = "id"
-client_secret = "test-secret-value"
-request_format = "json"
-token_field = "results.token"
-expires_at_field = "results.tokenExpiresOn"
-
-[[routes]]
-path_prefix = "/p"
-upstream = "{}"
-provider = "p"
-
-[[routes]]
-path_prefix = "/l"
-upstream = "{}"
-provider = "l"
-"#,
-            oauth2.url(),
-            loyalife.url(),
-            upstream.url(),
-            upstream.url()
-        );
-        let mut config = Config::parse(&toml, std::path::Path::new("odd.toml"), &|_| None).unwrap();
+        let provider =
+            |issuer: &Issuer| ProviderSection::new(&issuer.url(), "id", "test-secret-value");
+        let mut config = TestConfig::default()
+            .server(|s| s.token_wait("2s"))
+            .with_provider("p", provider(&oauth2))
+            .with_provider("l", provider(&loyalife).loyalife())
+            .route(RouteSection::to(&upstream.url(), "p").path_prefix("/p"))
+            .route(RouteSection::to(&upstream.url(), "l").path_prefix("/l"))
+            .parse();
         // Short backoff: a failing provider retries within tens of milliseconds.
         config.tuning.backoff_base = Duration::from_millis(10);
         config.tuning.backoff_max = Duration::from_millis(50);
