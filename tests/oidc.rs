@@ -87,26 +87,18 @@ fn key_pair(dir: &Path, name: &str, alg: &'static rcgen::SignatureAlgorithm) -> 
     (private, public)
 }
 
-fn config(port: u16, upstream: &Upstream, client_id: &str, key: &Path) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-token_wait = "5s"
-
-[providers.p]
-token_url = "http://127.0.0.1:{port}/token"
-client_id = "{client_id}"
-client_auth = "private_key_jwt"
-client_key_file = "{key}"
-
-[[routes]]
-upstream = "{up}"
-provider = "p"
-"#,
-        key = key.display(),
-        up = upstream.url()
-    )
+fn config(port: u16, upstream: &Upstream, client_id: &str, key: &Path) -> TestConfig {
+    TestConfig::default()
+        .server(|s| s.token_wait("5s"))
+        .with_provider(
+            "p",
+            ProviderSection::default()
+                .token_url(format!("http://127.0.0.1:{port}/token"))
+                .client_id(client_id)
+                .client_auth("private_key_jwt")
+                .client_key_file(key.display().to_string()),
+        )
+        .route(RouteSection::to(&upstream.url(), "p"))
 }
 
 #[tokio::test]
@@ -122,7 +114,7 @@ async fn oidc_provider_issues_tokens_for_rsa_and_ec_assertions_and_refuses_a_wro
     let upstream = Upstream::start().await;
 
     for (client_id, key) in [("rsa-client", &rsa_key), ("ec-client", &ec_key)] {
-        let proxy = Proxy::start(&config(op.port, &upstream, client_id, key)).await;
+        let proxy = Proxy::start_with(&config(op.port, &upstream, client_id, key)).await;
         let first = get(&client(), &proxy.url("/a")).await;
         assert_eq!(
             first.status,
@@ -147,7 +139,7 @@ async fn oidc_provider_issues_tokens_for_rsa_and_ec_assertions_and_refuses_a_wro
     }
 
     // ec-client signing with a key that is not registered.
-    let proxy = Proxy::start(&config(op.port, &upstream, "ec-client", &wrong_key)).await;
+    let proxy = Proxy::start_with(&config(op.port, &upstream, "ec-client", &wrong_key)).await;
     let answer = get(&client(), &proxy.url("/c")).await;
     let text = String::from_utf8_lossy(&answer.body);
     assert_eq!(answer.status, 503, "{text}");
