@@ -63,27 +63,21 @@ async fn large_echo(req: Request<Incoming>) -> Response<TestBody> {
         .unwrap()
 }
 
+/// Provider `p` at `issuer` and one route to the test server at `upstream`.
+fn to_upstream(issuer: &Issuer, upstream: SocketAddr) -> TestConfig {
+    TestConfig::default()
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "c", "secret-value"),
+        )
+        .route(RouteSection::to(&format!("http://{upstream}"), "p"))
+}
+
 #[tokio::test]
 async fn large_bodies_keep_their_trailers_both_ways() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let upstream = serve(large_echo).await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "secret-value"
-
-[[routes]]
-upstream = "http://{upstream}"
-provider = "p"
-"#,
-        token_url = issuer.url(),
-    );
-    let proxy = Proxy::start(&toml).await;
+    let proxy = Proxy::start_with(&to_upstream(&issuer, upstream)).await;
     // h2c to the proxy, HTTP/1.1 chunked with trailers from it to the upstream.
     let h2: Client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -135,23 +129,7 @@ async fn a_large_upload_cut_off_never_reaches_the_upstream_complete() {
         }
     })
     .await;
-    let proxy = Proxy::start(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "secret-value"
-
-[[routes]]
-upstream = "http://{upstream}"
-provider = "p"
-"#,
-        token_url = issuer.url(),
-    ))
-    .await;
+    let proxy = Proxy::start_with(&to_upstream(&issuer, upstream)).await;
     let addr: SocketAddr = proxy.url("").trim_start_matches("http://").parse().unwrap();
     let chunk = vec![b'x'; 64 * 1024];
     for framing in ["chunked", "length"] {
@@ -228,23 +206,7 @@ async fn a_large_download_cut_off_never_reaches_the_client_complete() {
             });
         }
     });
-    let proxy = Proxy::start(&format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[providers.p]
-token_url = "{token_url}"
-client_id = "c"
-client_secret = "secret-value"
-
-[[routes]]
-upstream = "http://{upstream}"
-provider = "p"
-"#,
-        token_url = issuer.url(),
-    ))
-    .await;
+    let proxy = Proxy::start_with(&to_upstream(&issuer, upstream)).await;
     let c = client();
     let req = Request::get(proxy.url("/cut")).body(full("")).unwrap();
     let response = tokio::time::timeout(Duration::from_secs(20), c.request(req))
