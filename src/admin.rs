@@ -11,7 +11,6 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -30,10 +29,11 @@ pub struct AdminState {
     pub reload: ReloadHandle,
 }
 
-/// Answers one admin request.
-pub async fn handle(
+/// Answers one admin request. No endpoint reads a body, so any body type will do
+/// (the listener passes hyper's; the tests pass none).
+pub async fn handle<B>(
     state: AdminState,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n".to_owned(), "text/plain"),
@@ -200,4 +200,97 @@ fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::app::App;
+    use crate::config::Config;
+
+    /// An admin state from a config whose file is gone, so a reload must fail.
+    fn state() -> AdminState {
+        let text = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[providers.p]
+token_url = "http://127.0.0.1:9/token"
+client_id = "id"
+client_secret = "secret"
+
+[[routes]]
+path_prefix = "/"
+upstream = "http://127.0.0.1:9"
+provider = "p"
+"#;
+        let config = Config::parse(text, Path::new("/nonexistent/admin-test.toml"), &|_| None)
+            .expect("config");
+        let app = Arc::new(App::build(config).expect("app"));
+        AdminState {
+            store: app.store.clone(),
+            metrics: app.metrics.clone(),
+            reload: app.reload_handle(),
+        }
+    }
+
+    async fn call(method: Method, path: &str) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .expect("request");
+        let Ok(response) = handle(state(), req).await;
+        let status = response.status();
+        let body = response.into_body().collect().await.expect("body");
+        (
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn answers_from_the_state_alone() {
+        assert_eq!(
+            call(Method::GET, "/healthz").await,
+            (StatusCode::OK, "ok\n".to_owned())
+        );
+        let (status, body) = call(Method::GET, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains(r#""providers":["p"]"#), "{body}");
+        let (status, body) = call(Method::GET, "/tokens").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains(r#""state":"starting""#), "{body}");
+        assert!(!body.contains("secret"), "{body}");
+        let (status, body) = call(Method::GET, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("bearer_proxy_token_expires_in_seconds"),
+            "{body}"
+        );
+        assert_eq!(
+            call(Method::DELETE, "/tokens").await.0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(call(Method::GET, "/nope").await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_failed_reload_answers_with_its_causes() {
+        let (status, body) = call(Method::POST, "/reload").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["error"], "reload_failed");
+        let message = body["message"].as_str().unwrap_or_default();
+        // The file, then the OS's reason: the cause chain, not only the top error.
+        assert!(
+            message.contains("/nonexistent/admin-test.toml"),
+            "{message}"
+        );
+        assert!(message.contains("No such file"), "{message}");
+    }
 }
