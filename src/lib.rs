@@ -5,6 +5,8 @@
 //! - [`cli`], [`logging`]: the command-line edge; [`demo`]: the self-contained loopback demo
 //! - [`app`]: the shared state (config in force, token store, routes, clients, metrics) and reload
 //! - [`server`]: listeners, worker threads and graceful shutdown
+//! - `conn`: serving one client connection (HTTP/2 by prior knowledge, or HTTP/1.1 whose
+//!   idle keep-alive waits give hyper's buffers back)
 //! - [`admin`]: health, readiness, metrics, token status, reload endpoints (narrow handles only)
 //! - [`listener`]: Unix socket files (permissions, stale files, peer uid)
 //! - [`proxy`]: routing, header hygiene, forwarding, error answers
@@ -33,6 +35,7 @@ pub mod app;
 pub mod cli;
 pub mod client_auth;
 pub mod config;
+mod conn;
 pub mod demo;
 pub mod error;
 pub mod hop_by_hop;

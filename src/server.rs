@@ -10,16 +10,15 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::app::{App, BuildError, ReloadHandle};
 use crate::config::{self, Config, Limits, ListenAddr};
+use crate::conn::{self, ReadReady};
 use crate::error::BoxError;
 use crate::listener::{Accept, UnixBindError, UnixSocket};
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
@@ -218,7 +217,8 @@ impl Server {
                 metrics: self.app.metrics.clone(),
                 reload: self.app.reload_handle(),
             };
-            let handler = move |req| admin::handle(state.clone(), req);
+            // Boxed: a parked connection is taken apart, so its service's future must move.
+            let handler = move |req| Box::pin(admin::handle(state.clone(), req));
             // The admin listener has its own small cap, so a saturated proxy stays observable.
             let settings = ListenerSettings {
                 limits: limits.clone(),
@@ -429,26 +429,6 @@ async fn reload_on_sighup(app: ReloadHandle, stop: CancellationToken) {
 #[cfg(not(unix))]
 async fn reload_on_sighup(_app: ReloadHandle, _stop: CancellationToken) {}
 
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Also bounds how long an idle keep-alive connection waits for its next request.
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX))
-        .max_headers(limits.max_headers as usize);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        // Rapid-reset protection: a client whose streams keep being reset is cut off.
-        .max_pending_accept_reset_streams(Some(50))
-        .max_local_error_reset_streams(Some(256));
-    builder
-}
-
 /// How one listener accepts and serves connections.
 #[derive(Clone)]
 struct ListenerSettings {
@@ -466,14 +446,16 @@ async fn accept_loop<L, H, Fut, B>(
     stop: CancellationToken,
 ) where
     L: Accept,
-    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + Unpin + 'static,
+    L::Stream: ReadReady,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + Unpin + 'static,
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let builder = connection_builder(&settings.limits);
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(conn::Builders::new(&settings.limits));
+    // Every connection of this listener, so shutdown can wait for them to drain.
+    let connections = TaskTracker::new();
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's backlog
         // while the ones being served carry on.
@@ -496,13 +478,14 @@ async fn accept_loop<L, H, Fut, B>(
                 }
             },
         };
-        let io = TokioIo::new(stream);
         if let Err(refused) = proxy.admit_peer(&peer) {
             tracing::warn!(%peer, "{refused}");
-            let svc = service_fn(move |_req| async move { Ok::<_, Infallible>(refused.answer()) });
-            let conn = graceful.watch(builder.serve_connection(io, svc).into_owned());
-            tokio::spawn(async move {
-                let _ = conn.await;
+            let svc =
+                service_fn(move |_req| std::future::ready(Ok::<_, Infallible>(refused.answer())));
+            let builders = builders.clone();
+            let stop = stop.clone();
+            connections.spawn(async move {
+                let _ = conn::serve(&builders, stream, svc, &stop).await;
                 drop(permit);
             });
             continue;
@@ -516,16 +499,19 @@ async fn accept_loop<L, H, Fut, B>(
             req.extensions_mut().insert(request_permit.clone());
             handler(req)
         });
-        let conn = graceful.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
+        let builders = builders.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            if let Err(error) = conn::serve(&builders, stream, svc, &stop).await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(settings.grace, graceful.shutdown())
+    // The connections saw `stop` too: each finishes its requests in flight and closes.
+    connections.close();
+    if tokio::time::timeout(settings.grace, connections.wait())
         .await
         .is_err()
     {

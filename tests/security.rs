@@ -349,3 +349,97 @@ async fn http2_rapid_reset_flood_is_cut_off() {
     );
     still_serves(&proxy).await;
 }
+
+/// Reads from `s` until `want` answers have arrived (each the upstream's JSON echo, one
+/// per status line), the peer closes, or 3 s pass.
+async fn read_answers(s: &mut TcpStream, want: usize) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while String::from_utf8_lossy(&out)
+            .matches("HTTP/1.1 200")
+            .count()
+            < want
+            || !out.ends_with(b"}")
+        {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_pipelined_head_split_across_an_idle_pause_is_served() {
+    // The pause is longer than an idle connection waits before it gives up its buffers:
+    // the half-sent second head must survive that.
+    let (_i, upstream, proxy) = setup(|s| s).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /sec")
+        .await
+        .unwrap();
+    let out = read_answers(&mut s, 1).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("/first"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"ond HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_answers(&mut s, 1).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("/second"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_answers(&mut s, 1).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.contains("/third"),
+        "{out}"
+    );
+    assert_eq!(upstream.hits(), 3);
+}
+
+#[tokio::test]
+async fn slowloris_after_an_idle_pause_is_cut_off() {
+    let (_i, _u, proxy) = setup(|s| s.header_read_timeout("500ms")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let out = read_answers(&mut s, 1).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // Idle long enough to give up its buffers, well within the idle limit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    let mut closed_at = None;
+    for b in
+        b"GET /y HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .iter()
+            .cycle()
+            .take(50)
+    {
+        if s.write_all(&[*b]).await.is_err() {
+            closed_at = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_at = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    let closed_at = closed_at.expect("connection never closed");
+    assert!(closed_at < Duration::from_secs(2), "{closed_at:?}");
+    still_serves(&proxy).await;
+}

@@ -1,0 +1,419 @@
+//! Serving one client connection: HTTP/2 by prior knowledge, or HTTP/1.1 (with
+//! upgrades) whose idle keep-alive periods cost almost no memory.
+//!
+//! hyper's HTTP/1 connection holds a read buffer (8 KiB or more, reserved before every
+//! read) and an 8 KiB write buffer for as long as it lives, idle or not, and has no
+//! setting to release them. So once a connection has waited [`PARK_AFTER`] for its next
+//! request with its last answer flushed, it is taken apart ("parked"): hyper's state is
+//! dropped, the socket waits for readability on its own, and a fresh hyper connection
+//! takes over when the client sends again. 1,000 idle keep-alive connections drop from
+//! ~20 KiB each to the socket and this task.
+//!
+//! Knowing that hyper is between requests takes two signals: it arms its header-read
+//! timer exactly when it starts waiting for a request head (the timer below sees that,
+//! and forgets it when a request is dispatched or bytes arrive), and nothing it wrote
+//! is still unflushed (the socket wrapper below sees that). A parked wait is bounded by
+//! `header_read_timeout` like hyper's own idle wait.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Sleep, Timer, Write};
+use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Limits;
+use crate::error::BoxError;
+
+/// How long an HTTP/1.1 connection waits for its next request before it is parked.
+/// Short enough that a burst of connections going idle does not pile up buffers, long
+/// enough that a client sending request after request (the usual keep-alive load)
+/// keeps its hyper connection and pays nothing for this.
+pub const PARK_AFTER: Duration = Duration::from_millis(50);
+
+/// The HTTP/2 client preface; anything else is served as HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A stream that can say when it has bytes to read without reading them.
+pub trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl ReadReady for UnixStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_read_ready(self, cx)
+    }
+}
+
+/// The connection settings of one listener.
+#[derive(Clone)]
+pub struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl Builders {
+    pub fn new(limits: &Limits) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1
+            // Also bounds how long an idle keep-alive connection waits for its next request.
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX))
+            .max_headers(limits.max_headers as usize);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            // Rapid-reset protection: a client whose streams keep being reset is cut off.
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(256));
+        Self {
+            h1,
+            h2,
+            header_read_timeout: limits.header_read_timeout,
+        }
+    }
+}
+
+/// Serves `stream` until the client leaves, the connection fails, or `stop` is
+/// cancelled (then requests in flight finish and the connection closes).
+pub async fn serve<S, Svc, B>(
+    builders: &Builders,
+    mut stream: S,
+    svc: Svc,
+    stop: &CancellationToken,
+) -> Result<(), BoxError>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    Svc: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Unpin + 'static,
+    Svc::Future: Send + Unpin + 'static,
+    Svc::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    // The first bytes say which protocol (what hyper-util's auto builder does, without
+    // holding a buffer for it): at most the preface's length.
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + builders.header_read_timeout;
+    while got < first.len() {
+        let read = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            read = tokio::time::timeout_at(deadline, stream.read(&mut first[got..])) => read,
+        };
+        let n = match read {
+            Err(_elapsed) => return Ok(()),
+            Ok(result) => result?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        got += n;
+        if !H2_PREFACE.starts_with(&first[..got]) {
+            break;
+        }
+    }
+    let prefix = Bytes::copy_from_slice(first.get(..got).unwrap_or_default());
+    if got == H2_PREFACE.len() && prefix == H2_PREFACE {
+        let io = ParkIo::new(stream, prefix, Arc::new(Flags::default()));
+        let mut conn = pin!(builders.h2.serve_connection(io, svc));
+        let mut cancelled = pin!(stop.cancelled());
+        let mut shutting_down = false;
+        return poll_fn(|cx| {
+            if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            conn.as_mut().poll(cx)
+        })
+        .await
+        .map_err(Into::into);
+    }
+    serve_http1(
+        builders,
+        ParkIo::new(stream, prefix, Arc::default()),
+        svc,
+        stop,
+    )
+    .await
+}
+
+/// What ended one hyper HTTP/1 connection.
+enum Ended {
+    /// The connection is done (closed, failed, upgraded or shut down).
+    Done(Result<(), hyper::Error>),
+    /// Idle for [`PARK_AFTER`] with nothing unflushed: take the socket back.
+    Idle,
+}
+
+async fn serve_http1<S, Svc, B>(
+    builders: &Builders,
+    mut io: ParkIo<S>,
+    svc: Svc,
+    stop: &CancellationToken,
+) -> Result<(), BoxError>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    Svc: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Unpin + 'static,
+    Svc::Future: Send + Unpin + 'static,
+    Svc::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut cancelled = pin!(stop.cancelled());
+    let mut idle_timer = pin!(tokio::time::sleep(PARK_AFTER));
+    let mut parked = false;
+    loop {
+        if parked {
+            // The rest of the idle wait hyper would have allowed.
+            let wait = builders.header_read_timeout.saturating_sub(PARK_AFTER);
+            let ready = tokio::select! {
+                () = cancelled.as_mut() => return Ok(()),
+                ready = tokio::time::timeout(wait, poll_fn(|cx| io.stream_mut().poll_read_ready(cx))) => ready,
+            };
+            match ready {
+                Err(_elapsed) => return Ok(()),
+                Ok(result) => result?,
+            }
+        }
+        let flags = Arc::new(Flags::default());
+        io.flags = flags.clone();
+        let mut h1 = builders.h1.clone();
+        h1.timer(HeadTimer {
+            inner: TokioTimer::new(),
+            flags: flags.clone(),
+        });
+        let tracked = Tracked {
+            inner: svc.clone(),
+            flags: flags.clone(),
+        };
+        let mut conn = h1.serve_connection(io, tracked).with_upgrades();
+        let mut shutting_down = false;
+        // The arming of the head wait the idle timer runs for.
+        let mut timing: Option<u32> = None;
+        let ended = poll_fn(|cx| {
+            if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
+                shutting_down = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+            if let Poll::Ready(done) = Pin::new(&mut conn).poll(cx) {
+                return Poll::Ready(Ended::Done(done));
+            }
+            if shutting_down {
+                return Poll::Pending;
+            }
+            match flags.idle_since() {
+                Some(arming) => {
+                    if timing != Some(arming) {
+                        timing = Some(arming);
+                        idle_timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + PARK_AFTER);
+                    }
+                    if idle_timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ended::Idle);
+                    }
+                }
+                None => timing = None,
+            }
+            Poll::Pending
+        })
+        .await;
+        match ended {
+            Ended::Done(result) => return result.map_err(Into::into),
+            Ended::Idle => match conn.into_parts() {
+                Some(parts) => {
+                    io = parts.io;
+                    // A pipelining client's partial next head, if any, is read again;
+                    // copied, because the bytes hyper hands back keep its whole read
+                    // buffer alive.
+                    io.prefix = if parts.read_buf.is_empty() {
+                        Bytes::new()
+                    } else {
+                        Bytes::copy_from_slice(&parts.read_buf)
+                    };
+                    parked = true;
+                }
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+const ARMED: u8 = 1;
+const UNFLUSHED: u8 = 2;
+
+/// What one hyper connection is doing, as far as parking is concerned.
+#[derive(Default)]
+struct Flags {
+    /// `ARMED`: waiting for a request head, no byte of it read yet; `UNFLUSHED`: bytes
+    /// written and not flushed yet.
+    state: AtomicU8,
+    /// Counts the head waits, so a new one restarts the idle timer.
+    armings: AtomicU32,
+}
+
+impl Flags {
+    fn arm(&self) {
+        self.armings.fetch_add(1, Ordering::Relaxed);
+        self.state.fetch_or(ARMED, Ordering::Relaxed);
+    }
+
+    fn disarm(&self) {
+        self.state.fetch_and(!ARMED, Ordering::Relaxed);
+    }
+
+    /// Which head wait the connection is idle in, if it is idle.
+    fn idle_since(&self) -> Option<u32> {
+        (self.state.load(Ordering::Relaxed) == ARMED).then(|| self.armings.load(Ordering::Relaxed))
+    }
+}
+
+/// hyper's timer, which also tells [`Flags`] when hyper starts waiting for a head:
+/// that is the only time hyper arms it on an HTTP/1 server connection.
+struct HeadTimer {
+    inner: TokioTimer,
+    flags: Arc<Flags>,
+}
+
+impl Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
+        self.inner.sleep(duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
+        self.flags.arm();
+        self.inner.sleep_until(deadline)
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn Sleep>>, new_deadline: Instant) {
+        self.flags.arm();
+        self.inner.reset(sleep, new_deadline);
+    }
+
+    fn now(&self) -> Instant {
+        self.inner.now()
+    }
+}
+
+/// The service, telling [`Flags`] that a head has been read.
+#[derive(Clone)]
+struct Tracked<Svc> {
+    inner: Svc,
+    flags: Arc<Flags>,
+}
+
+impl<Svc: Service<Request<Incoming>>> Service<Request<Incoming>> for Tracked<Svc> {
+    type Response = Svc::Response;
+    type Error = Svc::Error;
+    type Future = Svc::Future;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.flags.disarm();
+        self.inner.call(req)
+    }
+}
+
+/// The client socket as hyper sees it: bytes read ahead first (`prefix`), and what
+/// [`Flags`] needs to know about reads and flushes.
+struct ParkIo<S> {
+    inner: TokioIo<S>,
+    prefix: Bytes,
+    flags: Arc<Flags>,
+}
+
+impl<S> ParkIo<S> {
+    fn new(stream: S, prefix: Bytes, flags: Arc<Flags>) -> Self {
+        Self {
+            inner: TokioIo::new(stream),
+            prefix,
+            flags,
+        }
+    }
+
+    /// Mutable only so a future waiting on it need not require `S: Sync`.
+    fn stream_mut(&mut self) -> &mut S {
+        self.inner.inner_mut()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Read for ParkIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(self.prefix.get(..n).unwrap_or_default());
+            self.prefix.advance(n);
+            self.flags.disarm();
+            return Poll::Ready(Ok(()));
+        }
+        // A ready read means bytes arrived (or the end of the stream, after which hyper
+        // closes the connection): either way the connection is no longer idle.
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.flags.disarm();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Write for ParkIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.flags.state.fetch_or(UNFLUSHED, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.flags.state.fetch_or(UNFLUSHED, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.flags.state.fetch_and(!UNFLUSHED, Ordering::Relaxed);
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.flags.state.fetch_or(UNFLUSHED, Ordering::Relaxed);
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
