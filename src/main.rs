@@ -16,10 +16,13 @@ use bearer_proxy::{demo, logging};
 fn main() -> ExitCode {
     // clap exits with 2 on usage errors and 0 for --help/--version.
     let cli = Cli::parse();
-    if let Err(e) = logging::init(cli.log_format, &cli.log_level) {
-        eprintln!("error: {e:#}");
-        return ExitCode::from(2);
-    }
+    let log_writer = match logging::init(cli.log_format, &cli.log_level) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     log_panics_without_payload();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -27,11 +30,15 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
+            drop(log_writer);
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Queued log lines go out before the final error line, in the order they happened.
+    drop(log_writer);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

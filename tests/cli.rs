@@ -553,6 +553,70 @@ async fn demo_serves_and_adds_a_bearer_token() {
     }
 }
 
+// === run ===
+
+/// At `info` every request writes an access line. Those lines go out from a thread of
+/// their own: with stderr a pipe nobody reads (a stalled log collector), the 64 KiB pipe
+/// fills after a few hundred lines, and requests must still be answered rather than
+/// wait on a blocked `write(2)` on a worker thread. Once the reader catches up, every
+/// line is there.
+#[tokio::test]
+async fn requests_are_answered_while_nobody_reads_the_log_and_no_line_is_lost() {
+    const REQUESTS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    let upstream = support::Upstream::start().await;
+    let port = support::free_port();
+    let toml = support::TestConfig::basic(&issuer, &upstream)
+        .server(|s| s.listen(format!("127.0.0.1:{port}")))
+        .render();
+    let config = write(dir.path(), "run.toml", &toml);
+    let mut guard = Guard(
+        command(&["--log-level", "info", "run", "-c", &config])
+            .spawn()
+            .expect("spawn bearer-proxy run"),
+    );
+    // Held open and not read until every request has been answered.
+    let stderr = guard.0.stderr.take().unwrap();
+
+    let client = support::client();
+    let url = format!("http://127.0.0.1:{port}/logged");
+    let deadline = Instant::now() + LIMIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not listen in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0..REQUESTS {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answer = timeout(left, support::get(&client, &url))
+            .await
+            .unwrap_or_else(|_| panic!("request {n} waited on the unread log"));
+        assert_eq!(answer.status, 200, "request {n}");
+    }
+
+    // A clean stop writes out what is still queued.
+    let log = drain(stderr);
+    let pid = guard.0.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status();
+    assert!(killed.is_ok_and(|s| s.success()), "cannot send SIGTERM");
+    let status = wait_exit(&mut guard, Instant::now() + LIMIT).await;
+    assert_eq!(status.code(), Some(0));
+    let log = timeout(LIMIT, log).await.unwrap().unwrap();
+    let access_lines = log.lines().filter(|l| l.contains("/logged")).count();
+    assert!(
+        access_lines >= REQUESTS,
+        "{access_lines} access lines for {REQUESTS} requests"
+    );
+    assert_eq!(issuer.hits(), 1);
+}
+
 /// A config whose `[server]` gets `server_extra` and whose provider gets `provider_extra`.
 fn preflight_config(dir: &Path, server_extra: &str, provider_extra: &str) -> String {
     let secret_line = if provider_extra.contains("client_secret_file") {
