@@ -331,20 +331,18 @@ async fn check_without_any_config_looks_for_bearer_proxy_toml() {
 
 // === token ===
 
-fn token_config(issuer: &support::Issuer) -> String {
-    format!(
-        r#"
-[providers.p]
-token_url = "{}"
-client_id = "cli-client"
-client_secret = "cli-secret-value"
+/// Provider `p` at `issuer` as `cli-client`, and a route nobody serves.
+fn typed_token_config(issuer: &support::Issuer) -> support::TestConfig {
+    support::TestConfig::default()
+        .with_provider(
+            "p",
+            support::ProviderSection::new(&issuer.url(), "cli-client", "cli-secret-value"),
+        )
+        .route(support::RouteSection::to("http://127.0.0.1:1", "p"))
+}
 
-[[routes]]
-upstream = "http://127.0.0.1:1"
-provider = "p"
-"#,
-        issuer.url()
-    )
+fn token_config(issuer: &support::Issuer) -> String {
+    typed_token_config(issuer).render()
 }
 
 #[tokio::test]
@@ -402,14 +400,9 @@ async fn token_when_the_issuer_refuses_exits_1_with_nothing_on_stdout() {
 
 /// `token_config`'s provider with a token cache directory and `refresh_before`.
 fn cached_token_config(issuer: &support::Issuer, cache: &Path, refresh_before: &str) -> String {
-    support::TestConfig::default()
+    typed_token_config(issuer)
         .server(|s| s.token_cache_dir(cache.display().to_string()))
-        .with_provider(
-            "p",
-            support::ProviderSection::new(&issuer.url(), "cli-client", "cli-secret-value")
-                .refresh_before(refresh_before),
-        )
-        .route(support::RouteSection::to("http://127.0.0.1:1", "p"))
+        .p(|p| p.refresh_before(refresh_before))
         .render()
 }
 
@@ -617,20 +610,26 @@ async fn requests_are_answered_while_nobody_reads_the_log_and_no_line_is_lost() 
     assert_eq!(issuer.hits(), 1);
 }
 
-/// A config whose `[server]` gets `server_extra` and whose provider gets `provider_extra`.
-fn preflight_config(dir: &Path, server_extra: &str, provider_extra: &str) -> String {
-    let secret_line = if provider_extra.contains("client_secret_file") {
-        String::new()
-    } else {
-        "client_secret = \"${CLI_TEST_SECRET}\"\n".to_owned()
-    };
-    write(
-        dir,
-        "preflight.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[providers.p]\ntoken_url = \"https://issuer.example/token\"\nclient_id = \"id\"\n{secret_line}{provider_extra}\n[[routes]]\nupstream = \"https://api.example\"\nprovider = \"p\"\n"
-        ),
-    )
+/// A config with `[server]` and provider `p` (its secret from `CLI_TEST_SECRET`) as the
+/// edits change them, written to `preflight.toml`.
+fn preflight_config(
+    dir: &Path,
+    server: impl FnOnce(support::ServerSection) -> support::ServerSection,
+    provider: impl FnOnce(support::ProviderSection) -> support::ProviderSection,
+) -> String {
+    let config = support::TestConfig::default()
+        .server(server)
+        .with_provider(
+            "p",
+            support::ProviderSection::new(
+                "https://issuer.example/token",
+                "id",
+                "${CLI_TEST_SECRET}",
+            ),
+        )
+        .p(provider)
+        .route(support::RouteSection::to("https://api.example", "p"));
+    write(dir, "preflight.toml", &config.render())
 }
 
 /// `check` and `run` both exit 1 on `file`, naming it, `key` and `named`, each once.
@@ -659,8 +658,8 @@ async fn check_refuses_a_missing_extra_ca_file_as_run_does() {
     let ca = dir.path().join("missing-ca.pem");
     let file = preflight_config(
         dir.path(),
-        &format!("extra_ca_file = \"{}\"", ca.display()),
-        "",
+        |s| s.extra_ca_file(ca.display().to_string()),
+        |p| p,
     );
     let named = ca.display().to_string();
     refused_by_check_and_run(
@@ -676,7 +675,7 @@ async fn check_refuses_a_missing_extra_ca_file_as_run_does() {
 async fn check_refuses_an_extra_ca_file_without_a_certificate_as_run_does() {
     let dir = tempfile::tempdir().unwrap();
     let ca = write(dir.path(), "not-a-ca.pem", "this is no certificate\n");
-    let file = preflight_config(dir.path(), &format!("extra_ca_file = \"{ca}\""), "");
+    let file = preflight_config(dir.path(), |s| s.extra_ca_file(&ca), |p| p);
     refused_by_check_and_run(
         &file,
         "server.extra_ca_file",
@@ -695,8 +694,8 @@ async fn check_refuses_a_world_writable_token_cache_dir_as_run_does() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
     let file = preflight_config(
         dir.path(),
-        &format!("token_cache_dir = \"{}\"", cache.display()),
-        "",
+        |s| s.token_cache_dir(cache.display().to_string()),
+        |p| p,
     );
     let named = cache.display().to_string();
     refused_by_check_and_run(&file, "server.token_cache_dir", &named, "mode 777").await;
@@ -706,7 +705,7 @@ async fn check_refuses_a_world_writable_token_cache_dir_as_run_does() {
 async fn check_refuses_a_token_cache_dir_that_is_a_file_as_run_does() {
     let dir = tempfile::tempdir().unwrap();
     let cache = write(dir.path(), "cache", "");
-    let file = preflight_config(dir.path(), &format!("token_cache_dir = \"{cache}\""), "");
+    let file = preflight_config(dir.path(), |s| s.token_cache_dir(&cache), |p| p);
     refused_by_check_and_run(&file, "server.token_cache_dir", &cache, "not a directory").await;
 }
 
@@ -716,8 +715,11 @@ async fn check_refuses_an_unreadable_client_secret_file_as_run_does() {
     let secret = dir.path().join("missing-secret");
     let file = preflight_config(
         dir.path(),
-        "",
-        &format!("client_secret_file = \"{}\"", secret.display()),
+        |s| s,
+        |p| {
+            p.unset("client_secret")
+                .client_secret_file(secret.display().to_string())
+        },
     );
     let named = secret.display().to_string();
     refused_by_check_and_run(
@@ -744,11 +746,11 @@ async fn check_passes_a_config_whose_files_are_fine() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
     let file = preflight_config(
         dir.path(),
-        &format!(
-            "extra_ca_file = \"{ca}\"\ntoken_cache_dir = \"{}\"",
-            cache.display()
-        ),
-        "",
+        |s| {
+            s.extra_ca_file(&ca)
+                .token_cache_dir(cache.display().to_string())
+        },
+        |p| p,
     );
     let mut cmd = command(&["check", "-c", &file]);
     cmd.env("CLI_TEST_SECRET", ENV_SECRET);
