@@ -166,27 +166,15 @@ pub async fn next(ws: &mut Ws) -> Message {
         .expect("a WebSocket error")
 }
 
-fn ws_config(issuer: &Issuer, upstream: &str, server_extra: &str, route_extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-{server_extra}
-
-[providers.p]
-token_url = "{}"
-client_id = "c"
-client_secret = "secret-value"
-
-[[routes]]
-path_prefix = "/ws"
-upstream = "{upstream}"
-provider = "p"
-{route_extra}
-"#,
-        issuer.url()
-    )
+/// Provider `p` at `issuer`, a `/ws` route to `upstream`, and an admin listener.
+fn ws_config(issuer: &Issuer, upstream: &str) -> TestConfig {
+    TestConfig::default()
+        .server(|s| s.admin())
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "c", "secret-value"),
+        )
+        .route(RouteSection::to(upstream, "p").path_prefix("/ws"))
 }
 
 #[tokio::test]
@@ -194,7 +182,7 @@ async fn websocket_session_through_the_proxy() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let server = WsServer::start().await;
     let upstream = format!("http://{}/base", server.addr);
-    let proxy = Proxy::start(&ws_config(&issuer, &upstream, "", "")).await;
+    let proxy = Proxy::start_with(&ws_config(&issuer, &upstream)).await;
     proxy.token_ready(Duration::from_secs(5)).await;
 
     let mut ws = connect(&format!("ws://{}/ws/chat?room=1", proxy.addr), None)
@@ -316,7 +304,7 @@ async fn a_refused_handshake_comes_back_as_it_was_and_a_rejected_token_is_replac
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let server = WsServer::start().await;
     let upstream = format!("http://{}", server.addr);
-    let proxy = Proxy::start(&ws_config(&issuer, &upstream, "", "")).await;
+    let proxy = Proxy::start_with(&ws_config(&issuer, &upstream)).await;
     proxy.token_ready(Duration::from_secs(5)).await;
 
     // invalidate_on = [401] (the default): the 401 drops the token, a new one is
@@ -373,14 +361,10 @@ async fn websocket_to_an_https_upstream_that_prefers_http2_uses_http1() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
     let upstream = format!("https://localhost:{}", server.addr.port());
-    let server_extra = format!("extra_ca_file = \"{}\"", ca.display());
-    let proxy = Proxy::start(&ws_config(
-        &issuer,
-        &upstream,
-        &server_extra,
-        "preserve_host = true",
-    ))
-    .await;
+    let config = ws_config(&issuer, &upstream)
+        .server(|s| s.extra_ca_file(ca.display().to_string()))
+        .edit_route(0, |r| r.preserve_host(true));
+    let proxy = Proxy::start_with(&config).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     let mut ws = connect(
         &format!("ws://{}/ws/tls", proxy.addr),
@@ -412,7 +396,9 @@ async fn a_preserve_host_handshake_goes_to_the_route_upstream_whatever_its_host(
     // A second server named by the Host: it must never see the handshake.
     let decoy = WsServer::start().await;
     let upstream = format!("http://{}", server.addr);
-    let proxy = Proxy::start(&ws_config(&issuer, &upstream, "", "preserve_host = true")).await;
+    let proxy =
+        Proxy::start_with(&ws_config(&issuer, &upstream).edit_route(0, |r| r.preserve_host(true)))
+            .await;
     proxy.token_ready(Duration::from_secs(5)).await;
     for host in [decoy.addr.to_string(), "elsewhere.example".to_owned()] {
         let mut ws = connect(&format!("ws://{}/ws/x", proxy.addr), Some(&host))
@@ -433,13 +419,13 @@ async fn a_preserve_host_handshake_goes_to_the_route_upstream_whatever_its_host(
     proxy.stop().await;
 }
 
-/// A proxy with `server_extra` in `[server]` in front of a fresh server, and a
+/// A proxy with `[server]` as `edit` changes it in front of a fresh server, and a
 /// WebSocket through it, past the server's greeting.
-async fn open_session(server_extra: &str) -> (Proxy, Ws) {
+async fn open_session(edit: impl FnOnce(ServerSection) -> ServerSection) -> (Proxy, Ws) {
     let issuer = Issuer::start(Dialect::OAuth2).await;
     let server = WsServer::start().await;
     let upstream = format!("http://{}", server.addr);
-    let proxy = Proxy::start(&ws_config(&issuer, &upstream, server_extra, "")).await;
+    let proxy = Proxy::start_with(&ws_config(&issuer, &upstream).server(edit)).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     let mut ws = connect(&format!("ws://{}/ws/a", proxy.addr), None)
         .await
@@ -450,7 +436,7 @@ async fn open_session(server_extra: &str) -> (Proxy, Ws) {
 
 #[tokio::test]
 async fn a_tunnel_holds_its_connection_slot_until_it_closes() {
-    let (proxy, mut ws) = open_session("max_connections = 1\nworkers = 1").await;
+    let (proxy, mut ws) = open_session(|s| s.max_connections(1).workers(1)).await;
 
     // The one connection allowed is the tunnel's: a second client waits.
     let url = proxy.url("/ws/plain");
@@ -470,7 +456,7 @@ async fn a_tunnel_holds_its_connection_slot_until_it_closes() {
 
 #[tokio::test]
 async fn shutdown_closes_tunnels_after_the_grace_period() {
-    let (proxy, mut ws) = open_session("shutdown_grace = \"1s\"").await;
+    let (proxy, mut ws) = open_session(|s| s.shutdown_grace("1s")).await;
     let started = tokio::time::Instant::now();
     let stopping = tokio::spawn(proxy.stop());
     // Within the grace period the tunnel still carries messages.
@@ -517,13 +503,9 @@ async fn a_closed_tunnel_is_logged_with_bytes_and_duration() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bp.toml");
-    let toml = ws_config(&issuer, &format!("http://{}", server.addr), "", "")
-        .replace(
-            "127.0.0.1:0\"\nadmin",
-            &format!("127.0.0.1:{port}\"\nadmin"),
-        )
-        .replace("admin_listen = \"127.0.0.1:0\"\n", "");
-    std::fs::write(&file, &toml).unwrap();
+    let toml = ws_config(&issuer, &format!("http://{}", server.addr))
+        .server(|s| s.listen(format!("127.0.0.1:{port}")).unset("admin_listen"));
+    std::fs::write(&file, toml.render()).unwrap();
     let log_path = dir.path().join("stderr.log");
     let child = Child(
         std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
@@ -609,7 +591,7 @@ async fn an_unasked_for_101_is_a_bad_gateway() {
         }
     });
     let issuer = Issuer::start(Dialect::OAuth2).await;
-    let proxy = Proxy::start(&ws_config(&issuer, &format!("http://{addr}"), "", "")).await;
+    let proxy = Proxy::start_with(&ws_config(&issuer, &format!("http://{addr}"))).await;
     let answer = get(&client(), &proxy.url("/ws/plain")).await;
     assert_eq!(answer.status, 502);
     assert_eq!(answer.json()["error"], "upstream_unreachable");
