@@ -87,25 +87,16 @@ async fn ten_thousand_keys_cost_at_most_2_kib_each_beyond_the_token() {
         }
     })
     .await;
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[providers.p]
-token_url = "http://{issuer}/token"
-client_id = "c"
-client_secret = "memory-secret"
-scope = "member:{{key}}"
-key_header = "X-Member"
-max_keys = 20000
-
-[[routes]]
-upstream = "http://127.0.0.1:9"
-provider = "p"
-"#
-    );
-    let proxy = Proxy::start(&toml).await;
+    let toml = TestConfig::default()
+        .with_provider(
+            "p",
+            ProviderSection::new(&format!("http://{issuer}/token"), "c", "memory-secret")
+                .scope("member:{key}")
+                .key_header("X-Member")
+                .max_keys(20000),
+        )
+        .route(RouteSection::to("http://127.0.0.1:9", "p"));
+    let proxy = Proxy::start_with(&toml).await;
     let keyed = proxy.store.keyed("p").expect("keyed provider");
     // Warm up: connection pools, lazily built tables, the allocator's own state.
     burst(&keyed, 0, 1000).await;
