@@ -264,16 +264,31 @@ impl Forwarder {
         let route = admitted.route;
         let (parts, body) = req.into_parts();
         let (client, mut out) = self.prepare(admitted, parts, upgrade)?;
-        match credential(route, &mut out.headers)? {
+        let (slot, header) = match credential(route, &mut out.headers)? {
             Credential::AsSent => {
                 let request = out.into_request(OutBody::Stream(body));
                 let response = send(client, request, table.upstream_timeout).await?;
-                Ok(Forwarded::first(response))
+                return Ok(Forwarded::first(response));
             }
-            Credential::Token { slot, header } => {
-                send_with_token(client, out, body, &slot, header, table).await
-            }
+            Credential::Token { slot, header } => (slot, header),
+        };
+        let token = slot.get().await?;
+        let (first_body, kept) = keep_body(&slot, body, table).await?;
+        let replay = kept.map(|body| Replay {
+            out: out.clone(),
+            body,
+        });
+        let request = out.with_token(header, &token).into_request(first_body);
+        let response = send(client, request, table.upstream_timeout).await?;
+        if !slot.config.invalidate_on.contains(&response.status()) {
+            return Ok(Forwarded::first(response));
         }
+        // Boxed: only a rejected token takes this step, and its state (~1.9 KiB) would
+        // otherwise sit in every request's future.
+        Box::pin(replay_once(
+            client, &slot, header, &token, response, replay, table,
+        ))
+        .await
     }
 
     /// Phase 3, prepare: the upstream request short of its token and body, and the
@@ -453,26 +468,6 @@ fn keyed_slot(
         .ok_or_else(|| bad("does not match the provider's key_pattern"))
 }
 
-/// Phases 4 to 6 with a token: attach it, send, and replay once if it is rejected.
-async fn send_with_token(
-    client: &UpstreamClient,
-    out: Outgoing,
-    body: Incoming,
-    slot: &ProviderSlot,
-    header: &HeaderName,
-    table: &RoutingTable,
-) -> Result<Forwarded, ProxyError> {
-    let token = slot.get().await?;
-    let (first_body, kept) = keep_body(slot, body, table).await?;
-    let replay = kept.map(|body| Replay {
-        out: out.clone(),
-        body,
-    });
-    let request = out.with_token(header, &token).into_request(first_body);
-    let response = send(client, request, table.upstream_timeout).await?;
-    replay_once(client, slot, header, &token, response, replay, table).await
-}
-
 /// The request again, for a replay: everything but the token.
 struct Replay {
     out: Outgoing,
@@ -500,28 +495,25 @@ async fn keep_body(
     }
 }
 
-/// Phase 6, replay once: an answer in `invalidate_on` invalidates the token that got
-/// it; the request goes again, at most once and only with a newer token, when its body
-/// was kept. Otherwise the first answer stands.
+/// Phase 6, replay once, for an answer in `invalidate_on`: the token that got it is
+/// invalidated, and the request goes again, at most once and only with a newer token,
+/// when its body was kept. Otherwise the first answer stands.
 async fn replay_once(
     client: &UpstreamClient,
     slot: &ProviderSlot,
     header: &HeaderName,
-    used: &Token,
+    rejected: &Token,
     response: Response<Incoming>,
     replay: Option<Replay>,
     table: &RoutingTable,
 ) -> Result<Forwarded, ProxyError> {
-    let rejected = slot.config.invalidate_on.contains(&response.status());
-    if rejected {
-        slot.invalidate(used.generation);
-    }
+    slot.invalidate(rejected.generation);
     let fresh = match replay {
-        Some(replay) if rejected => match slot.get().await {
-            Ok(fresh) if fresh.generation != used.generation => Some((replay, fresh)),
+        Some(replay) => match slot.get().await {
+            Ok(fresh) if fresh.generation != rejected.generation => Some((replay, fresh)),
             _ => None,
         },
-        _ => None,
+        None => None,
     };
     let Some((replay, fresh)) = fresh else {
         return Ok(Forwarded::first(response));
