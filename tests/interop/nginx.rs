@@ -168,21 +168,26 @@ impl Drop for Nginx {
 
 /// Four routes to nginx: HTTP/2 and HTTP/1.1 server blocks, each with and without
 /// `preserve_host`.
-fn nginx_config(issuer: &Issuer, nginx: &Nginx) -> String {
+fn nginx_config(issuer: &Issuer, nginx: &Nginx) -> TestConfig {
     let route = |prefix: &str, port: u16, preserve: bool| {
-        format!(
-            "[[routes]]\npath_prefix = \"{prefix}\"\nupstream = \"https://localhost:{port}/base\"\nprovider = \"p\"\npreserve_host = {preserve}\n\n"
-        )
+        RouteSection::to(&format!("https://localhost:{port}/base"), "p")
+            .path_prefix(prefix)
+            .preserve_host(preserve)
     };
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nextra_ca_file = \"{ca}\"\nconnect_timeout = \"5s\"\nupstream_timeout = \"30s\"\n\n[providers.p]\ntoken_url = \"{token_url}\"\nclient_id = \"c\"\nclient_secret = \"secret-value\"\n\n{a}{b}{c}{d}",
-        ca = nginx.ca_file.display(),
-        token_url = issuer.url(),
-        a = route("/h2", nginx.h2_port, false),
-        b = route("/h2-host", nginx.h2_port, true),
-        c = route("/h1", nginx.h1_port, false),
-        d = route("/h1-host", nginx.h1_port, true),
-    )
+    TestConfig::default()
+        .server(|s| {
+            s.extra_ca_file(nginx.ca_file.display().to_string())
+                .connect_timeout("5s")
+                .upstream_timeout("30s")
+        })
+        .with_provider(
+            "p",
+            ProviderSection::new(&issuer.url(), "c", "secret-value"),
+        )
+        .route(route("/h2", nginx.h2_port, false))
+        .route(route("/h2-host", nginx.h2_port, true))
+        .route(route("/h1", nginx.h1_port, false))
+        .route(route("/h1-host", nginx.h1_port, true))
 }
 
 const FOUR_MIB: u64 = 4 * 1024 * 1024;
@@ -322,7 +327,7 @@ async fn nginx_upstream_over_http2_and_http1_with_and_without_preserve_host() {
         return;
     };
     let issuer = Issuer::start(Dialect::OAuth2).await;
-    let proxy = Proxy::start(&nginx_config(&issuer, &nginx)).await;
+    let proxy = Proxy::start_with(&nginx_config(&issuer, &nginx)).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     for prefix in ["/h2", "/h2-host", "/h1", "/h1-host"] {
         exercise(&proxy, &nginx, &issuer, prefix).await;
@@ -351,7 +356,7 @@ async fn websocket_through_nginx_over_tls() {
         return;
     };
     let issuer = Issuer::start(Dialect::OAuth2).await;
-    let proxy = Proxy::start(&nginx_config(&issuer, &nginx)).await;
+    let proxy = Proxy::start_with(&nginx_config(&issuer, &nginx)).await;
     proxy.token_ready(Duration::from_secs(5)).await;
     for (prefix, host) in [("/h2", None), ("/h2-host", Some(CLIENT_HOST))] {
         let url = format!("ws://{}{prefix}/ws/chat", proxy.addr);
