@@ -192,7 +192,12 @@ impl Server {
             let forwarder = unix_forwarder
                 .get_or_insert_with(|| {
                     let clients = self.app.clients.clients();
-                    Arc::new(self.app.proxy.forwarder(clients, Tunnels::default()))
+                    // Its tunnels close `grace` after shutdown, as the workers' do.
+                    Arc::new(
+                        self.app
+                            .proxy
+                            .forwarder(clients, Tunnels::new(stop.clone(), grace)),
+                    )
                 })
                 .clone();
             let proxy = forwarder.proxy().clone();
@@ -265,6 +270,9 @@ impl Server {
         stop.cancel();
         for task in tasks {
             let _ = task.await;
+        }
+        if let Some(forwarder) = unix_forwarder {
+            forwarder.tunnels().wait().await;
         }
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {

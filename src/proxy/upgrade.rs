@@ -91,12 +91,6 @@ pub struct Tunnels {
     grace: Duration,
 }
 
-impl Default for Tunnels {
-    fn default() -> Self {
-        Self::new(CancellationToken::new(), Duration::from_secs(10))
-    }
-}
-
 impl Tunnels {
     /// Tunnels that close `grace` after `stop` is cancelled.
     pub fn new(stop: CancellationToken, grace: Duration) -> Self {

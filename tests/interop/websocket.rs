@@ -158,7 +158,10 @@ pub async fn connect(url: &str, host: Option<&str>) -> Result<Ws, WsError> {
 }
 
 /// The next data, ping/pong or close message, within 10 s.
-pub async fn next(ws: &mut Ws) -> Message {
+pub async fn next<S>(ws: &mut WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("no message within 10 s")
@@ -474,6 +477,64 @@ async fn shutdown_closes_tunnels_after_the_grace_period() {
     .await;
     assert!(ended.is_ok(), "the tunnel was closed");
     tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("the proxy stopped")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after the grace period, not before: {:?}",
+        started.elapsed()
+    );
+}
+
+/// A Unix socket listener's tunnels obey shutdown as the TCP workers' do: they carry
+/// messages through the grace period, are closed after it, and the server waits for them.
+#[tokio::test]
+async fn shutdown_closes_tunnels_on_a_unix_socket_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let server = WsServer::start().await;
+    let sock = dir.path().join("proxy.sock");
+    let config = ws_config(&issuer, &format!("http://{}", server.addr))
+        .server(|s| {
+            s.listen(format!("unix:{}", sock.display()))
+                .shutdown_grace("1s")
+        })
+        .parse();
+    let bound = bearer_proxy::server::Server::bind(config)
+        .await
+        .expect("bind");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(bound.run(async {
+        let _ = stopped.await;
+    }));
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let request = "ws://proxy.local/ws/a".into_client_request().unwrap();
+    let (mut ws, response) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async(request, stream),
+    )
+    .await
+    .expect("handshake timed out")
+    .expect("handshake");
+    assert_eq!(response.status(), 101);
+    assert_eq!(next(&mut ws).await, Message::text("hello from the server"));
+
+    let started = tokio::time::Instant::now();
+    let _ = stop.send(());
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("still here"));
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the tunnel on the Unix socket was closed");
+    tokio::time::timeout(Duration::from_secs(15), running)
         .await
         .expect("the proxy stopped")
         .unwrap();
