@@ -1,11 +1,12 @@
 //! Memory per idle keep-alive client connection, counted by a global allocator. A test
 //! binary of its own, so no other test allocates while it measures.
 
+#[path = "support/counting.rs"]
+mod counting;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,36 +14,8 @@ use tokio::net::TcpStream;
 
 use support::*;
 
-/// Bytes allocated and not yet freed, by anyone in the process.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const CONNS: usize = 300;
 
@@ -81,10 +54,10 @@ async fn one_request(s: &mut TcpStream, path: &str) -> String {
 /// The live heap once it has stopped moving (connections park after a short idle
 /// time), bounded in time.
 async fn settled() -> isize {
-    let mut last = LIVE.load(Ordering::Relaxed);
+    let mut last = counting::LIVE.load(Ordering::Relaxed);
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = LIVE.load(Ordering::Relaxed);
+        let now = counting::LIVE.load(Ordering::Relaxed);
         if (now - last).abs() < 4096 {
             return now;
         }
