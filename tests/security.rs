@@ -123,6 +123,28 @@ async fn idle_keep_alive_connections_are_closed() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// A connection that never sends a byte holds a connection slot: it is closed after
+/// `header_read_timeout` like an idle keep-alive one.
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let (_i, _u, proxy) = setup(|s| s.header_read_timeout("300ms")).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection was kept open");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    still_serves(&proxy).await;
+}
+
 #[tokio::test]
 async fn smuggling_pairs_are_neutralised() {
     let (_i, upstream, proxy) = setup(|s| s).await;
