@@ -190,6 +190,17 @@ async fn upstream_errors_and_unrouted_requests_are_counted() {
     proxy.stop().await;
 }
 
+/// `POST /reload` on the proxy's admin listener.
+async fn reload(c: &Client, proxy: &Proxy) -> Answer {
+    send(
+        c,
+        Request::post(proxy.admin_url("/reload"))
+            .body(full(""))
+            .unwrap(),
+    )
+    .await
+}
+
 /// Providers `p` and `q`, a route `/a` for `p`, and an admin listener to reload through.
 fn reload_config(issuer: &Issuer, other: &Issuer, upstream: &Upstream) -> TestConfig {
     TestConfig::default()
@@ -243,13 +254,7 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
         .route(RouteSection::to(&format!("{}/b", upstream.url()), "q").path_prefix("/b"))
         .provider("q", |q| q.client_id("id-q2"));
     std::fs::write(&file, changed.render()).unwrap();
-    let report = send(
-        &c,
-        Request::post(proxy.admin_url("/reload"))
-            .body(full(""))
-            .unwrap(),
-    )
-    .await;
+    let report = reload(&c, &proxy).await;
     assert_eq!(
         report.status,
         200,
@@ -297,13 +302,7 @@ async fn bad_reload_keeps_serving() {
             .render(),
     )
     .unwrap();
-    let answer = send(
-        &c,
-        Request::post(proxy.admin_url("/reload"))
-            .body(full(""))
-            .unwrap(),
-    )
-    .await;
+    let answer = reload(&c, &proxy).await;
     assert_eq!(answer.status, 422);
     let message = answer.json()["message"].as_str().unwrap().to_owned();
     assert!(
@@ -330,13 +329,7 @@ async fn a_reload_runs_the_startup_file_checks_and_keeps_serving_when_they_fail(
     let text = reload_config(&issuer, &other, &upstream)
         .server(|s| s.extra_ca_file(ca.display().to_string()));
     std::fs::write(&file, text.render()).unwrap();
-    let answer = send(
-        &c,
-        Request::post(proxy.admin_url("/reload"))
-            .body(full(""))
-            .unwrap(),
-    )
-    .await;
+    let answer = reload(&c, &proxy).await;
     assert_eq!(answer.status, 422);
     let message = answer.json()["message"].as_str().unwrap().to_owned();
     assert!(

@@ -403,29 +403,23 @@ async fn a_pipelined_head_split_across_an_idle_pause_is_served() {
     s.write_all(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /sec")
         .await
         .unwrap();
-    let out = read_answers(&mut s, 1).await;
-    assert!(
-        out.starts_with("HTTP/1.1 200") && out.contains("/first"),
-        "{out}"
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    s.write_all(b"ond HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let out = read_answers(&mut s, 1).await;
-    assert!(
-        out.starts_with("HTTP/1.1 200") && out.contains("/second"),
-        "{out}"
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    s.write_all(b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let out = read_answers(&mut s, 1).await;
-    assert!(
-        out.starts_with("HTTP/1.1 200") && out.contains("/third"),
-        "{out}"
-    );
+    // After each answer: pause past the parking point, then send the rest.
+    let steps: [(&str, &[u8]); 3] = [
+        ("/first", b"ond HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("/second", b"GET /third HTTP/1.1\r\nHost: a\r\n\r\n"),
+        ("/third", b""),
+    ];
+    for (path, next) in steps {
+        let out = read_answers(&mut s, 1).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.contains(path),
+            "{out}"
+        );
+        if !next.is_empty() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.write_all(next).await.unwrap();
+        }
+    }
     assert_eq!(upstream.hits(), 3);
 }
 

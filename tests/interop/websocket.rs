@@ -169,6 +169,17 @@ where
         .expect("a WebSocket error")
 }
 
+/// Whether the peer ends the WebSocket (close, error or end of stream) within `within`,
+/// reading past any messages still in flight.
+async fn closed_within<S>(ws: &mut WebSocketStream<S>, within: Duration) -> bool
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(within, async { while let Some(Ok(_)) = ws.next().await {} })
+        .await
+        .is_ok()
+}
+
 /// Provider `p` at `issuer`, a `/ws` route to `upstream`, and an admin listener.
 fn ws_config(issuer: &Issuer, upstream: &str) -> TestConfig {
     TestConfig::default()
@@ -466,16 +477,8 @@ async fn shutdown_closes_tunnels_after_the_grace_period() {
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(next(&mut ws).await, Message::text("still here"));
     // Then the proxy closes it.
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the tunnel was closed");
+    let ended = closed_within(&mut ws, Duration::from_secs(10)).await;
+    assert!(ended, "the tunnel was closed");
     tokio::time::timeout(Duration::from_secs(15), stopping)
         .await
         .expect("the proxy stopped")
@@ -524,16 +527,8 @@ async fn shutdown_closes_tunnels_on_a_unix_socket_after_the_grace_period() {
     let _ = stop.send(());
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(next(&mut ws).await, Message::text("still here"));
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
-    assert!(ended.is_ok(), "the tunnel on the Unix socket was closed");
+    let ended = closed_within(&mut ws, Duration::from_secs(10)).await;
+    assert!(ended, "the tunnel on the Unix socket was closed");
     tokio::time::timeout(Duration::from_secs(15), running)
         .await
         .expect("the proxy stopped")
