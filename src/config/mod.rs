@@ -4,7 +4,7 @@
 //! check every key and build the settings the rest of the proxy uses. Every error
 //! names the file, the key and the problem.
 
-mod fingerprint;
+pub(crate) mod fingerprint;
 pub mod outbound;
 mod raw;
 #[cfg(test)]

@@ -336,7 +336,7 @@ impl Fleet {
                     .arg(owner)
                     .arg("NX")
                     .arg("PX")
-                    .arg(ttl.as_millis() as u64),
+                    .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
             )
             .await?;
         Ok(set.is_some())

@@ -60,7 +60,7 @@ impl KeyBinding {
         let mut mac = mac.clone();
         mac.update(value.as_bytes());
         let digest = mac.finalize().into_bytes();
-        let id: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let id = crate::config::fingerprint::hex(digest.get(..16).unwrap_or_default());
         let tag = config.fingerprint_for(Some(&id)).tag().to_owned();
         Self {
             value: Secret::new(value),

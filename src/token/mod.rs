@@ -403,9 +403,10 @@ impl ProviderSlot {
         (remaining > self.config.refresh_before.lead(lifetime)).then_some((lifetime, remaining))
     }
 
-    /// The current token's bare value (without `header_prefix`), for sharing it.
-    fn current_value(&self) -> Option<Secret> {
-        let token = self.current()?;
+    /// `token`'s bare value (without `header_prefix`), for sharing it. Takes the token
+    /// already loaded, so its id, times and value are one token's even while the
+    /// refresher publishes another.
+    fn bare_value(&self, token: &Token) -> Option<Secret> {
         let header = token.header_value.to_str().ok()?;
         header
             .strip_prefix(self.config.header_prefix.as_str())
@@ -471,13 +472,13 @@ impl ProviderSlot {
     }
 
     /// Publishes a token read from the on-disk cache.
-    fn publish_cached(&self, cached: cache::CachedToken) -> bool {
+    fn publish_cached(&self, cached: cache::CachedToken) {
         let now_wall = SystemTime::now();
         let (Ok(remaining), Ok(lifetime)) = (
             cached.expires_at.duration_since(now_wall),
             cached.expires_at.duration_since(cached.fetched_at),
         ) else {
-            return false;
+            return;
         };
         let Some(token) = self.make_token(
             &cached.value,
@@ -487,7 +488,7 @@ impl ProviderSlot {
             now_wall,
             rand::random(),
         ) else {
-            return false;
+            return;
         };
         tracing::info!(
             provider = %self.config.name,
@@ -496,7 +497,6 @@ impl ProviderSlot {
             "token loaded from the token cache"
         );
         self.publish(token, Outcome::Cached);
-        true
     }
 
     /// Makes `token` the current one and wakes every request waiting for it.
@@ -726,7 +726,7 @@ impl TokenStore {
             let fleet = fleet.clone();
             tokio::spawn(async move {
                 if let Some(token) = slot.current() {
-                    if let Some(value) = slot.current_value() {
+                    if let Some(value) = slot.bare_value(&token) {
                         let shared = fleet::SharedToken {
                             id: token.id,
                             value,

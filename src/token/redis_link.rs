@@ -68,7 +68,7 @@ impl RedisLink {
                 });
                 let mut builder =
                     SentinelClientBuilder::new(sentinels, master, SentinelServerType::Master)
-                        .map_err(|e| FleetError::Redis(e.to_string()))?
+                        .map_err(|e| FleetError::Redis(explain(&e)))?
                         .set_client_to_redis_db(settings.db());
                 if let Some(user) = settings.username() {
                     builder = builder.set_client_to_redis_username(user);
@@ -85,7 +85,7 @@ impl RedisLink {
                 }
                 let client = builder
                     .build()
-                    .map_err(|e| FleetError::Redis(e.to_string()))?;
+                    .map_err(|e| FleetError::Redis(explain(&e)))?;
                 let target = Target::Sentinel {
                     client: tokio::sync::Mutex::new(client),
                     master: master.clone(),
