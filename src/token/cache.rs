@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::seal::{check_times, Sealer, Unusable};
+use super::seal::{Sealer, Unusable};
 
 use crate::config::ProviderConfig;
 use crate::secret::Secret;
@@ -106,18 +106,16 @@ pub fn decode(
     if file.fingerprint != provider.fingerprint_for(key_id).as_str() {
         return Ok(None);
     }
-    let plain = Sealer::new(provider, key_id, "cache").open(
+    let (value, fetched_at, expires_at) = Sealer::new(provider, key_id, "cache").open_token(
         &associated(&file),
         &file.nonce,
         &file.ciphertext,
+        file.fetched_at_ms,
+        file.expires_at_ms,
+        now,
     )?;
-    let (fetched_at, expires_at) = check_times(file.fetched_at_ms, file.expires_at_ms, now)?;
-    let value = String::from_utf8(plain).map_err(|_| Unusable::Format)?;
-    if value.is_empty() {
-        return Err(Unusable::Format);
-    }
     Ok(Some(CachedToken {
-        value: Secret::new(value),
+        value,
         fetched_at,
         expires_at,
     }))

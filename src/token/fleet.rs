@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::redis_link::{explain, RedisLink};
-use super::seal::{check_times, Sealer, Unusable};
+use super::seal::{Sealer, Unusable};
 use crate::config::{ProviderConfig, RedisConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -529,19 +529,17 @@ pub fn open(
     if sealed.v != FORMAT {
         return Err(Unusable::Format);
     }
-    let plain = Sealer::new(p, key_id, "redis").open(
+    let (value, fetched_at, expires_at) = Sealer::new(p, key_id, "redis").open_token(
         &associated(key, &sealed.id, sealed.fetched_at_ms, sealed.expires_at_ms),
         &sealed.nonce,
         &sealed.ciphertext,
+        sealed.fetched_at_ms,
+        sealed.expires_at_ms,
+        now,
     )?;
-    let (fetched_at, expires_at) = check_times(sealed.fetched_at_ms, sealed.expires_at_ms, now)?;
-    let value = String::from_utf8(plain).map_err(|_| Unusable::Format)?;
-    if value.is_empty() {
-        return Err(Unusable::Format);
-    }
     Ok(SharedToken {
         id: sealed.id.parse().map_err(|_| Unusable::Format)?,
-        value: Secret::new(value),
+        value,
         fetched_at,
         expires_at,
     })

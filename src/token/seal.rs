@@ -16,6 +16,7 @@ use sha2::Sha256;
 
 use crate::config::ProviderConfig;
 use crate::provider::MAX_LIFETIME;
+use crate::secret::Secret;
 use crate::unix_time;
 
 /// Clocks of a fleet (or of one machine across a restart) may disagree this much.
@@ -80,6 +81,26 @@ impl Sealer {
                 },
             )
             .map_err(|_| Unusable::Seal)
+    }
+
+    /// A stored token (cache file or Redis value): the value [`Sealer::open`] gives,
+    /// which must be non-empty UTF-8, and its times, which must pass [`check_times`].
+    pub fn open_token(
+        &self,
+        aad: &[u8],
+        nonce: &str,
+        ciphertext: &str,
+        fetched_at_ms: u64,
+        expires_at_ms: u64,
+        now: SystemTime,
+    ) -> Result<(Secret, SystemTime, SystemTime), Unusable> {
+        let plain = self.open(aad, nonce, ciphertext)?;
+        let (fetched_at, expires_at) = check_times(fetched_at_ms, expires_at_ms, now)?;
+        let value = String::from_utf8(plain).map_err(|_| Unusable::Format)?;
+        if value.is_empty() {
+            return Err(Unusable::Format);
+        }
+        Ok((Secret::new(value), fetched_at, expires_at))
     }
 }
 
