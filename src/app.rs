@@ -5,10 +5,10 @@
 //! The listeners ([`crate::server`]) serve what this holds; the admin listener gets
 //! only the narrow handles it answers from (see [`crate::admin::AdminState`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::client_auth::CommandError;
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, Limits};
 use crate::metrics::Metrics;
 use crate::preflight::{self, PreflightError, Prepared};
 use crate::provider::TokenClient;
@@ -215,6 +215,21 @@ impl App {
                 ),
                 // The Redis link (node or Sentinels, TLS files) is built once at start.
                 ("[store]", new.store != old.store),
+                // The worker threads, the connection cap and the connection builders
+                // are made once at start; max_uri_length is checked per request and
+                // reloads.
+                ("workers", new.server.workers != old.server.workers),
+                (
+                    "shutdown_grace",
+                    new.server.shutdown_grace != old.server.shutdown_grace,
+                ),
+                (
+                    "max_connections/max_header_bytes/max_headers/header_read_timeout/max_concurrent_streams",
+                    Limits {
+                        max_uri_length: old.server.limits.max_uri_length,
+                        ..new.server.limits.clone()
+                    } != old.server.limits,
+                ),
             ] {
                 if changed {
                     listener_changes.push(format!("{key} changed"));
@@ -228,9 +243,9 @@ impl App {
                 &this.clients,
             ));
             let routes = new.routes.len();
-            if let Ok(mut current) = this.config.lock() {
-                *current = new;
-            }
+            // Routes and providers are already swapped: the config must follow them
+            // even past a poisoned lock.
+            *this.config.lock().unwrap_or_else(PoisonError::into_inner) = new;
             Ok(ReloadReport {
                 providers,
                 routes,

@@ -284,6 +284,49 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
     proxy.stop().await;
 }
 
+/// Settings the running listeners were built with are reported as needing a restart;
+/// `max_uri_length`, checked per request, reloads silently.
+#[tokio::test]
+async fn a_reload_that_changes_connection_settings_says_it_needs_a_restart() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
+    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let report = proxy.shared.reload().await.expect("reload");
+    assert!(report.listener_changes.is_empty(), "{report:?}");
+    let changed = reload_config(&issuer, &other, &upstream).server(|s| {
+        s.workers(3)
+            .shutdown_grace("7s")
+            .header_read_timeout("9s")
+            .max_uri_length("4000")
+    });
+    std::fs::write(&file, changed.render()).unwrap();
+    let report = proxy.shared.reload().await.expect("reload");
+    assert_eq!(
+        report.listener_changes,
+        [
+            "workers changed",
+            "shutdown_grace changed",
+            "max_connections/max_header_bytes/max_headers/header_read_timeout/max_concurrent_streams changed",
+        ],
+        "{report:?}"
+    );
+    let only_uri = reload_config(&issuer, &other, &upstream).server(|s| s.max_uri_length("4000"));
+    std::fs::write(&file, only_uri.render()).unwrap();
+    proxy.shared.reload().await.expect("reload");
+    std::fs::write(
+        &file,
+        only_uri.server(|s| s.max_uri_length("5000")).render(),
+    )
+    .unwrap();
+    let report = proxy.shared.reload().await.expect("reload");
+    assert!(report.listener_changes.is_empty(), "{report:?}");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn bad_reload_keeps_serving() {
     let issuer = Issuer::start(Dialect::OAuth2).await;
