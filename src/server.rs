@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
@@ -488,12 +488,23 @@ async fn accept_loop<L, H, Fut, B>(
         };
         if let Err(refused) = proxy.admit_peer(&peer) {
             tracing::warn!(%peer, "{refused}");
-            let svc =
-                service_fn(move |_req| std::future::ready(Ok::<_, Infallible>(refused.answer())));
+            // A refused peer gets its 403 and the connection closes: it must not keep a
+            // connection slot (of `max_connections`) that admitted clients need.
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let mut answer = refused.answer();
+                if req.version() < http::Version::HTTP_2 {
+                    answer
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                std::future::ready(Ok::<_, Infallible>(answer))
+            });
             let builders = builders.clone();
             let stop = stop.clone();
+            let bound = settings.limits.header_read_timeout;
             connections.spawn(async move {
-                let _ = conn::serve(&builders, stream, svc, &stop).await;
+                let _ =
+                    tokio::time::timeout(bound, conn::serve(&builders, stream, svc, &stop)).await;
                 drop(permit);
             });
             continue;

@@ -201,6 +201,14 @@ async fn clients_outside_allowed_clients_get_403() {
     assert_eq!(answer.status, 403);
     assert_eq!(answer.json()["error"], "forbidden_client");
     assert_eq!(upstream.hits(), 0);
+    // The connection closes after the 403: a refused peer holds no connection slot.
+    let out = raw_until_close(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     proxy.stop().await;
     // The same proxy with loopback allowed serves.
     let (_i, _u, proxy) = setup(|s| s.allowed_clients(["127.0.0.1", "::1/128"])).await;
