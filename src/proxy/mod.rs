@@ -61,7 +61,7 @@ use admission::{Admitted, Refused};
 use body::{keep_for_replay, Kept, OutBody};
 use client::{ClientFactory, Clients, UpstreamClient};
 use error::ProxyError;
-use routing::{Route, Router};
+use routing::{Route, RouteAuth, Router};
 use upgrade::{Handshake, Tunnels};
 
 /// Every listener's routes and the settings requests need, swapped whole on reload.
@@ -87,15 +87,22 @@ impl RoutingTable {
     ) -> Self {
         let mut by_listener: HashMap<ListenAddr, Vec<Route>> = HashMap::new();
         for rc in &config.routes {
-            let slot = rc.provider.as_ref().and_then(|p| store.slot(p));
-            let keyed = rc.provider.as_ref().and_then(|p| store.keyed(p));
+            // A provider is plain or keyed; a name the store lacks (validation refuses
+            // one) leaves the route open, as it always did.
+            let auth = rc
+                .provider
+                .as_deref()
+                .and_then(|p| {
+                    (store.slot(p).map(RouteAuth::Slot))
+                        .or_else(|| store.keyed(p).map(RouteAuth::Keyed))
+                })
+                .unwrap_or(RouteAuth::Open);
             by_listener
                 .entry(rc.listen.clone())
                 .or_default()
                 .push(Route {
                     config: rc.clone(),
-                    slot,
-                    keyed,
+                    auth,
                     metrics: metrics.route(&rc.name),
                     name: rc.name.as_str().into(),
                     pinned: rc.preserve_host.then(|| clients.pinned(&rc.upstream)),
@@ -423,24 +430,31 @@ enum Credential<'r> {
 /// key is checked here rather than at admission because a request whose own
 /// credential passes needs none.
 fn credential<'r>(route: &'r Route, headers: &mut HeaderMap) -> Result<Credential<'r>, ProxyError> {
-    let key = route
-        .keyed
-        .as_ref()
-        .map(|keyed| (keyed, take_key(keyed, headers)));
-    let header = match (&route.slot, &key) {
-        (Some(slot), _) => &slot.config.header,
-        (None, Some((keyed, _))) => &keyed.config.header,
-        (None, None) => return Ok(Credential::AsSent),
-    };
-    if route.config.pass_client_authorization && headers.contains_key(header) {
-        return Ok(Credential::AsSent);
+    match &route.auth {
+        RouteAuth::Open => Ok(Credential::AsSent),
+        RouteAuth::Slot(slot) => {
+            let header = &slot.config.header;
+            if own_credential_passes(route, headers, header) {
+                return Ok(Credential::AsSent);
+            }
+            let slot = Cow::Borrowed(slot);
+            Ok(Credential::Token { slot, header })
+        }
+        RouteAuth::Keyed(keyed) => {
+            let key = take_key(keyed, headers);
+            let header = &keyed.config.header;
+            if own_credential_passes(route, headers, header) {
+                return Ok(Credential::AsSent);
+            }
+            let slot = Cow::Owned(keyed_slot(keyed, key)?);
+            Ok(Credential::Token { slot, header })
+        }
     }
-    let slot = match (&route.slot, key) {
-        (Some(slot), _) => Cow::Borrowed(slot),
-        (None, Some((keyed, value))) => Cow::Owned(keyed_slot(keyed, value)?),
-        (None, None) => return Err(ProxyError::NoRoute),
-    };
-    Ok(Credential::Token { slot, header })
+}
+
+/// Whether the route lets the client's own credential in `header` through.
+fn own_credential_passes(route: &Route, headers: &HeaderMap, header: &HeaderName) -> bool {
+    route.config.pass_client_authorization && headers.contains_key(header)
 }
 
 /// Removes the key header; its value when it was sent exactly once.

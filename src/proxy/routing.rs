@@ -11,15 +11,23 @@ use super::client::Pinned;
 /// A route with its provider's slot resolved once, at build time.
 pub struct Route {
     pub config: RouteConfig,
-    pub slot: Option<Arc<ProviderSlot>>,
-    /// Set instead of `slot` for a keyed provider: the request's key picks the slot.
-    pub keyed: Option<Arc<KeyedProvider>>,
+    pub auth: RouteAuth,
     pub metrics: RouteMetrics,
     /// The route's name, shared with log lines.
     pub name: Arc<str>,
     /// `preserve_host` routes: clients whose connections always go to this route's
     /// upstream, so the client's Host can be sent as the authority.
     pub pinned: Option<Pinned>,
+}
+
+/// Where a route's token comes from.
+pub enum RouteAuth {
+    /// No provider: requests go upstream as the client sent them.
+    Open,
+    /// One provider slot for every request.
+    Slot(Arc<ProviderSlot>),
+    /// A keyed provider: each request's key picks the slot.
+    Keyed(Arc<KeyedProvider>),
 }
 
 /// The routes of one listener, most specific first.
