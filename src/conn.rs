@@ -12,8 +12,14 @@
 //! Knowing that hyper is between requests takes two signals: it arms its header-read
 //! timer exactly when it starts waiting for a request head (the timer below sees that,
 //! and forgets it when a request is dispatched or bytes arrive), and nothing it wrote
-//! is still unflushed (the socket wrapper below sees that). A parked wait is bounded by
-//! `header_read_timeout` like hyper's own idle wait.
+//! is still unflushed (the socket wrapper below sees that).
+//!
+//! From the moment hyper starts waiting for a request head (or the connection is
+//! accepted) until a whole head has arrived, one deadline holds, `header_read_timeout`
+//! ahead: parking, waking on readiness and the fresh hyper connection after a wake all
+//! keep it. Otherwise each wake would grant a new full wait, and a client dribbling a
+//! head across an idle pause (or leaving a partial pipelined head in the buffer) could
+//! hold the connection for twice the limit.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -79,6 +85,40 @@ impl ReadReady for UnixStream {
     }
 }
 
+/// A client socket [`serve`] can take.
+pub trait ClientStream: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static> ClientStream for S {}
+
+/// A request handler [`serve`] can run: cloned into each fresh hyper connection after a
+/// park, with futures that can move (a parked connection is taken apart).
+pub trait ConnService:
+    Service<
+        Request<Incoming>,
+        Response = Response<Self::Body>,
+        Error: Into<BoxError>,
+        Future: Send + Unpin + 'static,
+    > + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+    /// The response body.
+    type Body: hyper::body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<Svc, B> ConnService for Svc
+where
+    Svc: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Unpin + 'static,
+    Svc::Future: Send + Unpin + 'static,
+    Svc::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Body = B;
+}
+
 /// The connection settings of one listener.
 #[derive(Clone)]
 pub struct Builders {
@@ -112,21 +152,12 @@ impl Builders {
 
 /// Serves `stream` until the client leaves, the connection fails, or `stop` is
 /// cancelled (then requests in flight finish and the connection closes).
-pub async fn serve<S, Svc, B>(
+pub async fn serve<S: ClientStream, Svc: ConnService>(
     builders: &Builders,
     mut stream: S,
     svc: Svc,
     stop: &CancellationToken,
-) -> Result<(), BoxError>
-where
-    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    Svc: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Unpin + 'static,
-    Svc::Future: Send + Unpin + 'static,
-    Svc::Error: Into<BoxError>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+) -> Result<(), BoxError> {
     // The first bytes say which protocol (what hyper-util's auto builder does, without
     // holding a buffer for it): at most the preface's length.
     let mut first = [0u8; H2_PREFACE.len()];
@@ -170,6 +201,7 @@ where
         ParkIo::new(stream, prefix, Arc::default()),
         svc,
         stop,
+        deadline,
     )
     .await
 }
@@ -178,42 +210,36 @@ where
 enum Ended {
     /// The connection is done (closed, failed, upgraded or shut down).
     Done(Result<(), hyper::Error>),
-    /// Idle for [`PARK_AFTER`] with nothing unflushed: take the socket back.
-    Idle,
+    /// Idle for [`PARK_AFTER`] with nothing unflushed: take the socket back. The
+    /// deadline by which the next head must have arrived.
+    Idle(tokio::time::Instant),
 }
 
-async fn serve_http1<S, Svc, B>(
+/// Serves HTTP/1.1 on `io`, whose first head must have arrived by `head_deadline`.
+async fn serve_http1<S: ClientStream, Svc: ConnService>(
     builders: &Builders,
     mut io: ParkIo<S>,
     svc: Svc,
     stop: &CancellationToken,
-) -> Result<(), BoxError>
-where
-    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    Svc: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Unpin + 'static,
-    Svc::Future: Send + Unpin + 'static,
-    Svc::Error: Into<BoxError>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+    mut head_deadline: tokio::time::Instant,
+) -> Result<(), BoxError> {
     let mut cancelled = pin!(stop.cancelled());
     let mut idle_timer = pin!(tokio::time::sleep(PARK_AFTER));
     let mut parked = false;
     loop {
         if parked {
-            // The rest of the idle wait hyper would have allowed.
-            let wait = builders.header_read_timeout.saturating_sub(PARK_AFTER);
             let ready = tokio::select! {
                 () = cancelled.as_mut() => return Ok(()),
-                ready = tokio::time::timeout(wait, poll_fn(|cx| io.stream_mut().poll_read_ready(cx))) => ready,
+                ready = tokio::time::timeout_at(head_deadline, poll_fn(|cx| io.stream_mut().poll_read_ready(cx))) => ready,
             };
             match ready {
                 Err(_elapsed) => return Ok(()),
                 Ok(result) => result?,
             }
         }
-        let flags = Arc::new(Flags::default());
+        // Until this hyper connection has read a whole head, its head wait ends at
+        // `head_deadline`, not a full `header_read_timeout` after it started.
+        let flags = Arc::new(Flags::carrying(head_deadline));
         io.flags = flags.clone();
         let mut h1 = builders.h1.clone();
         h1.timer(HeadTimer {
@@ -226,8 +252,8 @@ where
         };
         let mut conn = h1.serve_connection(io, tracked).with_upgrades();
         let mut shutting_down = false;
-        // The arming of the head wait the idle timer runs for.
-        let mut timing: Option<u32> = None;
+        // The arming of the head wait the idle timer runs for, and that wait's deadline.
+        let mut timing: Option<(u32, tokio::time::Instant)> = None;
         let ended = poll_fn(|cx| {
             if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
                 shutting_down = true;
@@ -241,15 +267,23 @@ where
             }
             match flags.idle_since() {
                 Some(arming) => {
-                    if timing != Some(arming) {
-                        timing = Some(arming);
-                        let deadline = park_deadline(tokio::time::Instant::now());
-                        if idle_timer.deadline() != deadline {
-                            idle_timer.as_mut().reset(deadline);
+                    let head_deadline = match timing {
+                        Some((timed, deadline)) if timed == arming => deadline,
+                        _ => {
+                            // hyper armed its timer during the poll just made: now is
+                            // when its wait began.
+                            let now = tokio::time::Instant::now();
+                            let deadline = flags.head_deadline(now + builders.header_read_timeout);
+                            timing = Some((arming, deadline));
+                            let park_at = park_deadline(now);
+                            if idle_timer.deadline() != park_at {
+                                idle_timer.as_mut().reset(park_at);
+                            }
+                            deadline
                         }
-                    }
+                    };
                     if idle_timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Ended::Idle);
+                        return Poll::Ready(Ended::Idle(head_deadline));
                     }
                 }
                 None => timing = None,
@@ -259,9 +293,10 @@ where
         .await;
         match ended {
             Ended::Done(result) => return result.map_err(Into::into),
-            Ended::Idle => match conn.into_parts() {
+            Ended::Idle(deadline) => match conn.into_parts() {
                 Some(parts) => {
                     io = parts.io;
+                    head_deadline = deadline;
                     // A pipelining client's partial next head, if any, is read again;
                     // copied, because the bytes hyper hands back keep its whole read
                     // buffer alive.
@@ -280,18 +315,29 @@ where
 
 const ARMED: u8 = 1;
 const UNFLUSHED: u8 = 2;
+const SERVED: u8 = 4;
 
 /// What one hyper connection is doing, as far as parking is concerned.
 #[derive(Default)]
 struct Flags {
     /// `ARMED`: waiting for a request head, no byte of it read yet; `UNFLUSHED`: bytes
-    /// written and not flushed yet.
+    /// written and not flushed yet; `SERVED`: a whole head has been read.
     state: AtomicU8,
     /// Counts the head waits, so a new one restarts the idle timer.
     armings: AtomicU32,
+    /// The deadline of the head wait this hyper connection took over (from the
+    /// protocol sniff or a parked one); it bounds head waits until `SERVED`.
+    carried: Option<tokio::time::Instant>,
 }
 
 impl Flags {
+    fn carrying(deadline: tokio::time::Instant) -> Self {
+        Self {
+            carried: Some(deadline),
+            ..Self::default()
+        }
+    }
+
     fn arm(&self) {
         self.armings.fetch_add(1, Ordering::Relaxed);
         self.state.fetch_or(ARMED, Ordering::Relaxed);
@@ -301,9 +347,26 @@ impl Flags {
         self.state.fetch_and(!ARMED, Ordering::Relaxed);
     }
 
+    /// A whole head has arrived: later head waits are the client's next request's.
+    fn served(&self) {
+        self.state.fetch_or(SERVED, Ordering::Relaxed);
+        self.disarm();
+    }
+
+    /// The deadline of a head wait that would otherwise end at `deadline`.
+    fn head_deadline(&self, deadline: tokio::time::Instant) -> tokio::time::Instant {
+        match self.carried {
+            Some(carried) if self.state.load(Ordering::Relaxed) & SERVED == 0 => {
+                carried.min(deadline)
+            }
+            _ => deadline,
+        }
+    }
+
     /// Which head wait the connection is idle in, if it is idle.
     fn idle_since(&self) -> Option<u32> {
-        (self.state.load(Ordering::Relaxed) == ARMED).then(|| self.armings.load(Ordering::Relaxed))
+        (self.state.load(Ordering::Relaxed) & !SERVED == ARMED)
+            .then(|| self.armings.load(Ordering::Relaxed))
     }
 }
 
@@ -321,16 +384,23 @@ impl Timer for HeadTimer {
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
         self.flags.arm();
-        self.inner.sleep_until(deadline)
+        self.inner.sleep_until(self.head_deadline(deadline))
     }
 
     fn reset(&self, sleep: &mut Pin<Box<dyn Sleep>>, new_deadline: Instant) {
         self.flags.arm();
-        self.inner.reset(sleep, new_deadline);
+        self.inner.reset(sleep, self.head_deadline(new_deadline));
     }
 
     fn now(&self) -> Instant {
         self.inner.now()
+    }
+}
+
+impl HeadTimer {
+    fn head_deadline(&self, deadline: Instant) -> Instant {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        self.flags.head_deadline(deadline).into_std()
     }
 }
 
@@ -347,7 +417,7 @@ impl<Svc: Service<Request<Incoming>>> Service<Request<Incoming>> for Tracked<Svc
     type Future = Svc::Future;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        self.flags.disarm();
+        self.flags.served();
         self.inner.call(req)
     }
 }

@@ -467,3 +467,64 @@ async fn slowloris_after_an_idle_pause_is_cut_off() {
     assert!(closed_at < Duration::from_secs(2), "{closed_at:?}");
     still_serves(&proxy).await;
 }
+
+/// Sends `head` one byte every `every` until the proxy closes the connection; how long
+/// after `since` that was (`None`: never, within the bytes of `head` repeated 100 times).
+async fn dribble_until_closed(
+    s: &mut TcpStream,
+    head: &[u8],
+    every: Duration,
+    since: tokio::time::Instant,
+) -> Option<Duration> {
+    for b in head.iter().cycle().take(100) {
+        if s.write_all(&[*b]).await.is_err() {
+            return Some(since.elapsed());
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(every, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+            Ok(Ok(_)) | Err(_) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_head_dribbled_after_an_idle_pause_gets_one_header_read_timeout_in_all() {
+    // The time from an answer to the next whole head is bounded by header_read_timeout,
+    // however the wait is split: the connection is parked during the pause and woken by
+    // each byte, and (second case) holds a partial pipelined head while parked.
+    let limit = Duration::from_secs(2);
+    let (_i, _u, proxy) = setup(|s| s.header_read_timeout("2s")).await;
+    let cases: [&[u8]; 2] = [
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n",
+    ];
+    for first in cases {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let out = read_answers(&mut s, 1).await;
+        let answered = tokio::time::Instant::now();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        // Long past the parking point, well within the limit.
+        tokio::time::sleep(limit * 4 / 5).await;
+        let closed_at = dribble_until_closed(
+            &mut s,
+            b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            Duration::from_millis(200),
+            answered,
+        )
+        .await
+        .expect("the connection was never closed");
+        // Granting a fresh wait at the wake-up would close it at 1.8x the limit.
+        assert!(
+            closed_at < limit + Duration::from_millis(800),
+            "closed {closed_at:?} after the answer (limit {limit:?})"
+        );
+        assert!(
+            closed_at > limit / 2,
+            "closed {closed_at:?} after the answer, long before the limit"
+        );
+    }
+    still_serves(&proxy).await;
+}
