@@ -464,6 +464,10 @@ async fn accept_loop<L, H, Fut, B>(
     let builders = Arc::new(conn::Builders::new(&settings.limits));
     // Every connection of this listener, so shutdown can wait for them to drain.
     let connections = TaskTracker::new();
+    // Ends the connections still open when `shutdown_grace` runs out. A worker thread's
+    // would end with its runtime anyway, but the Unix socket and admin listeners run
+    // on the caller's runtime, which outlives the server.
+    let abort = CancellationToken::new();
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's backlog
         // while the ones being served carry on.
@@ -502,9 +506,15 @@ async fn accept_loop<L, H, Fut, B>(
             let builders = builders.clone();
             let stop = stop.clone();
             let bound = settings.limits.header_read_timeout;
+            let abort = abort.clone();
             connections.spawn(async move {
-                let _ =
-                    tokio::time::timeout(bound, conn::serve(&builders, stream, svc, &stop)).await;
+                let serve = tokio::time::timeout(bound, conn::serve(&builders, stream, svc, &stop));
+                // Selected here rather than with a wrapper such as `run_until_cancelled`,
+                // which would hold a second copy of the connection's future in the task.
+                tokio::select! {
+                    () = abort.cancelled() => {}
+                    _ = serve => {}
+                }
                 drop(permit);
             });
             continue;
@@ -520,9 +530,16 @@ async fn accept_loop<L, H, Fut, B>(
         });
         let builders = builders.clone();
         let stop = stop.clone();
+        let abort = abort.clone();
         connections.spawn(async move {
-            if let Err(error) = conn::serve(&builders, stream, svc, &stop).await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            // As above: no wrapper future, which would double the task's size.
+            tokio::select! {
+                () = abort.cancelled() => {}
+                served = conn::serve(&builders, stream, svc, &stop) => {
+                    if let Err(error) = served {
+                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    }
+                }
             }
             drop(permit);
         });
@@ -535,5 +552,8 @@ async fn accept_loop<L, H, Fut, B>(
         .is_err()
     {
         tracing::warn!("shutdown grace period over; closing remaining connections");
+        abort.cancel();
+        // Each is dropped (its socket closed) at its next poll, which is now.
+        connections.wait().await;
     }
 }

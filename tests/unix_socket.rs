@@ -354,3 +354,87 @@ async fn a_regular_file_in_the_way_is_an_error_and_kept() {
     assert!(error.contains(&sock.display().to_string()), "{error}");
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
 }
+
+/// Reads `s` until the server closes it; how long after `since` that was (`None`: still
+/// open after `within`).
+async fn closed_after(
+    mut s: impl tokio::io::AsyncRead + Unpin,
+    since: tokio::time::Instant,
+    within: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return since.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// When `shutdown_grace` runs out, connections still open on a Unix socket listener and
+/// on the admin listener are closed, as the worker threads' are, and the server is done.
+#[tokio::test]
+async fn shutdown_grace_ends_held_unix_socket_and_admin_connections() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let grace = Duration::from_secs(1);
+    let config = unix_config(dir.path(), &issuer, &upstream)
+        .server(|s| {
+            s.admin()
+                .shutdown_grace("1s")
+                .header_read_timeout("60s")
+                .upstream_timeout("60s")
+        })
+        .parse();
+    let server = Server::bind(config).await.expect("bind");
+    let admin = server.admin_addr().expect("admin listener");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+
+    // A request the upstream never answers in time, on the Unix socket...
+    upstream.set_delay(Duration::from_secs(60));
+    let mut slow = UnixStream::connect(dir.path().join("proxy.sock"))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || upstream.hits() >= 1).await,
+        "the slow request reached the upstream"
+    );
+    // ...and a request head never finished, on the admin listener.
+    let mut unfinished = tokio::net::TcpStream::connect(admin).await.unwrap();
+    unfinished
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = tokio::time::Instant::now();
+    let _ = stop.send(());
+    let within = Duration::from_secs(10);
+    let (slow_closed, admin_closed) = tokio::join!(
+        closed_after(slow, started, within),
+        closed_after(unfinished, started, within)
+    );
+    for (what, closed) in [("Unix socket", slow_closed), ("admin", admin_closed)] {
+        let closed = closed.unwrap_or_else(|| panic!("the {what} connection was left open"));
+        assert!(
+            closed >= grace * 9 / 10 && closed < grace + Duration::from_secs(3),
+            "the {what} connection closed {closed:?} after shutdown (grace {grace:?})"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("the server finished")
+        .unwrap();
+}
