@@ -265,6 +265,7 @@ impl Server {
             }
         }
         let hup = tokio::spawn(reload_on_sighup(self.app.reload_handle(), stop.clone()));
+        let trim = tokio::spawn(crate::memory::give_back_when_quiet(stop.clone()));
         shutdown.await;
         tracing::info!(grace_s = grace.as_secs_f64(), "shutting down");
         stop.cancel();
@@ -281,6 +282,7 @@ impl Server {
         })
         .await;
         let _ = hup.await;
+        let _ = trim.await;
         self.app.store.stop();
     }
 }
