@@ -758,3 +758,79 @@ async fn check_passes_a_config_whose_files_are_fine() {
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(out.stdout.contains(": OK"), "{out:?}");
 }
+
+/// After a burst of connections, once nothing has moved for a second, the running
+/// proxy gives the memory the burst freed back to the OS (glibc only: elsewhere the
+/// allocator does it by itself and the task does nothing).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[tokio::test]
+async fn memory_freed_by_a_burst_goes_back_to_the_os_once_quiet() {
+    const CONNS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    let upstream = support::Upstream::start().await;
+    let port = support::free_port();
+    let toml = support::TestConfig::basic(&issuer, &upstream)
+        .server(|s| s.listen(format!("127.0.0.1:{port}")))
+        .render();
+    let config = write(dir.path(), "run.toml", &toml);
+    let mut guard = Guard(
+        command(&["--log-level", "debug", "run", "-c", &config])
+            .spawn()
+            .expect("spawn bearer-proxy run"),
+    );
+    let stderr = guard.0.stderr.take().unwrap();
+    let (tx, mut lines) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + LIMIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the proxy did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The burst: every connection makes one request and stays open.
+    let mut held = Vec::new();
+    let request = format!("GET /burst HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    for _ in 0..CONNS {
+        let mut s = timeout(LIMIT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut s, request.as_bytes())
+            .await
+            .expect("write");
+        held.push(s);
+    }
+    for s in &mut held {
+        let mut head = [0u8; 12];
+        timeout(LIMIT, tokio::io::AsyncReadExt::read_exact(s, &mut head))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert_eq!(&head, b"HTTP/1.1 200");
+    }
+
+    // Quiet now: the trim comes within a few seconds, and it released pages.
+    let trimmed = timeout(Duration::from_secs(15), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("gave freed memory back to the OS") {
+                return line;
+            }
+        }
+        panic!("the log ended without a trim");
+    })
+    .await
+    .expect("a trim within 15 s of the burst");
+    assert!(trimmed.contains("released=true"), "{trimmed}");
+    drop(held);
+}
