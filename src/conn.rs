@@ -38,7 +38,7 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::config::Limits;
 use crate::error::BoxError;
@@ -183,18 +183,9 @@ pub async fn serve<S: ClientStream, Svc: ConnService>(
     let prefix = Bytes::copy_from_slice(first.get(..got).unwrap_or_default());
     if got == H2_PREFACE.len() && prefix == H2_PREFACE {
         let io = ParkIo::new(stream, prefix, Arc::new(Flags::default()));
-        let mut conn = pin!(builders.h2.serve_connection(io, svc));
-        let mut cancelled = pin!(stop.cancelled());
-        let mut shutting_down = false;
-        return poll_fn(|cx| {
-            if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
-                shutting_down = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            conn.as_mut().poll(cx)
-        })
-        .await
-        .map_err(Into::into);
+        // Boxed, as each HTTP/1 connection is below: the connection task's future stays
+        // small, which is what a parked connection keeps.
+        return Box::pin(serve_h2(builders, io, svc, stop)).await;
     }
     serve_http1(
         builders,
@@ -204,6 +195,26 @@ pub async fn serve<S: ClientStream, Svc: ConnService>(
         deadline,
     )
     .await
+}
+
+async fn serve_h2<S: ClientStream, Svc: ConnService>(
+    builders: &Builders,
+    io: ParkIo<S>,
+    svc: Svc,
+    stop: &CancellationToken,
+) -> Result<(), BoxError> {
+    let mut conn = pin!(builders.h2.serve_connection(io, svc));
+    let mut cancelled = pin!(stop.cancelled());
+    let mut shutting_down = false;
+    poll_fn(|cx| {
+        if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
+            shutting_down = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await
+    .map_err(Into::into)
 }
 
 /// What ended one hyper HTTP/1 connection.
@@ -224,7 +235,6 @@ async fn serve_http1<S: ClientStream, Svc: ConnService>(
     mut head_deadline: tokio::time::Instant,
 ) -> Result<(), BoxError> {
     let mut cancelled = pin!(stop.cancelled());
-    let mut idle_timer = pin!(tokio::time::sleep(PARK_AFTER));
     let mut parked = false;
     loop {
         if parked {
@@ -237,79 +247,99 @@ async fn serve_http1<S: ClientStream, Svc: ConnService>(
                 Ok(result) => result?,
             }
         }
-        // Until this hyper connection has read a whole head, its head wait ends at
-        // `head_deadline`, not a full `header_read_timeout` after it started.
-        let flags = Arc::new(Flags::carrying(head_deadline));
-        io.flags = flags.clone();
-        let mut h1 = builders.h1.clone();
-        h1.timer(HeadTimer {
-            inner: TokioTimer::new(),
-            flags: flags.clone(),
-        });
-        let tracked = Tracked {
-            inner: svc.clone(),
-            flags: flags.clone(),
-        };
-        let mut conn = h1.serve_connection(io, tracked).with_upgrades();
-        let mut shutting_down = false;
-        // The arming of the head wait the idle timer runs for, and that wait's deadline.
-        let mut timing: Option<(u32, tokio::time::Instant)> = None;
-        let ended = poll_fn(|cx| {
-            if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
-                shutting_down = true;
-                Pin::new(&mut conn).graceful_shutdown();
+        // hyper's connection lives in a box of its own, dropped when the connection
+        // parks: the connection task's future, which a parked connection keeps, holds
+        // only the socket and this loop's state (about 1.8 KiB less per connection).
+        let active = serve_until_idle(builders, io, svc.clone(), cancelled.as_mut(), head_deadline);
+        match Box::pin(active).await? {
+            Some((socket, deadline)) => {
+                io = socket;
+                head_deadline = deadline;
+                parked = true;
             }
-            if let Poll::Ready(done) = Pin::new(&mut conn).poll(cx) {
-                return Poll::Ready(Ended::Done(done));
-            }
-            if shutting_down {
-                return Poll::Pending;
-            }
-            match flags.idle_since() {
-                Some(arming) => {
-                    let head_deadline = match timing {
-                        Some((timed, deadline)) if timed == arming => deadline,
-                        _ => {
-                            // hyper armed its timer during the poll just made: now is
-                            // when its wait began.
-                            let now = tokio::time::Instant::now();
-                            let deadline = flags.head_deadline(now + builders.header_read_timeout);
-                            timing = Some((arming, deadline));
-                            let park_at = park_deadline(now);
-                            if idle_timer.deadline() != park_at {
-                                idle_timer.as_mut().reset(park_at);
-                            }
-                            deadline
-                        }
-                    };
-                    if idle_timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Ended::Idle(head_deadline));
-                    }
-                }
-                None => timing = None,
-            }
-            Poll::Pending
-        })
-        .await;
-        match ended {
-            Ended::Done(result) => return result.map_err(Into::into),
-            Ended::Idle(deadline) => match conn.into_parts() {
-                Some(parts) => {
-                    io = parts.io;
-                    head_deadline = deadline;
-                    // A pipelining client's partial next head, if any, is read again;
-                    // copied, because the bytes hyper hands back keep its whole read
-                    // buffer alive.
-                    io.prefix = if parts.read_buf.is_empty() {
-                        Bytes::new()
-                    } else {
-                        Bytes::copy_from_slice(&parts.read_buf)
-                    };
-                    parked = true;
-                }
-                None => return Ok(()),
-            },
+            None => return Ok(()),
         }
+    }
+}
+
+/// Serves requests on `io` with one hyper connection until the client leaves (`None`)
+/// or the connection has been idle long enough to park: then the socket, with a
+/// pipelining client's partial next head, and the deadline for that head.
+async fn serve_until_idle<S: ClientStream, Svc: ConnService>(
+    builders: &Builders,
+    mut io: ParkIo<S>,
+    svc: Svc,
+    mut cancelled: Pin<&mut WaitForCancellationFuture<'_>>,
+    head_deadline: tokio::time::Instant,
+) -> Result<Option<(ParkIo<S>, tokio::time::Instant)>, BoxError> {
+    let mut idle_timer = pin!(tokio::time::sleep(PARK_AFTER));
+    // Until this hyper connection has read a whole head, its head wait ends at
+    // `head_deadline`, not a full `header_read_timeout` after it started.
+    let flags = Arc::new(Flags::carrying(head_deadline));
+    io.flags = flags.clone();
+    let mut h1 = builders.h1.clone();
+    h1.timer(HeadTimer {
+        inner: TokioTimer::new(),
+        flags: flags.clone(),
+    });
+    let tracked = Tracked {
+        inner: svc,
+        flags: flags.clone(),
+    };
+    let mut conn = h1.serve_connection(io, tracked).with_upgrades();
+    let mut shutting_down = false;
+    // The arming of the head wait the idle timer runs for, and that wait's deadline.
+    let mut timing: Option<(u32, tokio::time::Instant)> = None;
+    let ended = poll_fn(|cx| {
+        if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
+            shutting_down = true;
+            Pin::new(&mut conn).graceful_shutdown();
+        }
+        if let Poll::Ready(done) = Pin::new(&mut conn).poll(cx) {
+            return Poll::Ready(Ended::Done(done));
+        }
+        if shutting_down {
+            return Poll::Pending;
+        }
+        match flags.idle_since() {
+            Some(arming) => {
+                let head_deadline = match timing {
+                    Some((timed, deadline)) if timed == arming => deadline,
+                    _ => {
+                        // hyper armed its timer during the poll just made: now is
+                        // when its wait began.
+                        let now = tokio::time::Instant::now();
+                        let deadline = flags.head_deadline(now + builders.header_read_timeout);
+                        timing = Some((arming, deadline));
+                        let park_at = park_deadline(now);
+                        if idle_timer.deadline() != park_at {
+                            idle_timer.as_mut().reset(park_at);
+                        }
+                        deadline
+                    }
+                };
+                if idle_timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ended::Idle(head_deadline));
+                }
+            }
+            None => timing = None,
+        }
+        Poll::Pending
+    })
+    .await;
+    match ended {
+        Ended::Done(result) => result.map(|()| None).map_err(Into::into),
+        Ended::Idle(deadline) => Ok(conn.into_parts().map(|parts| {
+            let mut io = parts.io;
+            // A pipelining client's partial next head, if any, is read again; copied,
+            // because the bytes hyper hands back keep its whole read buffer alive.
+            io.prefix = if parts.read_buf.is_empty() {
+                Bytes::new()
+            } else {
+                Bytes::copy_from_slice(&parts.read_buf)
+            };
+            (io, deadline)
+        })),
     }
 }
 

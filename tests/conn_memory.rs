@@ -92,8 +92,9 @@ async fn an_idle_keep_alive_connection_costs_under_4_kib_and_still_serves() {
     println!(
         "{CONNS} idle keep-alive connections: {per_conn} bytes live each (client side included)"
     );
-    // hyper alone keeps 16 KiB of buffers per connection while it waits.
-    assert!(per_conn <= 4 * 1024, "{per_conn} bytes per idle connection");
+    // hyper alone keeps 16 KiB of buffers per connection while it waits; parked, with
+    // hyper's connection in a box of its own and dropped, about 1.7 KiB is left.
+    assert!(per_conn <= 2560, "{per_conn} bytes per idle connection");
     // Every parked connection takes its next request.
     for (i, s) in conns.iter_mut().enumerate() {
         assert_eq!(
