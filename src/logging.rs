@@ -11,9 +11,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
-/// Lines waiting for the writer thread before a logging call waits for it: far more
-/// than a burst produces, and bounded so a stuck stderr cannot grow memory without end.
-const BUFFERED_LINES: usize = 64 * 1024;
+/// Lines waiting for the writer thread before a logging call waits for it: about 0.15 s
+/// of access lines at 50,000 requests a second, and bounded so a stuck stderr cannot
+/// grow memory without end. The queue is allocated and touched whole at start-up (32
+/// bytes a line): 65,536 lines made 2 MiB of every process's resident memory.
+const BUFFERED_LINES: usize = 8 * 1024;
 
 /// Installs the global subscriber. Logs go to stderr so stdout stays clean for
 /// `token` and `demo` output. Keep the guard until the process ends: dropping it
