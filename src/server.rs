@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ use crate::app::{App, BuildError, ReloadHandle};
 use crate::config::{self, Config, Limits, ListenAddr};
 use crate::conn::{self, ReadReady};
 use crate::error::BoxError;
-use crate::listener::{Accept, UnixBindError, UnixSocket};
+use crate::listener::{Accept, Peer, UnixBindError, UnixSocket};
+use crate::proxy::admission::Refused;
 use crate::proxy::upgrade::{ConnPermit, Tunnels};
 use crate::proxy::{Forwarder, Proxy};
 use crate::token::TokenStore;
@@ -135,6 +137,7 @@ impl Server {
         let grace = config.server.shutdown_grace;
         let limits = config.server.limits.clone();
         let permits = Arc::new(Semaphore::new(limits.max_connections as usize));
+        let refusals = Arc::new(RefusalLog::new());
         let workers = config.server.workers;
         // Transpose: worker w gets socket w of every listener.
         let mut per_worker: Vec<Vec<(SocketAddr, std::net::TcpListener)>> =
@@ -160,6 +163,7 @@ impl Server {
                 limits: limits.clone(),
                 permits: permits.clone(),
                 grace,
+                refusals: refusals.clone(),
             };
             let stop = stop.clone();
             let spawned = std::thread::Builder::new()
@@ -188,6 +192,7 @@ impl Server {
                 limits: limits.clone(),
                 permits: permits.clone(),
                 grace,
+                refusals: refusals.clone(),
             };
             let forwarder = unix_forwarder
                 .get_or_insert_with(|| {
@@ -229,6 +234,7 @@ impl Server {
                 limits: limits.clone(),
                 permits: Arc::new(Semaphore::new(64)),
                 grace,
+                refusals: refusals.clone(),
             };
             let proxy = self.app.proxy.clone();
             match admin {
@@ -446,6 +452,56 @@ struct ListenerSettings {
     /// Shared by the proxy listeners: at most `max_connections` at once.
     permits: Arc<Semaphore>,
     grace: Duration,
+    /// Shared by every listener: the rate of warn lines is limited overall.
+    refusals: Arc<RefusalLog>,
+}
+
+/// The log of peers refused by `allowed_clients` / `allowed_uids`. One line per refused
+/// connection at warn would let a scanner flood the log, so at most one a second is a
+/// warn line (naming its peer, and counting the refusals since the previous one); the
+/// others are debug lines.
+struct RefusalLog {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start` before which the next warn line waits.
+    next_warn_ms: AtomicU64,
+    /// Refusals logged at debug since the last warn line.
+    suppressed: AtomicU64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            next_warn_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    fn log(&self, peer: &Peer, refused: &Refused) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let next = self.next_warn_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(Self::EVERY.as_millis()).unwrap_or(u64::MAX);
+        // Of concurrent refusals in a new second, the one that moves the mark warns.
+        let warn = now >= next
+            && self
+                .next_warn_ms
+                .compare_exchange(
+                    next,
+                    now.saturating_add(every),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if warn {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(%peer, suppressed, "{refused}");
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "{refused}");
+        }
+    }
 }
 
 async fn accept_loop<L, H, Fut, B>(
@@ -493,7 +549,7 @@ async fn accept_loop<L, H, Fut, B>(
             },
         };
         if let Err(refused) = proxy.admit_peer(&peer) {
-            tracing::warn!(%peer, "{refused}");
+            settings.refusals.log(&peer, &refused);
             // A refused peer gets its 403 and the connection closes: it must not keep a
             // connection slot (of `max_connections`) that admitted clients need.
             let svc = service_fn(move |req: Request<Incoming>| {

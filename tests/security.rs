@@ -528,3 +528,110 @@ async fn a_head_dribbled_after_an_idle_pause_gets_one_header_read_timeout_in_all
     }
     still_serves(&proxy).await;
 }
+
+/// A scanner refused by `allowed_clients` cannot flood the log: at most about one warn
+/// line a second, each counting the refusals since the previous one (logged at debug),
+/// so the warn lines still account for every refusal.
+#[tokio::test]
+async fn many_refused_connections_give_few_warn_lines_that_count_them_all() {
+    let Servers { issuer, upstream } = Servers::start(Dialect::OAuth2).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bp.toml");
+    std::fs::write(
+        &file,
+        TestConfig::basic(&issuer, &upstream)
+            .server(|s| {
+                s.listen(format!("127.0.0.1:{port}"))
+                    .allowed_clients(["10.0.0.0/8"])
+            })
+            .render(),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
+        .args(["--log-format", "json", "--log-level", "info", "run", "-c"])
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(
+        listening(addr, Duration::from_secs(10)).await,
+        "the proxy never listened"
+    );
+    let request = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n";
+    let started = tokio::time::Instant::now();
+    // The probe that found the listener was refused too.
+    let mut refusals = 1;
+    for _ in 0..200 {
+        let out = raw_until_close(addr, request, Duration::from_secs(2)).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        refusals += 1;
+    }
+    let flood = started.elapsed();
+    // After a quiet second, the next refusal is a warn line again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = raw_until_close(addr, request, Duration::from_secs(2)).await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    refusals += 1;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warned: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["level"] == "WARN" && l["peer"].is_string())
+        .collect();
+    // One at the start, one a second during the flood, one after the pause.
+    let bound = 2 + flood.as_secs() as usize;
+    assert!(
+        !warned.is_empty() && warned.len() <= bound,
+        "{} warn lines for {refusals} refusals in {flood:?}:\n{text}",
+        warned.len()
+    );
+    let counted: u64 = warned
+        .iter()
+        .map(|l| 1 + l["suppressed"].as_u64().expect("a suppressed count"))
+        .sum();
+    assert_eq!(
+        counted, refusals,
+        "the warn lines count every refusal:\n{text}"
+    );
+    assert!(warned.iter().all(|l| l["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("allowed_clients"))));
+}
+
+/// The binary, killed on every path out of the test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether `addr` accepts a connection within `within`.
+async fn listening(addr: SocketAddr, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
