@@ -12,16 +12,6 @@ const SECRET: &str = "S3cr3t+Value/with=chars&more";
 /// What `client_secret_command` prints, before and after the secret is rotated.
 const CMD_SECRETS: [&str; 2] = ["Cmd+First/S3cret=value", "Cmd+Second/S3cret=value"];
 
-/// Kills the child on every path out of the test.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn forms_of_secret() -> Vec<String> {
     let mut forms = Vec::new();
     for secret in [SECRET, CMD_SECRETS[0], CMD_SECRETS[1]] {
@@ -120,7 +110,7 @@ async fn trace_logs_admin_pages_and_check_never_show_secrets_or_tokens() {
     std::fs::write(&file, &toml).unwrap();
     let log_path = dir.path().join("stderr.log");
     let out_path = dir.path().join("stdout.log");
-    let mut child = Child(
+    let child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
             .args(["--log-level", "trace", "run", "-c"])
             .arg(&file)
@@ -284,14 +274,7 @@ async fn trace_logs_admin_pages_and_check_never_show_secrets_or_tokens() {
         .status()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = child.terminate().await;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
 
     let mut logs = String::new();
@@ -382,7 +365,7 @@ async fn keys_never_reach_trace_logs_admin_pages_errors_cache_file_names_or_redi
         .render();
     std::fs::write(&file, &toml).unwrap();
     let log_path = dir.path().join("stderr.log");
-    let mut child = Child(
+    let child = ChildGuard(
         Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
             .args(["--log-level", "trace", "run", "-c"])
             .arg(&file)
@@ -475,14 +458,7 @@ async fn keys_never_reach_trace_logs_admin_pages_errors_cache_file_names_or_redi
     );
     let mut logs = String::from_utf8_lossy(&out.stderr).into_owned();
 
-    Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = child.terminate().await;
     assert!(status.success());
     std::fs::File::open(&log_path)
         .unwrap()

@@ -557,7 +557,7 @@ async fn many_refused_connections_give_few_warn_lines_that_count_them_all() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut child = KillOnDrop(child);
+    let child = ChildGuard(child);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     assert!(
         listening(addr, Duration::from_secs(10)).await,
@@ -578,14 +578,7 @@ async fn many_refused_connections_give_few_warn_lines_that_count_them_all() {
     let out = raw_until_close(addr, request, Duration::from_secs(2)).await;
     assert!(out.starts_with("HTTP/1.1 403"), "{out}");
     refusals += 1;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.0.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = child.terminate().await;
     assert!(status.success(), "{status:?}");
 
     let text = std::fs::read_to_string(&log).unwrap();
@@ -612,16 +605,6 @@ async fn many_refused_connections_give_few_warn_lines_that_count_them_all() {
     assert!(warned.iter().all(|l| l["message"]
         .as_str()
         .is_some_and(|m| m.contains("allowed_clients"))));
-}
-
-/// The binary, killed on every path out of the test.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Whether `addr` accepts a connection within `within`.

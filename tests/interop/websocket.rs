@@ -540,16 +540,6 @@ async fn shutdown_closes_tunnels_on_a_unix_socket_after_the_grace_period() {
     );
 }
 
-/// Kills the child on every path out of the test.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The real binary, logging JSON at trace level: the tunnel's close is one access-log
 /// line with the bytes each way and the duration, and no log line holds the token.
 #[tokio::test]
@@ -563,7 +553,7 @@ async fn a_closed_tunnel_is_logged_with_bytes_and_duration() {
         .server(|s| s.listen(format!("127.0.0.1:{port}")).unset("admin_listen"));
     std::fs::write(&file, toml.render()).unwrap();
     let log_path = dir.path().join("stderr.log");
-    let child = Child(
+    let child = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_bearer-proxy"))
             .args(["--log-format", "json", "--log-level", "trace", "run", "-c"])
             .arg(&file)

@@ -827,6 +827,30 @@ pub fn self_signed_acceptor(alpn: &[&[u8]]) -> (tokio_rustls::TlsAcceptor, Strin
 }
 
 /// A port that was free a moment ago, for programs that take a port number.
+/// A child process (the real binary), killed and reaped on every path out of a test.
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        tokio::task::spawn_blocking(move || self.0.wait())
+            .await
+            .expect("the waiting task")
+            .expect("wait for the child")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
