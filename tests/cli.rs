@@ -49,6 +49,52 @@ fn drain(mut pipe: impl Read + Send + 'static) -> oneshot::Receiver<String> {
     rx
 }
 
+/// Reads a pipe line by line on a thread; the receiver gets each line as it comes.
+fn line_by_line(pipe: impl Read + Send + 'static) -> mpsc::UnboundedReceiver<String> {
+    let (tx, lines) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// `run` on a basic config (one provider, one route) at `level`, listening on a free
+/// port, waited for until it accepts connections; its stderr is left for the caller.
+async fn run_basic(level: &str) -> (Guard, u16, support::Issuer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
+    let upstream = support::Upstream::start().await;
+    let port = support::free_port();
+    let toml = support::TestConfig::basic(&issuer, &upstream)
+        .server(|s| s.listen(format!("127.0.0.1:{port}")))
+        .render();
+    let config = write(dir.path(), "run.toml", &toml);
+    let guard = Guard(
+        command(&["--log-level", level, "run", "-c", &config])
+            .spawn()
+            .expect("spawn bearer-proxy run"),
+    );
+    let deadline = Instant::now() + LIMIT;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not listen in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Dropping the handle leaves the upstream's server task serving.
+    drop(upstream);
+    (guard, port, issuer, dir)
+}
+
 /// Waits for the child to exit, polling so the runtime stays free, within `LIMIT`.
 async fn wait_exit(guard: &mut Guard, deadline: Instant) -> ExitStatus {
     loop {
@@ -475,16 +521,7 @@ async fn demo_serves_and_adds_a_bearer_token() {
             .expect("spawn bearer-proxy demo"),
     );
     let stderr = drain(guard.0.stderr.take().unwrap());
-    let stdout = guard.0.stdout.take().unwrap();
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut lines = line_by_line(guard.0.stdout.take().unwrap());
 
     // The first curl line is the GET.
     let mut seen = Vec::new();
@@ -556,35 +593,12 @@ async fn demo_serves_and_adds_a_bearer_token() {
 #[tokio::test]
 async fn requests_are_answered_while_nobody_reads_the_log_and_no_line_is_lost() {
     const REQUESTS: usize = 2_000;
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
-    let upstream = support::Upstream::start().await;
-    let port = support::free_port();
-    let toml = support::TestConfig::basic(&issuer, &upstream)
-        .server(|s| s.listen(format!("127.0.0.1:{port}")))
-        .render();
-    let config = write(dir.path(), "run.toml", &toml);
-    let mut guard = Guard(
-        command(&["--log-level", "info", "run", "-c", &config])
-            .spawn()
-            .expect("spawn bearer-proxy run"),
-    );
+    let (mut guard, port, issuer, _dir) = run_basic("info").await;
     // Held open and not read until every request has been answered.
     let stderr = guard.0.stderr.take().unwrap();
 
     let client = support::client();
     let url = format!("http://127.0.0.1:{port}/logged");
-    let deadline = Instant::now() + LIMIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the proxy did not listen in time"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let deadline = Instant::now() + Duration::from_secs(60);
     for n in 0..REQUESTS {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -766,37 +780,8 @@ async fn check_passes_a_config_whose_files_are_fine() {
 #[tokio::test]
 async fn memory_freed_by_a_burst_goes_back_to_the_os_once_quiet() {
     const CONNS: usize = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let issuer = support::Issuer::start(support::Dialect::OAuth2).await;
-    let upstream = support::Upstream::start().await;
-    let port = support::free_port();
-    let toml = support::TestConfig::basic(&issuer, &upstream)
-        .server(|s| s.listen(format!("127.0.0.1:{port}")))
-        .render();
-    let config = write(dir.path(), "run.toml", &toml);
-    let mut guard = Guard(
-        command(&["--log-level", "debug", "run", "-c", &config])
-            .spawn()
-            .expect("spawn bearer-proxy run"),
-    );
-    let stderr = guard.0.stderr.take().unwrap();
-    let (tx, mut lines) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + LIMIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the proxy did not listen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut guard, port, _issuer, _dir) = run_basic("debug").await;
+    let mut lines = line_by_line(guard.0.stderr.take().unwrap());
 
     // The burst: every connection makes one request and stays open.
     let mut held = Vec::new();
