@@ -2,7 +2,7 @@
 """A/B comparison of bearer-proxy builds on one kind of load, interleaved (loopback only).
 
     bench/ab.py --mode upload|download|small [--rounds 5] [--mib 512] [--conns 32] \
-        [--threads 1] [--secs 5] [--direct] NAME=BINARY[@LOGLEVEL] [NAME=BINARY ...]
+        [--threads 1] [--secs 5] [--direct] [--envoy PATH] NAME=BINARY[@LOGLEVEL] [NAME=BINARY ...]
 
 Starts the benchmark's nginx upstream, token endpoint and upload sink once, one proxy per
 binary (each on its own port, all idle but the one measured), then measures them in turn,
@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--direct", action="store_true", help="also measure without a proxy")
+    ap.add_argument("--envoy", default="", help="also measure this Envoy binary (bench config)")
     ap.add_argument("bins", nargs="+", help="NAME=BINARY or NAME=BINARY@LEVEL (default warn)")
     a = ap.parse_args()
     size = a.mib << 20
@@ -95,6 +96,17 @@ def main() -> int:
             bench.wait_until(lambda: bench.http_get(f"http://127.0.0.1:{port}/small")[0] == 200,
                              30, name, p)
             targets.append(bench.Target(name, port, p))
+        if a.envoy:
+            port, admin = bench.free_port(), bench.free_port()
+            conf = os.path.join(tmp, "envoy.yaml")
+            with open(conf, "w") as f:
+                f.write(bench.envoy_conf(port, admin, iss_port, up_port, sink_port))
+            p = procs.start("envoy", [a.envoy, "-c", conf, "--concurrency", "2",
+                                      "--log-level", "warn", "--disable-hot-restart"],
+                            os.path.join(tmp, "envoy.log"))
+            bench.wait_until(lambda: bench.http_get(f"http://127.0.0.1:{port}/small")[0] == 200,
+                             60, "envoy", p)
+            targets.append(bench.Target("envoy", port, p))
         res: dict[str, list] = {t.name: [] for t in targets}
         for r in range(a.rounds):
             for t in targets:
