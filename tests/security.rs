@@ -56,6 +56,26 @@ async fn oversized_headers_get_431() {
     still_serves(&proxy).await;
 }
 
+/// The head limit is `max_header_bytes` exactly, also now that the connection's read
+/// buffer may grow past it (to 1 MiB) for large bodies.
+#[tokio::test]
+async fn max_header_bytes_is_the_head_limit() {
+    let (_i, upstream, proxy) = setup(|s| s.max_header_bytes("16KiB")).await;
+    let head = |n: usize| {
+        format!(
+            "GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(n)
+        )
+    };
+    let out = raw(proxy.addr, head(20 * 1024).as_bytes(), RAW_WAIT).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    assert_eq!(upstream.hits(), 0);
+    let out = raw(proxy.addr, head(12 * 1024).as_bytes(), RAW_WAIT).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(upstream.hits(), 1);
+    still_serves(&proxy).await;
+}
+
 #[tokio::test]
 async fn long_uri_gets_414() {
     let (_i, upstream, proxy) = setup(|s| s.max_uri_length("1KiB")).await;
