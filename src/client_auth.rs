@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -184,11 +185,66 @@ impl KeyFile {
     }
 }
 
+/// A JWS algorithm a client assertion can be signed with (RFC 7518 §3.3, §3.4, §3.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+}
+
+impl Algorithm {
+    /// The `alg` header value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RS256 => "RS256",
+            Self::RS384 => "RS384",
+            Self::RS512 => "RS512",
+            Self::PS256 => "PS256",
+            Self::PS384 => "PS384",
+            Self::PS512 => "PS512",
+            Self::ES256 => "ES256",
+            Self::ES384 => "ES384",
+        }
+    }
+
+    /// The RSA padding and digest, for the RSA algorithms.
+    fn rsa_encoding(self) -> Option<&'static dyn ring::signature::RsaEncoding> {
+        use ring::signature as s;
+        Some(match self {
+            Self::RS256 => &s::RSA_PKCS1_SHA256,
+            Self::RS384 => &s::RSA_PKCS1_SHA384,
+            Self::RS512 => &s::RSA_PKCS1_SHA512,
+            Self::PS256 => &s::RSA_PSS_SHA256,
+            Self::PS384 => &s::RSA_PSS_SHA384,
+            Self::PS512 => &s::RSA_PSS_SHA512,
+            Self::ES256 | Self::ES384 => return None,
+        })
+    }
+}
+
+/// Signing a client assertion failed (ring tells no more than that).
+#[derive(Debug, thiserror::Error)]
+#[error("the key could not sign")]
+pub struct SignError;
+
+/// A parsed private key, ready to sign.
+enum SigningKey {
+    Rsa(ring::rsa::KeyPair),
+    /// ECDSA with the fixed-size `r || s` signature JWS wants (RFC 7518 §3.4).
+    Ec(ring::signature::EcdsaKeyPair),
+}
+
 /// The key that signs client assertions (`private_key_jwt`).
 #[derive(Clone)]
 pub struct AssertionKey {
     file: KeyFile,
-    signing: Arc<EncodingKey>,
+    signing: Arc<SigningKey>,
     pub alg: Algorithm,
     pub key_id: Option<String>,
     /// The `aud` claim.
@@ -201,6 +257,26 @@ enum KeyKind {
     Rsa,
     EcP256,
     EcP384,
+}
+
+/// The JOSE header of a client assertion.
+#[derive(serde::Serialize)]
+struct JwsHeader<'a> {
+    typ: &'static str,
+    alg: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kid: Option<&'a str>,
+}
+
+/// The claims of a client assertion (RFC 7523 §3).
+#[derive(serde::Serialize)]
+struct AssertionClaims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    jti: String,
+    iat: u64,
+    exp: u64,
 }
 
 impl AssertionKey {
@@ -224,15 +300,7 @@ impl AssertionKey {
             },
         };
         let fits = match kind {
-            KeyKind::Rsa => matches!(
-                alg,
-                Algorithm::RS256
-                    | Algorithm::RS384
-                    | Algorithm::RS512
-                    | Algorithm::PS256
-                    | Algorithm::PS384
-                    | Algorithm::PS512
-            ),
+            KeyKind::Rsa => alg.rsa_encoding().is_some(),
             KeyKind::EcP256 => alg == Algorithm::ES256,
             KeyKind::EcP384 => alg == Algorithm::ES384,
         };
@@ -249,7 +317,7 @@ impl AssertionKey {
             key_id,
             audience,
         };
-        // Sign once now so a key the backend refuses fails `check`, not the first fetch.
+        // Sign once now so a key that cannot sign fails `check`, not the first fetch.
         key.assertion("check")
             .map_err(|e| format!("{} cannot sign {alg:?}: {e}", path.display()))?;
         Ok(key)
@@ -257,19 +325,48 @@ impl AssertionKey {
 
     /// A fresh client assertion for `client_id`: `iss` = `sub` = client_id, the
     /// configured `aud`, a random `jti`, `iat` now and `exp` a minute later.
-    pub fn assertion(&self, client_id: &str) -> Result<Secret, jsonwebtoken::errors::Error> {
+    pub fn assertion(&self, client_id: &str) -> Result<Secret, SignError> {
         let iat = crate::unix_time::secs(SystemTime::now());
-        let claims = serde_json::json!({
-            "iss": client_id,
-            "sub": client_id,
-            "aud": self.audience,
-            "jti": format!("{:032x}", rand::random::<u128>()),
-            "iat": iat,
-            "exp": iat + ASSERTION_LIFETIME.as_secs(),
-        });
-        let mut header = Header::new(self.alg);
-        header.kid.clone_from(&self.key_id);
-        jsonwebtoken::encode(&header, &claims, &self.signing).map(Secret::new)
+        let header = JwsHeader {
+            typ: "JWT",
+            alg: self.alg.name(),
+            kid: self.key_id.as_deref(),
+        };
+        let claims = AssertionClaims {
+            iss: client_id,
+            sub: client_id,
+            aud: &self.audience,
+            jti: format!("{:032x}", rand::random::<u128>()),
+            iat,
+            exp: iat + ASSERTION_LIFETIME.as_secs(),
+        };
+        let mut jws = String::with_capacity(1024);
+        b64_json(&header, &mut jws);
+        jws.push('.');
+        b64_json(&claims, &mut jws);
+        let signature = self.sign(jws.as_bytes())?;
+        jws.push('.');
+        URL_SAFE_NO_PAD.encode_string(&signature, &mut jws);
+        Ok(Secret::new(jws))
+    }
+
+    /// The JWS signature over `input` (RFC 7515 §5.1).
+    fn sign(&self, input: &[u8]) -> Result<Vec<u8>, SignError> {
+        let rng = ring::rand::SystemRandom::new();
+        match (&*self.signing, self.alg.rsa_encoding()) {
+            (SigningKey::Rsa(key), Some(encoding)) => {
+                let mut signature = vec![0; key.public().modulus_len()];
+                key.sign(encoding, &rng, input, &mut signature)
+                    .map_err(|_| SignError)?;
+                Ok(signature)
+            }
+            (SigningKey::Ec(key), None) => key
+                .sign(&rng, input)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| SignError),
+            // `load` pairs every key with an algorithm of its kind.
+            _ => Err(SignError),
+        }
     }
 
     /// The key file's bytes, for deriving the fleet's encryption key.
@@ -283,42 +380,96 @@ impl AssertionKey {
     }
 }
 
-/// Detects the key's kind and builds the signing key through the JOSE library (and
-/// its crypto backend for traditional EC keys, which the library reads only as PKCS#8).
-fn signing_key(pem: &[u8]) -> Result<(KeyKind, EncodingKey), String> {
-    let der = PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|_| "holds no PEM private key (PKCS#8, RSA or EC)".to_owned())?;
-    let is_rsa = match &der {
-        PrivateKeyDer::Pkcs1(_) => true,
-        PrivateKeyDer::Sec1(_) => false,
-        // PKCS#8 names its algorithm: try EC first, then RSA.
-        _ => ec_pkcs8(der.secret_der()).is_none(),
-    };
-    if is_rsa {
-        let key = EncodingKey::from_rsa_pem(pem)
-            .map_err(|_| "holds a private key that is neither RSA nor EC P-256/P-384".to_owned())?;
-        return Ok((KeyKind::Rsa, key));
-    }
-    let (kind, pkcs8) = ec_pkcs8(der.secret_der())
-        .ok_or_else(|| "holds an EC key on a curve other than P-256 or P-384".to_owned())?;
-    Ok((kind, EncodingKey::from_ec_der(&pkcs8)))
+/// Appends `value` as base64url JSON (a JWS header or payload).
+fn b64_json(value: &impl serde::Serialize, out: &mut String) {
+    // Serializing these plain structs to a Vec cannot fail.
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    URL_SAFE_NO_PAD.encode_string(json, out);
 }
 
-/// An EC key (SEC1 or PKCS#8) re-encoded as PKCS#8, with its curve.
-fn ec_pkcs8(der: &[u8]) -> Option<(KeyKind, Zeroizing<Vec<u8>>)> {
-    use aws_lc_rs::signature::{
-        EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING,
+/// Reads the key and tells its kind. RSA keys go to ring directly; EC keys are read by
+/// the RustCrypto curve crates, which accept SEC1 as well as PKCS#8 and keys that leave
+/// out the public key (ring needs it: they derive it).
+fn signing_key(pem: &[u8]) -> Result<(KeyKind, SigningKey), String> {
+    let der = PrivateKeyDer::from_pem_slice(pem)
+        .map_err(|_| "holds no PEM private key (PKCS#8, RSA or EC)".to_owned())?;
+    let rsa = match &der {
+        PrivateKeyDer::Pkcs1(k) => ring::rsa::KeyPair::from_der(k.secret_pkcs1_der()),
+        PrivateKeyDer::Pkcs8(k) => match pkcs8_algorithm(k.secret_pkcs8_der()) {
+            Some(Pkcs8Algorithm::Rsa) => ring::rsa::KeyPair::from_pkcs8(k.secret_pkcs8_der()),
+            Some(Pkcs8Algorithm::Ec) => return ec_signing_key(&der),
+            None => return Err(NOT_RSA_OR_EC.to_owned()),
+        },
+        PrivateKeyDer::Sec1(_) => return ec_signing_key(&der),
+        _ => return Err(NOT_RSA_OR_EC.to_owned()),
     };
-    [
-        (KeyKind::EcP256, &ECDSA_P256_SHA256_FIXED_SIGNING),
-        (KeyKind::EcP384, &ECDSA_P384_SHA384_FIXED_SIGNING),
-    ]
-    .into_iter()
-    .find_map(|(kind, alg)| {
-        let pair = EcdsaKeyPair::from_private_key_der(alg, der).ok()?;
-        let doc = pair.to_pkcs8v1().ok()?;
-        Some((kind, Zeroizing::new(doc.as_ref().to_vec())))
-    })
+    let key = rsa.map_err(|e| {
+        format!("holds an RSA key that cannot sign ({e}); RSA keys of 2048 to 4096 bits can")
+    })?;
+    Ok((KeyKind::Rsa, SigningKey::Rsa(key)))
+}
+
+const NOT_RSA_OR_EC: &str = "holds a private key that is neither RSA nor EC P-256/P-384";
+
+/// An ECDSA signing key from a SEC1 or PKCS#8 EC key.
+fn ec_signing_key(der: &PrivateKeyDer<'_>) -> Result<(KeyKind, SigningKey), String> {
+    let (kind, private, public) = ec_key(der)
+        .ok_or_else(|| "holds an EC key on a curve other than P-256 or P-384".to_owned())?;
+    let alg = match kind {
+        KeyKind::EcP384 => &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+        _ => &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let key = ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
+        alg, &private, &public, &rng,
+    )
+    .map_err(|e| format!("holds an EC key that cannot sign ({e})"))?;
+    Ok((kind, SigningKey::Ec(key)))
+}
+
+/// The key algorithms a PKCS#8 document may name that can sign assertions.
+enum Pkcs8Algorithm {
+    Rsa,
+    Ec,
+}
+
+/// The kind of key a PKCS#8 document names: `rsaEncryption` (RFC 8017 Appendix C) or
+/// `id-ecPublicKey` (RFC 5480 §2.1.1); `None` for anything else.
+fn pkcs8_algorithm(der: &[u8]) -> Option<Pkcs8Algorithm> {
+    use p256::pkcs8::{der::Decode, ObjectIdentifier, PrivateKeyInfoRef};
+    const RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+    const EC: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+    let oid = PrivateKeyInfoRef::from_der(der).ok()?.algorithm.oid;
+    match oid {
+        RSA => Some(Pkcs8Algorithm::Rsa),
+        EC => Some(Pkcs8Algorithm::Ec),
+        _ => None,
+    }
+}
+
+/// An EC key (SEC1 or PKCS#8) as ring takes it: the curve, the private scalar and the
+/// uncompressed public point (derived, so a key file without it is read too).
+fn ec_key(der: &PrivateKeyDer<'_>) -> Option<(KeyKind, Zeroizing<Vec<u8>>, Vec<u8>)> {
+    use p256::elliptic_curve::sec1::ToSec1Point;
+    use p256::pkcs8::DecodePrivateKey;
+    let p256 = match der {
+        PrivateKeyDer::Sec1(k) => p256::SecretKey::from_sec1_der(k.secret_sec1_der()).ok(),
+        PrivateKeyDer::Pkcs8(k) => p256::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).ok(),
+        _ => None,
+    };
+    if let Some(key) = p256 {
+        let public = key.public_key().as_affine().to_sec1_point(false);
+        let private = Zeroizing::new(key.to_bytes().to_vec());
+        return Some((KeyKind::EcP256, private, public.as_bytes().to_vec()));
+    }
+    let key = match der {
+        PrivateKeyDer::Sec1(k) => p384::SecretKey::from_sec1_der(k.secret_sec1_der()).ok()?,
+        PrivateKeyDer::Pkcs8(k) => p384::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).ok()?,
+        _ => return None,
+    };
+    let public = key.public_key().as_affine().to_sec1_point(false);
+    let private = Zeroizing::new(key.to_bytes().to_vec());
+    Some((KeyKind::EcP384, private, public.as_bytes().to_vec()))
 }
 
 impl fmt::Debug for AssertionKey {
@@ -544,6 +695,188 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("no PEM private key"), "{e}");
+    }
+
+    /// DER tag-length-value, for lengths below 128 (enough for EC keys).
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let len = u8::try_from(content.len())
+            .ok()
+            .filter(|l| *l < 128)
+            .unwrap();
+        [&[tag, len][..], content].concat()
+    }
+
+    fn pem_of(label: &str, der: &[u8]) -> Zeroizing<Vec<u8>> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap());
+            out.push('\n');
+        }
+        out.push_str(&format!("-----END {label}-----\n"));
+        Zeroizing::new(out.into_bytes())
+    }
+
+    /// The key inside a PKCS#8 document: PKCS#1 for RSA, SEC1 for EC.
+    fn inner_key(kp: &rcgen::KeyPair) -> Vec<u8> {
+        use p256::pkcs8::der::Decode;
+        let der = kp.serialize_der();
+        let info = p256::pkcs8::PrivateKeyInfoRef::from_der(&der).unwrap();
+        info.private_key.as_bytes().to_vec()
+    }
+
+    /// An EC key as SEC1 and as PKCS#8, both without the optional public key
+    /// (as some key tools write them).
+    fn ec_without_public_key(kp: &rcgen::KeyPair, p384: bool) -> [Zeroizing<Vec<u8>>; 2] {
+        use p256::pkcs8::DecodePrivateKey;
+        let der = kp.serialize_der();
+        let (scalar, curve): (Vec<u8>, &[u8]) = if p384 {
+            let k = p384::SecretKey::from_pkcs8_der(&der).unwrap();
+            (k.to_bytes().to_vec(), &[0x2b, 0x81, 0x04, 0x00, 0x22])
+        } else {
+            let k = p256::SecretKey::from_pkcs8_der(&der).unwrap();
+            (
+                k.to_bytes().to_vec(),
+                &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+            )
+        };
+        let curve_oid = tlv(0x06, curve);
+        let ec_private_key = |with_curve: bool| {
+            let mut body = tlv(0x02, &[1]);
+            body.extend(tlv(0x04, &scalar));
+            if with_curve {
+                body.extend(tlv(0xa0, &curve_oid));
+            }
+            tlv(0x30, &body)
+        };
+        let sec1 = ec_private_key(true);
+        let ec_public_key = tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]);
+        let mut pkcs8 = tlv(0x02, &[0]);
+        pkcs8.extend(tlv(0x30, &[ec_public_key, curve_oid.clone()].concat()));
+        pkcs8.extend(tlv(0x04, &ec_private_key(false)));
+        let pkcs8 = tlv(0x30, &pkcs8);
+        [
+            pem_of("EC PRIVATE KEY", &sec1),
+            pem_of("PRIVATE KEY", &pkcs8),
+        ]
+    }
+
+    /// Every algorithm with every key encoding the config accepts: the assertion
+    /// verifies with a second JOSE implementation (jsonwebtoken on aws-lc) against the
+    /// public key, and carries the header and claims the issuer checks.
+    #[test]
+    fn every_alg_and_key_encoding_signs_assertions_that_verify() {
+        let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let rsa_files = [pem(&rsa), pem_of("RSA PRIVATE KEY", &inner_key(&rsa))];
+        let ec_files = |kp: &rcgen::KeyPair, p384: bool| {
+            let [sec1_bare, pkcs8_bare] = ec_without_public_key(kp, p384);
+            [
+                pem(kp),
+                pem_of("EC PRIVATE KEY", &inner_key(kp)),
+                sec1_bare,
+                pkcs8_bare,
+            ]
+        };
+        let cases = [
+            (&rsa, &rsa_files[..], Algorithm::RS256),
+            (&rsa, &rsa_files[..], Algorithm::RS384),
+            (&rsa, &rsa_files[..], Algorithm::RS512),
+            (&rsa, &rsa_files[..], Algorithm::PS256),
+            (&rsa, &rsa_files[..], Algorithm::PS384),
+            (&rsa, &rsa_files[..], Algorithm::PS512),
+            (&p256, &ec_files(&p256, false)[..], Algorithm::ES256),
+            (&p384, &ec_files(&p384, true)[..], Algorithm::ES384),
+        ];
+        for (kp, files, alg) in cases {
+            for (i, file) in files.iter().enumerate() {
+                let what = format!("{alg:?}, key file {i}");
+                let explicit = AssertionKey::load(
+                    Path::new("k.pem"),
+                    file.clone(),
+                    Some(alg),
+                    Some("kid-7".into()),
+                    "https://issuer/token".into(),
+                )
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let jwt = explicit.assertion("client-b").unwrap();
+                let decoding = if alg.rsa_encoding().is_some() {
+                    jsonwebtoken::DecodingKey::from_rsa_der(kp.public_key_raw())
+                } else {
+                    jsonwebtoken::DecodingKey::from_ec_der(kp.public_key_raw())
+                };
+                let header = jsonwebtoken::decode_header(jwt.expose()).unwrap();
+                assert_eq!(format!("{:?}", header.alg), alg.name(), "{what}");
+                assert_eq!(header.kid.as_deref(), Some("kid-7"), "{what}");
+                assert_eq!(header.typ.as_deref(), Some("JWT"), "{what}");
+                let mut validation = jsonwebtoken::Validation::new(header.alg);
+                validation.set_audience(&["https://issuer/token"]);
+                validation.set_issuer(&["client-b"]);
+                validation.sub = Some("client-b".into());
+                validation.set_required_spec_claims(&["exp", "iat", "jti", "aud", "iss", "sub"]);
+                let claims =
+                    jsonwebtoken::decode::<serde_json::Value>(jwt.expose(), &decoding, &validation)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"))
+                        .claims;
+                assert_eq!(claims["jti"].as_str().map(str::len), Some(32), "{what}");
+                // A signature from another key does not verify: the check above is real.
+                let other = AssertionKey::load(
+                    Path::new("o.pem"),
+                    pem(&rcgen::KeyPair::generate_for(if alg == Algorithm::ES384 {
+                        &rcgen::PKCS_ECDSA_P384_SHA384
+                    } else if alg == Algorithm::ES256 {
+                        &rcgen::PKCS_ECDSA_P256_SHA256
+                    } else {
+                        &rcgen::PKCS_RSA_SHA256
+                    })
+                    .unwrap()),
+                    Some(alg),
+                    None,
+                    "https://issuer/token".into(),
+                )
+                .unwrap();
+                let forged = other.assertion("client-b").unwrap();
+                assert!(
+                    jsonwebtoken::decode::<serde_json::Value>(
+                        forged.expose(),
+                        &decoding,
+                        &validation
+                    )
+                    .is_err(),
+                    "{what}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_cannot_sign_are_refused_without_a_panic() {
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut sec1 = inner_key(&p256);
+        // A private scalar of zero is no key.
+        let at = sec1.windows(2).position(|w| w == [0x04, 0x20]).unwrap() + 2;
+        sec1[at..at + 32].fill(0);
+        let rsa = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        let mut truncated = inner_key(&rsa);
+        truncated.truncate(100);
+        for (label, der) in [
+            ("EC PRIVATE KEY", sec1),
+            ("RSA PRIVATE KEY", truncated.clone()),
+            ("PRIVATE KEY", truncated),
+            ("PRIVATE KEY", vec![0x30, 0x00]),
+        ] {
+            let e = AssertionKey::load(
+                Path::new("k.pem"),
+                pem_of(label, &der),
+                None,
+                None,
+                "a".into(),
+            )
+            .unwrap_err();
+            assert!(e.contains("key"), "{label}: {e}");
+        }
     }
 
     #[test]

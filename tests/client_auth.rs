@@ -179,7 +179,7 @@ fn key_methods_take_no_secret_and_need_their_files() {
     .unwrap();
     let p = &c.providers["p"];
     let k = p.assertion_key.as_ref().unwrap();
-    assert_eq!(k.alg, jsonwebtoken::Algorithm::ES256);
+    assert_eq!(k.alg, bearer_proxy::client_auth::Algorithm::ES256);
     assert_eq!(k.audience, "https://issuer.example/token");
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     let shown = format!("{p:?}");
@@ -201,7 +201,7 @@ fn readable_key_file_is_warned_about() {
     .unwrap();
     assert_eq!(
         c.providers["p"].assertion_key.as_ref().unwrap().alg,
-        jsonwebtoken::Algorithm::RS256
+        bearer_proxy::client_auth::Algorithm::RS256
     );
     assert!(
         c.warnings
@@ -219,12 +219,12 @@ fn traditional_rsa_and_ec_keys_are_read() {
     for (alg, expected, tag) in [
         (
             &rcgen::PKCS_RSA_SHA256,
-            jsonwebtoken::Algorithm::RS256,
+            bearer_proxy::client_auth::Algorithm::RS256,
             "RSA PRIVATE KEY",
         ),
         (
             &rcgen::PKCS_ECDSA_P256_SHA256,
-            jsonwebtoken::Algorithm::ES256,
+            bearer_proxy::client_auth::Algorithm::ES256,
             "EC PRIVATE KEY",
         ),
     ] {
