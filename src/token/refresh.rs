@@ -9,7 +9,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
+use rand::RngExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
