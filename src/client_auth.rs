@@ -391,9 +391,12 @@ fn b64_json(value: &impl serde::Serialize, out: &mut String) {
 /// the RustCrypto curve crates, which accept SEC1 as well as PKCS#8 and keys that leave
 /// out the public key (ring needs it: they derive it).
 fn signing_key(pem: &[u8]) -> Result<(KeyKind, SigningKey), String> {
-    let der = PrivateKeyDer::from_pem_slice(pem)
-        .map_err(|_| "holds no PEM private key (PKCS#8, RSA or EC)".to_owned())?;
-    let rsa = match &der {
+    // Wiped when dropped, as the PEM it came from is.
+    let der = Zeroizing::new(
+        PrivateKeyDer::from_pem_slice(pem)
+            .map_err(|_| "holds no PEM private key (PKCS#8, RSA or EC)".to_owned())?,
+    );
+    let rsa = match &*der {
         PrivateKeyDer::Pkcs1(k) => ring::rsa::KeyPair::from_der(k.secret_pkcs1_der()),
         PrivateKeyDer::Pkcs8(k) => match pkcs8_algorithm(k.secret_pkcs8_der()) {
             Some(Pkcs8Algorithm::Rsa) => ring::rsa::KeyPair::from_pkcs8(k.secret_pkcs8_der()),
@@ -404,7 +407,15 @@ fn signing_key(pem: &[u8]) -> Result<(KeyKind, SigningKey), String> {
         _ => return Err(NOT_RSA_OR_EC.to_owned()),
     };
     let key = rsa.map_err(|e| {
-        format!("holds an RSA key that cannot sign ({e}); RSA keys of 2048 to 4096 bits can")
+        // ring names a key of the wrong size `TooSmall` or `TooLarge`.
+        let reason = e.to_string();
+        if reason.starts_with("Too") {
+            format!(
+                "holds an RSA key that cannot sign ({reason}): RSA keys of 2048 to 4096 bits can"
+            )
+        } else {
+            format!("holds an RSA key that cannot sign ({reason})")
+        }
     })?;
     Ok((KeyKind::Rsa, SigningKey::Rsa(key)))
 }
@@ -413,8 +424,7 @@ const NOT_RSA_OR_EC: &str = "holds a private key that is neither RSA nor EC P-25
 
 /// An ECDSA signing key from a SEC1 or PKCS#8 EC key.
 fn ec_signing_key(der: &PrivateKeyDer<'_>) -> Result<(KeyKind, SigningKey), String> {
-    let (kind, private, public) = ec_key(der)
-        .ok_or_else(|| "holds an EC key on a curve other than P-256 or P-384".to_owned())?;
+    let (kind, private, public) = ec_key(der)?;
     let alg = match kind {
         KeyKind::EcP384 => &ring::signature::ECDSA_P384_SHA384_FIXED_SIGNING,
         _ => &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -447,29 +457,63 @@ fn pkcs8_algorithm(der: &[u8]) -> Option<Pkcs8Algorithm> {
     }
 }
 
+/// The curve, the private scalar and the uncompressed public point.
+type EcKey = (KeyKind, Zeroizing<Vec<u8>>, Vec<u8>);
+
 /// An EC key (SEC1 or PKCS#8) as ring takes it: the curve, the private scalar and the
-/// uncompressed public point (derived, so a key file without it is read too).
-fn ec_key(der: &PrivateKeyDer<'_>) -> Option<(KeyKind, Zeroizing<Vec<u8>>, Vec<u8>)> {
+/// uncompressed public point (derived, so a key file without it is read too). The error
+/// names what each curve's reader found wrong, since a damaged key and a key on another
+/// curve both fail to read on both.
+fn ec_key(der: &PrivateKeyDer<'_>) -> Result<EcKey, String> {
     use p256::elliptic_curve::sec1::ToSec1Point;
     use p256::pkcs8::DecodePrivateKey;
     let p256 = match der {
-        PrivateKeyDer::Sec1(k) => p256::SecretKey::from_sec1_der(k.secret_sec1_der()).ok(),
-        PrivateKeyDer::Pkcs8(k) => p256::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).ok(),
-        _ => None,
+        PrivateKeyDer::Sec1(k) => {
+            p256::SecretKey::from_sec1_der(k.secret_sec1_der()).map_err(|e| e.to_string())
+        }
+        PrivateKeyDer::Pkcs8(k) => {
+            p256::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).map_err(|e| e.to_string())
+        }
+        _ => Err("not an EC key".to_owned()),
     };
-    if let Some(key) = p256 {
-        let public = key.public_key().as_affine().to_sec1_point(false);
-        let private = Zeroizing::new(key.to_bytes().to_vec());
-        return Some((KeyKind::EcP256, private, public.as_bytes().to_vec()));
+    let p256_error = match p256 {
+        Ok(key) => {
+            let public = key.public_key().as_affine().to_sec1_point(false);
+            return Ok((
+                KeyKind::EcP256,
+                scalar(key.to_bytes()),
+                public.as_bytes().to_vec(),
+            ));
+        }
+        Err(e) => e,
+    };
+    let p384 = match der {
+        PrivateKeyDer::Sec1(k) => {
+            p384::SecretKey::from_sec1_der(k.secret_sec1_der()).map_err(|e| e.to_string())
+        }
+        PrivateKeyDer::Pkcs8(k) => {
+            p384::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).map_err(|e| e.to_string())
+        }
+        _ => Err("not an EC key".to_owned()),
+    };
+    match p384 {
+        Ok(key) => {
+            let public = key.public_key().as_affine().to_sec1_point(false);
+            Ok((KeyKind::EcP384, scalar(key.to_bytes()), public.as_bytes().to_vec()))
+        }
+        Err(p384_error) => Err(format!(
+            "holds an EC key that is not a usable P-256 or P-384 key (as P-256: {p256_error}; as P-384: {p384_error})"
+        )),
     }
-    let key = match der {
-        PrivateKeyDer::Sec1(k) => p384::SecretKey::from_sec1_der(k.secret_sec1_der()).ok()?,
-        PrivateKeyDer::Pkcs8(k) => p384::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).ok()?,
-        _ => return None,
-    };
-    let public = key.public_key().as_affine().to_sec1_point(false);
-    let private = Zeroizing::new(key.to_bytes().to_vec());
-    Some((KeyKind::EcP384, private, public.as_bytes().to_vec()))
+}
+
+/// The private scalar in a buffer wiped when dropped; the curve crate's copy it came in
+/// is wiped here.
+fn scalar(mut bytes: impl AsMut<[u8]>) -> Zeroizing<Vec<u8>> {
+    let bytes = bytes.as_mut();
+    let copy = Zeroizing::new(bytes.to_vec());
+    zeroize::Zeroize::zeroize(bytes);
+    copy
 }
 
 impl fmt::Debug for AssertionKey {
@@ -876,7 +920,36 @@ mod tests {
             )
             .unwrap_err();
             assert!(e.contains("key"), "{label}: {e}");
+            // Only a key of the wrong size is told which sizes can sign.
+            assert!(!e.contains("2048 to 4096"), "{label}: {e}");
+            if label == "EC PRIVATE KEY" {
+                // A damaged P-256 key says what each curve's reader found, not "another curve".
+                assert!(e.contains("as P-256:") && e.contains("as P-384:"), "{e}");
+            }
         }
+    }
+
+    #[test]
+    fn an_rsa_key_of_the_wrong_size_is_told_which_sizes_sign() {
+        // 1,024 bits: too small for ring (no Rust key generator here makes RSA keys that
+        // small, so openssl does; `.ci/run` installs it).
+        let made = std::process::Command::new("openssl")
+            .args(["genrsa", "1024"])
+            .output()
+            .expect("run openssl");
+        assert!(made.status.success(), "openssl genrsa failed");
+        let e = AssertionKey::load(
+            Path::new("k.pem"),
+            Zeroizing::new(made.stdout),
+            None,
+            None,
+            "a".into(),
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("TooSmall") && e.contains("2048 to 4096 bits"),
+            "{e}"
+        );
     }
 
     #[test]
