@@ -24,7 +24,7 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -68,9 +68,12 @@ fn park_deadline(now: tokio::time::Instant) -> tokio::time::Instant {
 /// The most an HTTP/1 connection reads from its client at once. hyper grows its read
 /// buffer towards this only while reads keep filling it (a client sending a large body
 /// faster than the proxy forwards it), and each read becomes one frame, so one write
-/// upstream. 1 MiB, up from 64 KiB, cut the proxy's CPU per GiB uploaded by about a
-/// fifth (docs/bench/README.md); the request-head limit is `max_header_size`, apart.
-const READ_BUF_MAX: usize = 1024 * 1024;
+/// upstream. Up from 64 KiB, it cut the proxy's CPU per GiB uploaded by about a third
+/// (docs/bench/README.md); the request-head limit is `max_header_size`, apart. hyper
+/// also caps the answer bytes queued for a client that reads slowly with it, so it is
+/// memory per connection too: 512 KiB moved uploads as fast as 1 MiB did, with half of
+/// that.
+const READ_BUF_MAX: usize = 512 * 1024;
 
 /// The HTTP/2 client preface; anything else is served as HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -315,10 +318,13 @@ async fn serve_until_idle<S: ClientStream, Svc: ConnService>(
                 let head_deadline = match timing {
                     Some((timed, deadline)) if timed == arming => deadline,
                     _ => {
-                        // hyper armed its timer during the poll just made: now is
-                        // when its wait began.
+                        // hyper armed its timer during the poll just made, or while
+                        // the last answer was still being flushed: the deadline it
+                        // armed holds, however long that flush took.
                         let now = tokio::time::Instant::now();
-                        let deadline = flags.head_deadline(now + builders.header_read_timeout);
+                        let deadline = flags.armed_deadline().unwrap_or_else(|| {
+                            flags.head_deadline(now + builders.header_read_timeout)
+                        });
                         timing = Some((arming, deadline));
                         let park_at = park_deadline(now);
                         if idle_timer.deadline() != park_at {
@@ -367,6 +373,15 @@ struct Flags {
     /// The deadline of the head wait this hyper connection took over (from the
     /// protocol sniff or a parked one); it bounds head waits until `SERVED`.
     carried: Option<tokio::time::Instant>,
+    /// When hyper's current head wait ends, as it armed it: nanoseconds after
+    /// [`armed_epoch`], 0 for none.
+    armed: AtomicU64,
+}
+
+/// What [`Flags::armed`] counts from.
+fn armed_epoch() -> tokio::time::Instant {
+    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
 }
 
 impl Flags {
@@ -377,9 +392,22 @@ impl Flags {
         }
     }
 
-    fn arm(&self) {
+    fn arm(&self, deadline: tokio::time::Instant) {
+        let nanos = deadline.saturating_duration_since(armed_epoch()).as_nanos();
+        self.armed.store(
+            u64::try_from(nanos).unwrap_or(u64::MAX).max(1),
+            Ordering::Relaxed,
+        );
         self.armings.fetch_add(1, Ordering::Relaxed);
         self.state.fetch_or(ARMED, Ordering::Relaxed);
+    }
+
+    /// The deadline of hyper's current head wait, as armed.
+    fn armed_deadline(&self) -> Option<tokio::time::Instant> {
+        match self.armed.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(armed_epoch() + Duration::from_nanos(nanos)),
+        }
     }
 
     fn disarm(&self) {
@@ -422,13 +450,15 @@ impl Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
-        self.flags.arm();
-        self.inner.sleep_until(self.head_deadline(deadline))
+        let deadline = self.head_deadline(deadline);
+        self.flags.arm(tokio::time::Instant::from_std(deadline));
+        self.inner.sleep_until(deadline)
     }
 
     fn reset(&self, sleep: &mut Pin<Box<dyn Sleep>>, new_deadline: Instant) {
-        self.flags.arm();
-        self.inner.reset(sleep, self.head_deadline(new_deadline));
+        let deadline = self.head_deadline(new_deadline);
+        self.flags.arm(tokio::time::Instant::from_std(deadline));
+        self.inner.reset(sleep, deadline);
     }
 
     fn now(&self) -> Instant {

@@ -3,22 +3,32 @@
 //!
 //! glibc's malloc keeps what a burst of work freed in its arenas and returns by itself
 //! only the top of each heap: after 1,000 connections opened at once, several MiB stay
-//! resident for as long as the process lives, although nothing uses them. Once a second
-//! this task reads the allocator's counters; when they have not moved for a whole second
-//! after they last did, and enough is free, it asks glibc to release the free pages
-//! inside its arenas (`malloc_trim`), on a blocking thread. Nothing runs on the request
-//! path, and a busy proxy, whose counters move every second, is never trimmed.
+//! resident for as long as the process lives, although nothing uses them. Once a second,
+//! on a blocking thread, this task reads the process's resident memory; only when it has
+//! grown by at least [`WORTH_TRIMMING`] since the last trim does it read the allocator's
+//! counters, and when those have not moved for a whole second (the burst is over) it
+//! asks glibc to release the free pages inside its arenas (`malloc_trim`). The resident
+//! memory after the trim is the new reference, so a trim that could give little back,
+//! or memory that is really in use, does not bring another one. Nothing runs on the
+//! request path, and a busy proxy, whose counters move every second, is never trimmed.
 
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-/// How often the allocator's counters are read.
+/// How often resident memory is looked at.
 const EVERY: Duration = Duration::from_secs(1);
 
-/// Free bytes below which a trim is not worth its page faults later.
+/// Growth of resident memory, and free bytes in the arenas, below which a trim is not
+/// worth its page faults later.
 const WORTH_TRIMMING: usize = 512 * 1024;
+
+/// How far the allocator's counters may move in a second that still counts as quiet.
+/// An idle process is not still: glibc counts the blocks each thread keeps in its own
+/// cache as in use, and those drift by a few hundred bytes a second as this task's
+/// work moves between threads. A request in flight holds tens of KiB.
+const QUIET_DRIFT: usize = 16 * 1024;
 
 /// The allocator's counters that tell activity and reclaimable memory apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,55 +39,103 @@ pub struct Usage {
     pub free: usize,
 }
 
-/// Decides, one reading at a time, when a trim is due: after a reading equal to the one
-/// before (a quiet second), unless nothing changed since the last trim.
+/// Decides, one second at a time, when a trim is due.
 #[derive(Debug, Default)]
 pub struct Quiet {
+    /// Resident bytes after the last trim (or the lowest seen since): growth is counted
+    /// from here.
+    reference: Option<usize>,
+    /// The allocator's counters a second ago, while resident memory is up.
     last: Option<Usage>,
-    trimmed_at: Option<Usage>,
 }
 
 impl Quiet {
-    /// Takes this second's reading; true when memory should be given back now.
-    pub fn observe(&mut self, now: Usage) -> bool {
-        let quiet = self.last == Some(now);
-        self.last = Some(now);
-        // A trim leaves the free chunks counted as free (only their pages go back),
-        // so the same reading after a trim means nothing new to give back.
-        if quiet && self.trimmed_at != Some(now) && now.free >= WORTH_TRIMMING {
-            self.trimmed_at = Some(now);
-            return true;
+    /// This second's resident memory; true when the allocator's counters are worth
+    /// reading ([`Quiet::observe`]).
+    pub fn grown(&mut self, resident: usize) -> bool {
+        let reference = *self.reference.get_or_insert(resident);
+        if resident < reference {
+            self.reference = Some(resident);
         }
-        false
+        let grown = resident >= reference.saturating_add(WORTH_TRIMMING);
+        if !grown {
+            self.last = None;
+        }
+        grown
+    }
+
+    /// This second's counters, read because resident memory is up; true when memory
+    /// should be given back now: the counters have barely moved for a second.
+    pub fn observe(&mut self, now: Usage) -> bool {
+        let quiet = self.last.is_some_and(|last| {
+            last.in_use.abs_diff(now.in_use) < QUIET_DRIFT
+                && last.free.abs_diff(now.free) < QUIET_DRIFT
+        });
+        self.last = Some(now);
+        quiet && now.free >= WORTH_TRIMMING
+    }
+
+    /// After a trim: resident memory now is the new reference.
+    pub fn trimmed(&mut self, resident: usize) {
+        self.reference = Some(resident);
+        self.last = None;
     }
 }
 
-/// Runs until `stop`: reads the allocator's counters every second and trims when
-/// [`Quiet`] says so. Does nothing where the allocator is not glibc's.
+/// Runs until `stop`: looks at resident memory every second and trims when [`Quiet`]
+/// says so. Does nothing where the allocator is not glibc's.
 pub async fn give_back_when_quiet(stop: CancellationToken) {
-    let Some(mut read) = allocator::reader() else {
+    if !allocator::AVAILABLE {
         return;
-    };
+    }
     let mut ticks = tokio::time::interval(EVERY);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut quiet = Quiet::default();
+    let mut quiet = Some(Quiet::default());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let now = read();
-        if quiet.observe(now) {
-            // malloc_trim walks every arena under its lock and makes a system call per
-            // free run of pages: not for the event loop.
-            let trimmed = tokio::task::spawn_blocking(allocator::trim).await;
-            tracing::debug!(
-                free_kib = now.free / 1024,
-                released = trimmed.unwrap_or(false),
-                "gave freed memory back to the OS"
-            );
+        let Some(mut state) = quiet.take() else {
+            return;
+        };
+        // Reading /proc and the allocator's counters (which take each arena's lock
+        // while they count), and malloc_trim (which walks every arena and makes a
+        // system call per free run of pages): none of it for the event loop.
+        let step = tokio::task::spawn_blocking(move || {
+            let trimmed = one_second(&mut state);
+            (state, trimmed)
+        })
+        .await;
+        match step {
+            Ok((state, trimmed)) => {
+                if let Some((before, after)) = trimmed {
+                    tracing::debug!(
+                        resident_kib_before = before / 1024,
+                        resident_kib_after = after / 1024,
+                        released = after < before,
+                        "gave freed memory back to the OS"
+                    );
+                }
+                quiet = Some(state);
+            }
+            // The runtime is shutting down.
+            Err(_) => return,
         }
     }
+}
+
+/// One look: resident memory, then the counters if it is up, then the trim if due.
+/// Returns resident bytes before and after a trim, if one was made.
+fn one_second(quiet: &mut Quiet) -> Option<(usize, usize)> {
+    let before = allocator::resident()?;
+    if !quiet.grown(before) || !quiet.observe(allocator::usage()) {
+        return None;
+    }
+    allocator::trim();
+    let after = allocator::resident().unwrap_or(before);
+    quiet.trimmed(after);
+    Some((before, after))
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -85,16 +143,29 @@ pub async fn give_back_when_quiet(stop: CancellationToken) {
 mod allocator {
     use super::Usage;
 
-    /// Reads glibc's counters (all arenas; each arena's lock is held only for the count).
-    pub fn reader() -> Option<impl FnMut() -> Usage> {
-        Some(|| {
-            // SAFETY: mallinfo2 has no preconditions; it returns a plain struct by value.
-            let info = unsafe { libc::mallinfo2() };
-            Usage {
-                in_use: info.uordblks,
-                free: info.fordblks,
-            }
-        })
+    pub const AVAILABLE: bool = true;
+
+    /// glibc's counters, all arenas (each arena's lock is held while it is counted).
+    /// `mallinfo2` needs glibc 2.33 or later.
+    pub fn usage() -> Usage {
+        // SAFETY: mallinfo2 has no preconditions; it returns a plain struct by value.
+        let info = unsafe { libc::mallinfo2() };
+        Usage {
+            in_use: info.uordblks,
+            free: info.fordblks,
+        }
+    }
+
+    /// Resident anonymous and file-backed bytes not shared (`/proc/self/statm`'s
+    /// resident minus shared pages), or `None` when it cannot be read.
+    pub fn resident() -> Option<usize> {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let mut fields = statm.split_ascii_whitespace().skip(1);
+        let resident: usize = fields.next()?.parse().ok()?;
+        let shared: usize = fields.next()?.parse().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+        resident.checked_sub(shared)?.checked_mul(page)
     }
 
     /// Releases the free pages inside every arena; true if any memory went back.
@@ -109,7 +180,13 @@ mod allocator {
     use super::Usage;
 
     /// Other allocators (musl's, macOS's) return memory by themselves.
-    pub fn reader() -> Option<fn() -> Usage> {
+    pub const AVAILABLE: bool = false;
+
+    pub fn usage() -> Usage {
+        Usage { in_use: 0, free: 0 }
+    }
+
+    pub fn resident() -> Option<usize> {
         None
     }
 
@@ -128,50 +205,91 @@ mod tests {
         Usage { in_use, free }
     }
 
+    /// Drives `q` for one second the way `one_second` does; true when it would trim.
+    fn second(q: &mut Quiet, resident: usize, counters: Usage) -> bool {
+        q.grown(resident) && q.observe(counters)
+    }
+
     #[test]
-    fn trims_once_after_a_quiet_second_and_again_only_after_new_activity() {
+    fn trims_once_after_a_burst_goes_quiet() {
         let mut q = Quiet::default();
-        // A burst: the counters move every second.
-        assert!(!q.observe(usage(10 * MIB, MIB)));
-        assert!(!q.observe(usage(12 * MIB, 2 * MIB)));
-        assert!(!q.observe(usage(4 * MIB, 9 * MIB)));
-        // The first quiet second trims, later quiet seconds do not.
-        assert!(q.observe(usage(4 * MIB, 9 * MIB)));
-        assert!(!q.observe(usage(4 * MIB, 9 * MIB)));
-        assert!(!q.observe(usage(4 * MIB, 9 * MIB)));
-        // New activity, then quiet again: another trim.
-        assert!(!q.observe(usage(5 * MIB, 8 * MIB)));
-        assert!(q.observe(usage(5 * MIB, 8 * MIB)));
+        assert!(!second(&mut q, 10 * MIB, usage(2 * MIB, MIB)));
+        // A burst: resident memory up, the counters moving.
+        assert!(!second(&mut q, 20 * MIB, usage(9 * MIB, 2 * MIB)));
+        assert!(!second(&mut q, 22 * MIB, usage(4 * MIB, 9 * MIB)));
+        // The first quiet second trims, also when the counters drift a little.
+        assert!(second(
+            &mut q,
+            22 * MIB,
+            usage(4 * MIB + 900, 9 * MIB - 900)
+        ));
+        q.trimmed(15 * MIB);
+        // The trim's own small traffic, a health check now and then: no more trims,
+        // however much stays counted as free.
+        for i in 0..100 {
+            assert!(!second(
+                &mut q,
+                15 * MIB + i * 1024,
+                usage(4 * MIB + i, 9 * MIB)
+            ));
+        }
+        // Another burst, quiet again: another trim.
+        assert!(!second(&mut q, 24 * MIB, usage(6 * MIB, 8 * MIB)));
+        assert!(second(&mut q, 24 * MIB, usage(6 * MIB, 8 * MIB)));
+    }
+
+    #[test]
+    fn a_trim_that_gives_little_back_is_not_repeated() {
+        let mut q = Quiet::default();
+        assert!(!second(&mut q, 10 * MIB, usage(MIB, MIB)));
+        assert!(!second(&mut q, 30 * MIB, usage(20 * MIB, MIB)));
+        assert!(second(&mut q, 30 * MIB, usage(20 * MIB, MIB)));
+        // Nearly all of it was in use: the reference moves up with it.
+        q.trimmed(29 * MIB);
+        for _ in 0..10 {
+            assert!(!second(&mut q, 29 * MIB, usage(20 * MIB, MIB)));
+        }
     }
 
     #[test]
     fn a_busy_process_is_never_trimmed() {
         let mut q = Quiet::default();
-        for second in 0..100 {
-            assert!(!q.observe(usage(10 * MIB + second % 7, 5 * MIB + second)));
+        assert!(!second(&mut q, 10 * MIB, usage(MIB, MIB)));
+        for s in 0..100 {
+            assert!(!second(
+                &mut q,
+                40 * MIB,
+                usage(10 * MIB + QUIET_DRIFT * (1 + s % 3), 5 * MIB + s)
+            ));
         }
     }
 
     #[test]
     fn little_free_memory_is_not_worth_a_trim() {
         let mut q = Quiet::default();
-        assert!(!q.observe(usage(MIB, WORTH_TRIMMING - 1)));
-        assert!(!q.observe(usage(MIB, WORTH_TRIMMING - 1)));
-        assert!(!q.observe(usage(MIB, WORTH_TRIMMING)));
-        assert!(q.observe(usage(MIB, WORTH_TRIMMING)));
+        assert!(!second(&mut q, 10 * MIB, usage(MIB, 0)));
+        assert!(!second(&mut q, 20 * MIB, usage(MIB, WORTH_TRIMMING - 1)));
+        assert!(!second(&mut q, 20 * MIB, usage(MIB, WORTH_TRIMMING - 1)));
+        assert!(second(&mut q, 20 * MIB, usage(MIB, WORTH_TRIMMING)));
+    }
+
+    #[test]
+    fn shrinking_moves_the_reference_down() {
+        let mut q = Quiet::default();
+        assert!(!q.grown(20 * MIB));
+        assert!(!q.grown(12 * MIB));
+        // Growth counts from the lower level.
+        assert!(q.grown(13 * MIB));
     }
 
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
-    fn the_counters_see_memory_freed_and_trim_runs() {
-        let Some(mut read) = allocator::reader() else {
-            panic!("glibc's counters are readable");
-        };
-        let before = read();
-        // Many small blocks (below the mmap threshold), so they live in an arena.
+    fn the_counters_and_resident_memory_see_memory_freed_and_trim_runs() {
+        let before = allocator::usage();
+        assert!(allocator::resident().is_some_and(|r| r > 0));
         // 16 MiB against margins of 6, as other tests allocate and free meanwhile.
         let mut blocks: Vec<Vec<u8>> = (0..16 * 1024).map(|i| vec![i as u8; 1024]).collect();
-        let held = read();
+        let held = allocator::usage();
         assert!(held.in_use >= before.in_use + 6 * MIB);
         // Every other block, so the holes cannot merge into the heap's top and leave.
         let mut i = 0;
@@ -179,7 +297,7 @@ mod tests {
             i += 1;
             i % 2 == 0
         });
-        let freed = read();
+        let freed = allocator::usage();
         assert!(freed.free >= held.free + 6 * MIB);
         drop(blocks);
         // Whether pages go back depends on the arena's layout; it must only not fail.

@@ -817,5 +817,17 @@ async fn memory_freed_by_a_burst_goes_back_to_the_os_once_quiet() {
     .await
     .expect("a trim within 15 s of the burst");
     assert!(trimmed.contains("released=true"), "{trimmed}");
+    // Idle from then on: no more trims (the trim's own bookkeeping once made one every
+    // two seconds).
+    let more = timeout(Duration::from_secs(5), async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("gave freed memory back to the OS") {
+                return line;
+            }
+        }
+        std::future::pending().await
+    })
+    .await;
+    assert!(more.is_err(), "trimmed again while idle: {more:?}");
     drop(held);
 }
