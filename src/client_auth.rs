@@ -460,51 +460,41 @@ fn pkcs8_algorithm(der: &[u8]) -> Option<Pkcs8Algorithm> {
 /// The curve, the private scalar and the uncompressed public point.
 type EcKey = (KeyKind, Zeroizing<Vec<u8>>, Vec<u8>);
 
+/// An EC key on one curve (`p256` or `p384`, the crate), read from SEC1 or PKCS#8.
+macro_rules! ec_key_on {
+    ($curve:ident, $kind:expr, $der:expr) => {{
+        use $curve::elliptic_curve::sec1::ToSec1Point;
+        use $curve::pkcs8::DecodePrivateKey;
+        let key = match $der {
+            PrivateKeyDer::Sec1(k) => {
+                $curve::SecretKey::from_sec1_der(k.secret_sec1_der()).map_err(|e| e.to_string())
+            }
+            PrivateKeyDer::Pkcs8(k) => {
+                $curve::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).map_err(|e| e.to_string())
+            }
+            _ => Err("not an EC key".to_owned()),
+        };
+        key.map(|key| {
+            let public = key.public_key().as_affine().to_sec1_point(false);
+            ($kind, scalar(key.to_bytes()), public.as_bytes().to_vec())
+        })
+    }};
+}
+
 /// An EC key (SEC1 or PKCS#8) as ring takes it: the curve, the private scalar and the
 /// uncompressed public point (derived, so a key file without it is read too). The error
 /// names what each curve's reader found wrong, since a damaged key and a key on another
 /// curve both fail to read on both.
 fn ec_key(der: &PrivateKeyDer<'_>) -> Result<EcKey, String> {
-    use p256::elliptic_curve::sec1::ToSec1Point;
-    use p256::pkcs8::DecodePrivateKey;
-    let p256 = match der {
-        PrivateKeyDer::Sec1(k) => {
-            p256::SecretKey::from_sec1_der(k.secret_sec1_der()).map_err(|e| e.to_string())
-        }
-        PrivateKeyDer::Pkcs8(k) => {
-            p256::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).map_err(|e| e.to_string())
-        }
-        _ => Err("not an EC key".to_owned()),
-    };
-    let p256_error = match p256 {
-        Ok(key) => {
-            let public = key.public_key().as_affine().to_sec1_point(false);
-            return Ok((
-                KeyKind::EcP256,
-                scalar(key.to_bytes()),
-                public.as_bytes().to_vec(),
-            ));
-        }
+    let p256_error = match ec_key_on!(p256, KeyKind::EcP256, der) {
+        Ok(key) => return Ok(key),
         Err(e) => e,
     };
-    let p384 = match der {
-        PrivateKeyDer::Sec1(k) => {
-            p384::SecretKey::from_sec1_der(k.secret_sec1_der()).map_err(|e| e.to_string())
-        }
-        PrivateKeyDer::Pkcs8(k) => {
-            p384::SecretKey::from_pkcs8_der(k.secret_pkcs8_der()).map_err(|e| e.to_string())
-        }
-        _ => Err("not an EC key".to_owned()),
-    };
-    match p384 {
-        Ok(key) => {
-            let public = key.public_key().as_affine().to_sec1_point(false);
-            Ok((KeyKind::EcP384, scalar(key.to_bytes()), public.as_bytes().to_vec()))
-        }
-        Err(p384_error) => Err(format!(
+    ec_key_on!(p384, KeyKind::EcP384, der).map_err(|p384_error| {
+        format!(
             "holds an EC key that is not a usable P-256 or P-384 key (as P-256: {p256_error}; as P-384: {p384_error})"
-        )),
-    }
+        )
+    })
 }
 
 /// The private scalar in a buffer wiped when dropped; the curve crate's copy it came in

@@ -300,8 +300,8 @@ async fn serve_until_idle<S: ClientStream, Svc: ConnService>(
     };
     let mut conn = h1.serve_connection(io, tracked).with_upgrades();
     let mut shutting_down = false;
-    // The arming of the head wait the idle timer runs for, and that wait's deadline.
-    let mut timing: Option<(u32, tokio::time::Instant)> = None;
+    // The arming of the head wait the idle timer runs for.
+    let mut timing: Option<u32> = None;
     let ended = poll_fn(|cx| {
         if !shutting_down && cancelled.as_mut().poll(cx).is_ready() {
             shutting_down = true;
@@ -313,26 +313,18 @@ async fn serve_until_idle<S: ClientStream, Svc: ConnService>(
         if shutting_down {
             return Poll::Pending;
         }
-        match flags.idle_since() {
-            Some(arming) => {
-                let head_deadline = match timing {
-                    Some((timed, deadline)) if timed == arming => deadline,
-                    _ => {
-                        // hyper armed its timer during the poll just made, or while
-                        // the last answer was still being flushed: the deadline it
-                        // armed holds, however long that flush took.
-                        let now = tokio::time::Instant::now();
-                        let deadline = flags.armed_deadline().unwrap_or_else(|| {
-                            flags.head_deadline(now + builders.header_read_timeout)
-                        });
-                        timing = Some((arming, deadline));
-                        let park_at = park_deadline(now);
-                        if idle_timer.deadline() != park_at {
-                            idle_timer.as_mut().reset(park_at);
-                        }
-                        deadline
+        match flags.idle() {
+            Some((arming, head_deadline)) => {
+                if timing != Some(arming) {
+                    // A new head wait: the park timer starts now. The head deadline
+                    // is the one hyper armed, however long the last answer's flush
+                    // took before the connection counted as idle.
+                    timing = Some(arming);
+                    let park_at = park_deadline(tokio::time::Instant::now());
+                    if idle_timer.deadline() != park_at {
+                        idle_timer.as_mut().reset(park_at);
                     }
-                };
+                }
                 if idle_timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ended::Idle(head_deadline));
                 }
@@ -374,7 +366,7 @@ struct Flags {
     /// protocol sniff or a parked one); it bounds head waits until `SERVED`.
     carried: Option<tokio::time::Instant>,
     /// When hyper's current head wait ends, as it armed it: nanoseconds after
-    /// [`armed_epoch`], 0 for none.
+    /// [`armed_epoch`] (set before `ARMED`).
     armed: AtomicU64,
 }
 
@@ -394,20 +386,10 @@ impl Flags {
 
     fn arm(&self, deadline: tokio::time::Instant) {
         let nanos = deadline.saturating_duration_since(armed_epoch()).as_nanos();
-        self.armed.store(
-            u64::try_from(nanos).unwrap_or(u64::MAX).max(1),
-            Ordering::Relaxed,
-        );
+        self.armed
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
         self.armings.fetch_add(1, Ordering::Relaxed);
         self.state.fetch_or(ARMED, Ordering::Relaxed);
-    }
-
-    /// The deadline of hyper's current head wait, as armed.
-    fn armed_deadline(&self) -> Option<tokio::time::Instant> {
-        match self.armed.load(Ordering::Relaxed) {
-            0 => None,
-            nanos => Some(armed_epoch() + Duration::from_nanos(nanos)),
-        }
     }
 
     fn disarm(&self) {
@@ -430,10 +412,17 @@ impl Flags {
         }
     }
 
-    /// Which head wait the connection is idle in, if it is idle.
-    fn idle_since(&self) -> Option<u32> {
-        (self.state.load(Ordering::Relaxed) & !SERVED == ARMED)
-            .then(|| self.armings.load(Ordering::Relaxed))
+    /// Which head wait the connection is idle in, and when that wait ends, if it is
+    /// idle.
+    fn idle(&self) -> Option<(u32, tokio::time::Instant)> {
+        if self.state.load(Ordering::Relaxed) & !SERVED != ARMED {
+            return None;
+        }
+        let nanos = self.armed.load(Ordering::Relaxed);
+        // Beyond what an Instant holds only for an absurd timeout: then hyper's own
+        // timer, not parking, ends the wait.
+        let deadline = armed_epoch().checked_add(Duration::from_nanos(nanos))?;
+        Some((self.armings.load(Ordering::Relaxed), deadline))
     }
 }
 

@@ -90,37 +90,32 @@ pub async fn give_back_when_quiet(stop: CancellationToken) {
     }
     let mut ticks = tokio::time::interval(EVERY);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut quiet = Some(Quiet::default());
+    let mut quiet = Quiet::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let Some(mut state) = quiet.take() else {
-            return;
-        };
         // Reading /proc and the allocator's counters (which take each arena's lock
         // while they count), and malloc_trim (which walks every arena and makes a
         // system call per free run of pages): none of it for the event loop.
         let step = tokio::task::spawn_blocking(move || {
-            let trimmed = one_second(&mut state);
-            (state, trimmed)
+            let trimmed = one_second(&mut quiet);
+            (quiet, trimmed)
         })
         .await;
-        match step {
-            Ok((state, trimmed)) => {
-                if let Some((before, after)) = trimmed {
-                    tracing::debug!(
-                        resident_kib_before = before / 1024,
-                        resident_kib_after = after / 1024,
-                        released = after < before,
-                        "gave freed memory back to the OS"
-                    );
-                }
-                quiet = Some(state);
-            }
-            // The runtime is shutting down.
-            Err(_) => return,
+        // An error: the runtime is shutting down.
+        let Ok((state, trimmed)) = step else {
+            return;
+        };
+        quiet = state;
+        if let Some((before, after)) = trimmed {
+            tracing::debug!(
+                resident_kib_before = before / 1024,
+                resident_kib_after = after / 1024,
+                released = after < before,
+                "gave freed memory back to the OS"
+            );
         }
     }
 }
