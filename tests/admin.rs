@@ -202,6 +202,37 @@ async fn reload(c: &Client, proxy: &Proxy) -> Answer {
 }
 
 /// Providers `p` and `q`, a route `/a` for `p`, and an admin listener to reload through.
+/// A proxy started from `reload_config` written to a file, ready to be reloaded.
+struct Reloadable {
+    issuer: Issuer,
+    other: Issuer,
+    upstream: Upstream,
+    /// Holds `file`; dropped last.
+    dir: tempfile::TempDir,
+    file: std::path::PathBuf,
+    proxy: Proxy,
+}
+
+impl Reloadable {
+    async fn start() -> Self {
+        let issuer = Issuer::start(Dialect::OAuth2).await;
+        let other = Issuer::start_named(Dialect::OAuth2, "q").await;
+        let upstream = Upstream::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bp.toml");
+        std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
+        let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+        Self {
+            issuer,
+            other,
+            upstream,
+            dir,
+            file,
+            proxy,
+        }
+    }
+}
+
 fn reload_config(issuer: &Issuer, other: &Issuer, upstream: &Upstream) -> TestConfig {
     TestConfig::default()
         .server(|s| s.admin())
@@ -215,14 +246,14 @@ fn reload_config(issuer: &Issuer, other: &Issuer, upstream: &Upstream) -> TestCo
 
 #[tokio::test]
 async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
-    let config = bearer_proxy::config::load(&file).unwrap();
-    let proxy = Proxy::start_config(config).await;
+    let Reloadable {
+        issuer,
+        other,
+        upstream,
+        dir: _dir,
+        file,
+        proxy,
+    } = Reloadable::start().await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     assert!(eventually(Duration::from_secs(2), || other.hits() == 1).await);
@@ -288,13 +319,14 @@ async fn reload_under_load_drops_nothing_and_keeps_unchanged_tokens() {
 /// `max_uri_length`, checked per request, reloads silently.
 #[tokio::test]
 async fn a_reload_that_changes_connection_settings_says_it_needs_a_restart() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
-    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let Reloadable {
+        issuer,
+        other,
+        upstream,
+        dir: _dir,
+        file,
+        proxy,
+    } = Reloadable::start().await;
     let report = proxy.shared.reload().await.expect("reload");
     assert!(report.listener_changes.is_empty(), "{report:?}");
     let changed = reload_config(&issuer, &other, &upstream).server(|s| {
@@ -329,13 +361,14 @@ async fn a_reload_that_changes_connection_settings_says_it_needs_a_restart() {
 
 #[tokio::test]
 async fn bad_reload_keeps_serving() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
-    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let Reloadable {
+        issuer,
+        other,
+        upstream,
+        dir: _dir,
+        file,
+        proxy,
+    } = Reloadable::start().await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     std::fs::write(
@@ -359,13 +392,14 @@ async fn bad_reload_keeps_serving() {
 
 #[tokio::test]
 async fn a_reload_runs_the_startup_file_checks_and_keeps_serving_when_they_fail() {
-    let issuer = Issuer::start(Dialect::OAuth2).await;
-    let other = Issuer::start_named(Dialect::OAuth2, "q").await;
-    let upstream = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bp.toml");
-    std::fs::write(&file, reload_config(&issuer, &other, &upstream).render()).unwrap();
-    let proxy = Proxy::start_config(bearer_proxy::config::load(&file).unwrap()).await;
+    let Reloadable {
+        issuer,
+        other,
+        upstream,
+        dir,
+        file,
+        proxy,
+    } = Reloadable::start().await;
     let c = client();
     assert_eq!(get(&c, &proxy.url("/a/x")).await.status, 200);
     let ca = dir.path().join("no-such-ca.pem");
