@@ -122,24 +122,16 @@ async fn slowloris_is_cut_off() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let (_i, _u, proxy) = setup(|s| s.header_read_timeout("300ms")).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 65536];
-    let n = s.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let started = tokio::time::Instant::now();
-    let rest = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
+    let ex = exchange(
+        proxy.addr,
+        b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        false,
+        Duration::from_secs(3),
+    )
     .await;
-    assert!(rest.is_ok(), "idle connection kept open");
+    assert!(String::from_utf8_lossy(&ex.out).starts_with("HTTP/1.1 200"));
+    assert!(ex.closed, "idle connection kept open");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
@@ -148,19 +140,9 @@ async fn idle_keep_alive_connections_are_closed() {
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed() {
     let (_i, _u, proxy) = setup(|s| s.header_read_timeout("300ms")).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let started = tokio::time::Instant::now();
-    let mut buf = [0u8; 512];
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "a silent connection was kept open");
+    let ex = exchange(proxy.addr, b"", false, Duration::from_secs(5)).await;
+    assert!(ex.closed, "a silent connection was kept open");
     assert!(started.elapsed() >= Duration::from_millis(250));
     still_serves(&proxy).await;
 }
