@@ -2,7 +2,7 @@
 """A/B comparison of bearer-proxy builds on one kind of load, interleaved (loopback only).
 
     bench/ab.py --mode upload|download|small [--rounds 5] [--mib 512] [--conns 32] \
-        [--threads 1] [--secs 5] [--direct] [--envoy PATH] NAME=BINARY[@LOGLEVEL] [NAME=BINARY ...]
+        [--threads 1] [--secs 5] [--direct] [--nginx] [--envoy PATH] NAME=BINARY[@LOGLEVEL] [NAME=BINARY ...]
 
 Starts the benchmark's nginx upstream, token endpoint and upload sink once, one proxy per
 binary (each on its own port, all idle but the one measured), then measures them in turn,
@@ -32,6 +32,11 @@ def ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
+def tree_ticks(t) -> int:
+    """CPU ticks of a target's process, and of its workers for nginx."""
+    return sum(ticks(p) for p in t.pids())
+
+
 def children_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)  # reaped: curl (through timeout)
     return r.ru_utime + r.ru_stime
@@ -46,6 +51,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--secs", type=int, default=5)
     ap.add_argument("--direct", action="store_true", help="also measure without a proxy")
+    ap.add_argument("--nginx", action="store_true", help="also measure the nginx proxy (bench config)")
     ap.add_argument("--envoy", default="", help="also measure this Envoy binary (bench config)")
     ap.add_argument("bins", nargs="+", help="NAME=BINARY or NAME=BINARY@LEVEL (default warn)")
     a = ap.parse_args()
@@ -96,6 +102,18 @@ def main() -> int:
             bench.wait_until(lambda: bench.http_get(f"http://127.0.0.1:{port}/small")[0] == 200,
                              30, name, p)
             targets.append(bench.Target(name, port, p))
+        if a.nginx:
+            port = bench.free_port()
+            d = os.path.join(tmp, "nginx-proxy")
+            conf = os.path.join(tmp, "nginx-proxy.conf")
+            with open(conf, "w") as f:
+                f.write(bench.nginx_proxy_conf(d, port, up_port, sink_port))
+            p = procs.start("nginx", ["nginx", "-p", tmp, "-c", conf, "-e",
+                                      os.path.join(d, "error.log")],
+                            os.path.join(tmp, "nginx-proxy.log"))
+            bench.wait_until(lambda: bench.http_get(f"http://127.0.0.1:{port}/small")[0] == 200,
+                             15, "nginx proxy", p)
+            targets.append(bench.Target("nginx", port, p, tree=True))
         if a.envoy:
             port, admin = bench.free_port(), bench.free_port()
             conf = os.path.join(tmp, "envoy.yaml")
@@ -111,10 +129,10 @@ def main() -> int:
         for r in range(a.rounds):
             for t in targets:
                 pid = t.proc.pid if t.proc else None
-                c0 = ticks(pid) if pid else 0
+                c0 = tree_ticks(t) if pid else 0
                 if a.mode == "small":
                     out = bench.run_wrk(t, a.conns, a.secs, a.threads)
-                    c1 = ticks(pid) if pid else 0
+                    c1 = tree_ticks(t) if pid else 0
                     n = (out.get("rps") or 0) * a.secs
                     us = (c1 - c0) / TICK / n * 1e6 if pid and n else None
                     row = (out.get("rps"), out.get("p99_ms"), us)
@@ -128,7 +146,7 @@ def main() -> int:
                     p0 = sum(ticks(x) for x in peer)
                     k0 = children_seconds()
                     out = bench.curl_stream(t, direction, size, src, tmp)
-                    c1 = ticks(pid) if pid else 0
+                    c1 = tree_ticks(t) if pid else 0
                     gib = size / (1 << 30)
                     cpu = (c1 - c0) / TICK / gib if pid else None
                     peer_cpu = (sum(ticks(x) for x in peer) - p0) / TICK / gib
