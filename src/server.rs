@@ -583,7 +583,11 @@ async fn accept_loop<L, H, Fut, B>(
         let request_permit = permit.clone();
         let handler = handler.clone();
         let svc = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(request_permit.clone());
+            // Only an Upgrade handshake can become a tunnel; for the rest, inserting it
+            // would allocate the request's extension map for nothing.
+            if req.headers().contains_key(http::header::UPGRADE) {
+                req.extensions_mut().insert(request_permit.clone());
+            }
             handler(req)
         });
         let builders = builders.clone();

@@ -1,6 +1,6 @@
 //! Header hygiene: hop-by-hop headers never cross the proxy.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::hop_by_hop::HOP_BY_HOP;
 
@@ -9,35 +9,78 @@ use crate::hop_by_hop::HOP_BY_HOP;
 /// `TE: trailers` is kept when the client's `TE` lists `trailers` (any other codings
 /// are dropped): it is the one value HTTP/2 allows, gRPC needs it, and an HTTP/1.1
 /// upstream sends trailers only to a client that asked for them.
+///
+/// Runs twice per request, so it looks before it hashes: one pass over the names
+/// finds which hop-by-hop headers are present (most requests carry none, most answers
+/// only `Connection: keep-alive`), and only those are removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    let has = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .is_some_and(|i| present & (1 << i) != 0)
+    };
     // Read before `Connection` is applied: HTTP/1.1 senders of TE list it there.
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|coding| {
-            // `trailers` takes no parameters; tolerate the odd `;q=1` anyway.
-            let name = coding.split(';').next().unwrap_or_default();
-            name.trim().eq_ignore_ascii_case("trailers")
-        });
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
+    let te_trailers = has(&header::TE)
+        && headers
+            .get_all(header::TE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
+            .any(|coding| {
+                // `trailers` takes no parameters; tolerate the odd `;q=1` anyway.
+                let name = coding.split(';').next().unwrap_or_default();
+                name.trim().eq_ignore_ascii_case("trailers")
+            });
+    if has(&header::CONNECTION) {
+        // Taken out first, so the headers it names can be removed while reading it.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let single = values.next().is_some() && values.next().is_none();
+        if single {
+            if let Some(value) = headers.remove(header::CONNECTION) {
+                remove_named(headers, &value);
+            }
+        } else {
+            let all: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for value in &all {
+                remove_named(headers, value);
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
     if te_trailers {
-        headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes the headers a `Connection` value names (names that are no valid header
+/// name name nothing to remove).
+fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let Ok(value) = connection.to_str() else {
+        return;
+    };
+    for name in value.split(',') {
+        let name = name.trim();
+        if !name.is_empty() && headers.contains_key(name) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -71,6 +114,36 @@ mod tests {
         assert_eq!(h.len(), 2);
         let multi: Vec<_> = h.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["a", "b"]);
+    }
+
+    #[test]
+    fn connection_names_match_whatever_their_case() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "X-Private , Keep-Alive".parse().unwrap());
+        h.append("connection", "x-other".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+        let mut h = HeaderMap::new();
+        h.insert("connection", "X-PRIVATE, bad name, ,".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
+    fn without_hop_by_hop_headers_nothing_changes() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "text/plain".parse().unwrap());
+        h.append("x-multi", "a".parse().unwrap());
+        h.append("x-multi", "b".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
