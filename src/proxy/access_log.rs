@@ -5,17 +5,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::h1pool::UpstreamBody;
 use bytes::Bytes;
 use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 /// What the proxy answers: the upstream's streamed body or one of its own, plus the
 /// pending log line.
 pub struct ResBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<UpstreamBody, Full<Bytes>>,
     log: Option<Box<RequestLog>>,
     /// The upstream body's error, held back for one poll (see `poll_frame`).
     failed: Option<hyper::Error>,
@@ -23,7 +23,7 @@ pub struct ResBody {
 
 impl ResBody {
     /// Wraps `inner`; `log` is `None` when info logging is off.
-    pub fn new(inner: Either<Incoming, Full<Bytes>>, log: Option<Box<RequestLog>>) -> Self {
+    pub fn new(inner: Either<UpstreamBody, Full<Bytes>>, log: Option<Box<RequestLog>>) -> Self {
         Self {
             inner,
             log,

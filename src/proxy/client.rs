@@ -27,12 +27,13 @@ use http::uri::{Authority, Scheme};
 use http::{header, Request, Uri};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower_service::Service;
 
 use super::body::OutBody;
+use super::h1pool::{H1Pool, UpstreamBody};
 use crate::config::Upstream;
 use crate::error::BoxError;
 use crate::outbound::{OutboundConnector, OutboundStream};
@@ -45,11 +46,23 @@ pub struct UpstreamClient {
     /// absolute form (they carry `Proxy-Authorization`; tunnels carry theirs in the
     /// `CONNECT`).
     forwarding: Option<Arc<Matcher>>,
+    /// The pool for `http://` upstreams reached directly (see `h1pool`); `None` on
+    /// clients that go through an outbound proxy, pin their upstream or carry
+    /// Upgrade handshakes.
+    direct: Option<H1Pool>,
 }
 
 impl UpstreamClient {
     /// Sends `request` (absolute URI) on a pooled connection.
-    pub fn request(&self, mut request: Request<OutBody>) -> ResponseFuture {
+    pub async fn request(
+        &self,
+        mut request: Request<OutBody>,
+    ) -> Result<http::Response<UpstreamBody>, BoxError> {
+        if let Some(direct) = &self.direct {
+            if request.uri().scheme() == Some(&Scheme::HTTP) {
+                return direct.send(request).await;
+            }
+        }
         if let Some(matcher) = &self.forwarding {
             if request.uri().scheme() == Some(&Scheme::HTTP) {
                 if let Some(auth) = matcher
@@ -62,7 +75,8 @@ impl UpstreamClient {
                 }
             }
         }
-        self.pool.request(request)
+        let response = self.pool.request(request).await?;
+        Ok(response.map(UpstreamBody::pooled))
     }
 }
 
@@ -109,8 +123,18 @@ impl ClientFactory {
 
     /// A worker's clients.
     pub fn clients(&self) -> Clients {
+        let mut pooled = self.build(true, None);
+        // Without an outbound proxy, http:// upstreams go through the pool driven by
+        // the requests themselves.
+        if self.outbound.is_none() {
+            pooled.direct = Some(H1Pool::new(
+                self.connect_timeout,
+                IDLE_TIMEOUT,
+                MAX_IDLE_PER_HOST,
+            ));
+        }
         Clients {
-            pooled: self.build(true, None),
+            pooled,
             http1: self.build(false, None),
         }
     }
@@ -159,7 +183,7 @@ impl ClientFactory {
         let pool = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_max_idle_per_host(max_idle)
             .build(UpstreamConnector {
                 https,
@@ -173,10 +197,13 @@ impl ClientFactory {
             } else {
                 self.outbound.clone()
             },
+            direct: None,
         }
     }
 }
 
+/// How long an idle upstream connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream on the shared clients.
 const MAX_IDLE_PER_HOST: usize = 256;
 /// Idle connections kept per client Host on a pinned client (see `build`).
@@ -216,7 +243,7 @@ pub struct UpstreamConnector {
 /// The connect did not finish within `connect_timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("connect timed out after {0:?}")]
-pub struct ConnectTimeout(Duration);
+pub struct ConnectTimeout(pub(super) Duration);
 
 impl Service<Uri> for UpstreamConnector {
     type Response = MaybeHttpsStream<OutboundStream>;

@@ -29,6 +29,7 @@ pub mod admission;
 pub mod body;
 pub mod client;
 pub mod error;
+pub mod h1pool;
 pub mod headers;
 pub mod path;
 pub mod routing;
@@ -61,6 +62,7 @@ use admission::{Admitted, Refused};
 use body::{keep_for_replay, Kept, OutBody};
 use client::{ClientFactory, Clients, UpstreamClient};
 use error::ProxyError;
+use h1pool::UpstreamBody;
 use routing::{Route, RouteAuth, Router};
 use upgrade::{Handshake, Tunnels};
 
@@ -198,13 +200,13 @@ pub struct Forwarder {
 
 /// The upstream's answer and whether it took a replay.
 struct Forwarded {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     replayed: bool,
 }
 
 impl Forwarded {
     /// The answer to the first send.
-    fn first(response: Response<Incoming>) -> Self {
+    fn first(response: Response<UpstreamBody>) -> Self {
         Self {
             response,
             replayed: false,
@@ -344,7 +346,7 @@ impl Forwarder {
         forwarded: Forwarded,
         handshake: Option<Handshake>,
         route: Option<&Route>,
-    ) -> Result<(Response<Incoming>, bool), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, bool), ProxyError> {
         match route {
             Some(route) if forwarded.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 self.switch(forwarded, handshake, route)
@@ -363,7 +365,7 @@ impl Forwarder {
         forwarded: Forwarded,
         handshake: Option<Handshake>,
         route: &Route,
-    ) -> Result<(Response<Incoming>, bool), ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, bool), ProxyError> {
         let Some(handshake) = handshake else {
             return Err(ProxyError::UpstreamUnreachable(
                 "the upstream switched protocols on a request that did not ask to".to_owned(),
@@ -517,7 +519,7 @@ async fn replay_once(
     slot: &ProviderSlot,
     header: &HeaderName,
     rejected: &Token,
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     replay: Option<Replay>,
     table: &RoutingTable,
 ) -> Result<Forwarded, ProxyError> {
@@ -552,7 +554,7 @@ async fn send(
     client: &UpstreamClient,
     request: Request<OutBody>,
     timeout: Duration,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     match tokio::time::timeout(timeout, client.request(request)).await {
         // 600-999 parse, but are no HTTP status (RFC 9110 §15): not an answer to pass on.
         Ok(Ok(response)) if response.status().as_u16() > 599 => {
@@ -562,7 +564,7 @@ async fn send(
             )))
         }
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&e))),
+        Ok(Err(e)) => Err(ProxyError::UpstreamUnreachable(chain(&*e))),
         Err(_) => Err(ProxyError::UpstreamTimeout(timeout)),
     }
 }
@@ -570,7 +572,7 @@ async fn send(
 /// Phase 7, answer: the upstream's response or the proxy's own, counted in the route's
 /// metrics; the access-log line goes with the body and is written when it is sent.
 fn answer(
-    outcome: Result<(Response<Incoming>, bool), ProxyError>,
+    outcome: Result<(Response<UpstreamBody>, bool), ProxyError>,
     route: Option<&Route>,
     table: &RoutingTable,
     started: Instant,
