@@ -49,6 +49,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             if let Some(value) = headers.remove(header::CONNECTION) {
                 remove_named(headers, &value);
             }
+            // Gone already: no second lookup below.
+            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == header::CONNECTION) {
+                present &= !(1 << i);
+            }
         } else {
             let all: Vec<HeaderValue> = headers
                 .get_all(header::CONNECTION)
@@ -78,7 +82,17 @@ fn remove_named(headers: &mut HeaderMap, connection: &HeaderValue) {
     };
     for name in value.split(',') {
         let name = name.trim();
-        if !name.is_empty() && headers.contains_key(name) {
+        // `close` names no header, and the hop-by-hop ones go anyway: the usual
+        // `Connection: keep-alive` costs no lookup.
+        if name.is_empty()
+            || name.eq_ignore_ascii_case("close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+        {
+            continue;
+        }
+        if headers.contains_key(name) {
             headers.remove(name);
         }
     }
