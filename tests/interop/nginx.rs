@@ -1,7 +1,10 @@
-//! nginx (the Debian package) as the HTTPS upstream: one server block speaking HTTP/2
-//! by ALPN, one HTTP/1.1 only, both proxying to the in-process echo upstream so the test
-//! sees exactly what arrived. nginx refuses an HTTP/2 request that carries a `host`
-//! field beside `:authority` (400), which is what these tests guard against.
+//! nginx (the Debian package) as the upstream: over HTTPS, one server block speaking
+//! HTTP/2 by ALPN and one HTTP/1.1 only; over plain http, two blocks with different
+//! keep-alive limits, reached through the proxy's own HTTP/1.1 pool (`h1pool`). All of
+//! them proxy to the in-process echo upstream so the test sees exactly what arrived.
+//! nginx refuses an HTTP/2 request that carries a `host` field beside `:authority`
+//! (400), which is what the HTTPS tests guard against; the plain blocks name the nginx
+//! connection of every answer, which is how the pool tests tell reuse from redialling.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,14 +25,19 @@ pub struct Nginx {
     pub h2_port: u16,
     /// `listen ... ssl`: HTTP/1.1 only.
     pub h1_port: u16,
+    /// Plain http, `keepalive_timeout 1s; keepalive_requests 4;`.
+    pub http_port: u16,
+    /// Plain http, `keepalive_timeout 60s;`.
+    pub http_long_port: u16,
     /// The self-signed certificate for `localhost`, to trust as `extra_ca_file`.
     pub ca_file: PathBuf,
 }
 
-/// The part of nginx.conf that both server blocks share: `/base/` goes to the echo
+/// The part of nginx.conf that every server block shares: `/base/` goes to the echo
 /// upstream with the Host and protocol nginx saw, `/base/nocontent` is a 204 of nginx's
-/// own, `/base/static/` serves a file (ETag, so a conditional GET gets 304) and
-/// `/base/ws/` passes WebSocket handshakes on to `ws` with the Host nginx saw.
+/// own, `/base/conn` answers nginx's connection serial number, `/base/static/` serves a
+/// file (ETag, so a conditional GET gets 304) and `/base/ws/` passes WebSocket
+/// handshakes on to `ws` with the Host nginx saw.
 fn locations(dir: &std::path::Path, echo: SocketAddr, ws: SocketAddr) -> String {
     format!(
         r#"
@@ -52,6 +60,9 @@ fn locations(dir: &std::path::Path, echo: SocketAddr, ws: SocketAddr) -> String 
         }}
         location = /base/nocontent {{
             return 204;
+        }}
+        location = /base/conn {{
+            return 200 "$connection";
         }}
         location /base/static/ {{
             alias {dir}/www/;
@@ -79,6 +90,7 @@ impl Nginx {
         // A port taken between choosing and nginx binding it: try again with others.
         for _attempt in 0..3 {
             let (h2_port, h1_port) = (free_port(), free_port());
+            let (http_port, http_long_port) = (free_port(), free_port());
             let d = dir.path().display();
             let conf = format!(
                 r#"
@@ -106,6 +118,23 @@ http {{
         server_name localhost;
         {loc}
     }}
+    # `$connection` tells which connection carried each answer; `always` puts it on
+    # 204 and 304 too.
+    server {{
+        listen 127.0.0.1:{http_port};
+        server_name localhost;
+        keepalive_timeout 1s;
+        keepalive_requests 4;
+        add_header X-Nginx-Connection $connection always;
+        {loc}
+    }}
+    server {{
+        listen 127.0.0.1:{http_long_port};
+        server_name localhost;
+        keepalive_timeout 60s;
+        add_header X-Nginx-Connection $connection always;
+        {loc}
+    }}
 }}
 "#,
                 loc = locations(dir.path(), echo, ws)
@@ -131,13 +160,19 @@ http {{
                     break; // exited: most likely a port clash; retry
                 }
                 let up = |port| tokio::net::TcpStream::connect(("127.0.0.1", port));
-                if up(h2_port).await.is_ok() && up(h1_port).await.is_ok() {
+                let mut all_up = true;
+                for port in [h2_port, h1_port, http_port, http_long_port] {
+                    all_up = all_up && up(port).await.is_ok();
+                }
+                if all_up {
                     return Some(Self {
                         child,
                         ca_file: dir.path().join("cert.pem"),
                         dir,
                         h2_port,
                         h1_port,
+                        http_port,
+                        http_long_port,
                     });
                 }
                 assert!(
@@ -166,8 +201,9 @@ impl Drop for Nginx {
     }
 }
 
-/// Four routes to nginx: HTTP/2 and HTTP/1.1 server blocks, each with and without
-/// `preserve_host`.
+/// Six routes to nginx: HTTP/2 and HTTP/1.1 server blocks, each with and without
+/// `preserve_host`, and the two plain-http blocks (`/plain`, `/plain-long`) without it
+/// (with it, they would go through a pinned client rather than the direct pool).
 fn nginx_config(issuer: &Issuer, nginx: &Nginx) -> TestConfig {
     let route = |prefix: &str, port: u16, preserve: bool| {
         RouteSection::to(&format!("https://localhost:{port}/base"), "p")
@@ -188,6 +224,17 @@ fn nginx_config(issuer: &Issuer, nginx: &Nginx) -> TestConfig {
         .route(route("/h2-host", nginx.h2_port, true))
         .route(route("/h1", nginx.h1_port, false))
         .route(route("/h1-host", nginx.h1_port, true))
+        .route(
+            RouteSection::to(&format!("http://127.0.0.1:{}/base", nginx.http_port), "p")
+                .path_prefix("/plain"),
+        )
+        .route(
+            RouteSection::to(
+                &format!("http://127.0.0.1:{}/base", nginx.http_long_port),
+                "p",
+            )
+            .path_prefix("/plain-long"),
+        )
 }
 
 const FOUR_MIB: u64 = 4 * 1024 * 1024;
@@ -199,11 +246,16 @@ async fn exercise(proxy: &Proxy, nginx: &Nginx, issuer: &Issuer, prefix: &str) {
     let c = client();
     let h2 = prefix.starts_with("/h2");
     let preserve = prefix.ends_with("-host");
-    let port = if h2 { nginx.h2_port } else { nginx.h1_port };
+    let (port, host) = match prefix {
+        "/plain" => (nginx.http_port, "127.0.0.1"),
+        "/plain-long" => (nginx.http_long_port, "127.0.0.1"),
+        _ if h2 => (nginx.h2_port, "localhost"),
+        _ => (nginx.h1_port, "localhost"),
+    };
     let expected_host = if preserve {
         CLIENT_HOST.to_owned()
     } else {
-        format!("localhost:{port}")
+        format!("{host}:{port}")
     };
     let with_host = |builder: http::request::Builder| {
         if preserve {
@@ -337,6 +389,160 @@ async fn nginx_upstream_over_http2_and_http1_with_and_without_preserve_host() {
         "{}",
         nginx.error_log()
     );
+    proxy.stop().await;
+}
+
+/// The checks of `exercise` through the direct plain-http pool, on both keep-alive
+/// settings: with `keepalive_requests 4`, nginx closes a connection every fourth answer
+/// in the middle of the checks.
+#[tokio::test]
+async fn nginx_plain_http_upstream_through_the_direct_pool() {
+    let echo = Upstream::start().await;
+    let Some(nginx) = Nginx::start(echo.addr, echo.addr).await else {
+        return;
+    };
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let proxy = Proxy::start_with(&nginx_config(&issuer, &nginx)).await;
+    proxy.token_ready(Duration::from_secs(5)).await;
+    for prefix in ["/plain", "/plain-long"] {
+        exercise(&proxy, &nginx, &issuer, prefix).await;
+    }
+    proxy.stop().await;
+}
+
+/// One worker, so one pool carries every request; open routes to the plain blocks:
+/// `/short` (1 s, 4 requests a connection) and `/long` (60 s).
+fn plain_pool_config(nginx: &Nginx) -> TestConfig {
+    let route = |prefix: &str, port: u16| {
+        RouteSection::open(&format!("http://127.0.0.1:{port}/base")).path_prefix(prefix)
+    };
+    TestConfig::default()
+        .server(|s| s.workers(1).upstream_timeout("5s"))
+        .route(route("/short", nginx.http_port))
+        .route(route("/long", nginx.http_long_port))
+}
+
+/// An answer through the proxy and the nginx connection that carried it.
+struct Carried {
+    ans: Answer,
+    conn: u64,
+}
+
+async fn carried(c: &Client, nginx: &Nginx, req: Request<TestBody>) -> Carried {
+    let what = format!("{} {}", req.method(), req.uri());
+    let ans = send(c, req).await;
+    let conn = ans
+        .headers
+        .get("x-nginx-connection")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: {} without X-Nginx-Connection: {:?}; nginx error log:\n{}",
+                ans.status,
+                ans.body,
+                nginx.error_log()
+            )
+        });
+    Carried { ans, conn }
+}
+
+/// `GET prefix/conn`: 200, and the connection serial in the body matches the header's.
+async fn conn_get(c: &Client, proxy: &Proxy, nginx: &Nginx, prefix: &str) -> u64 {
+    let req = Request::get(proxy.url(&format!("{prefix}/conn")))
+        .body(full(""))
+        .unwrap();
+    let got = carried(c, nginx, req).await;
+    assert_eq!(got.ans.status, 200, "{prefix}/conn");
+    assert_eq!(got.ans.body, got.conn.to_string(), "{prefix}/conn");
+    got.conn
+}
+
+#[tokio::test]
+async fn nginx_plain_http_connections_are_reused_until_nginx_closes_them() {
+    let echo = Upstream::start().await;
+    let Some(nginx) = Nginx::start(echo.addr, echo.addr).await else {
+        return;
+    };
+    let proxy = Proxy::start_with(&plain_pool_config(&nginx)).await;
+    let c = client();
+
+    // nginx answers a connection's 4th request with `Connection: close`: that one still
+    // succeeds, and the next goes on a new connection, which is then reused in turn.
+    let mut serials = Vec::new();
+    for _ in 0..10 {
+        serials.push(conn_get(&c, &proxy, &nginx, "/short").await);
+    }
+    let runs: Vec<&[u64]> = serials.chunks(4).collect();
+    for run in &runs {
+        assert!(
+            run.iter().all(|s| *s == run[0]),
+            "4 requests a connection: {serials:?}"
+        );
+    }
+    assert!(
+        runs.windows(2).all(|w| w[0][0] != w[1][0]),
+        "a new connection after each 4th request: {serials:?}"
+    );
+
+    // Idle past nginx's 1 s keepalive_timeout: nginx closed the pooled connection, and
+    // the next request goes on another.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_idle = conn_get(&c, &proxy, &nginx, "/short").await;
+    assert!(
+        !serials.contains(&after_idle),
+        "a connection nginx timed out was used again: {serials:?} then {after_idle}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn nginx_plain_http_connection_outlives_empty_answers_and_sweeps() {
+    let echo = Upstream::start().await;
+    let Some(nginx) = Nginx::start(echo.addr, echo.addr).await else {
+        return;
+    };
+    let proxy = Proxy::start_with(&plain_pool_config(&nginx)).await;
+    let c = client();
+    let first = conn_get(&c, &proxy, &nginx, "/long").await;
+    assert_eq!(conn_get(&c, &proxy, &nginx, "/long").await, first);
+
+    // Answers without a body, each followed by a request that must find the same
+    // connection: HEAD proxied by nginx and HEAD of nginx's own file, nginx's 204, and
+    // a 304 to a conditional GET.
+    let file = proxy.url("/long/static/hello.txt");
+    let static_get = carried(&c, &nginx, Request::get(&file).body(full("")).unwrap()).await;
+    assert_eq!(static_get.ans.status, 200);
+    assert_eq!(static_get.conn, first);
+    let etag = static_get.ans.headers["etag"].clone();
+    let empty_answers = [
+        (Request::head(proxy.url("/long/x")), 200),
+        (Request::head(file.as_str()), 200),
+        (Request::get(proxy.url("/long/nocontent")), 204),
+        (
+            Request::get(file.as_str()).header("if-none-match", etag),
+            304,
+        ),
+    ];
+    for (req, status) in empty_answers {
+        let req = req.body(full("")).unwrap();
+        let what = format!("{} {}", req.method(), req.uri());
+        let got = carried(&c, &nginx, req).await;
+        assert_eq!(got.ans.status, status, "{what}");
+        assert!(got.ans.body.is_empty(), "{what}");
+        assert_eq!(got.conn, first, "{what} came on another connection");
+        assert_eq!(
+            conn_get(&c, &proxy, &nginx, "/long").await,
+            first,
+            "the request after {what} found another connection"
+        );
+    }
+
+    // Idle past two 2 s sweeps: whatever their phase, one found the connection idle for
+    // a whole sweep and stripped it to its socket. nginx keeps it for 60 s, so the next
+    // request goes on that very connection, handshaken again rather than redialled.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(conn_get(&c, &proxy, &nginx, "/long").await, first);
     proxy.stop().await;
 }
 
