@@ -25,3 +25,4 @@ mod tls;
 mod tokens;
 mod trailers;
 mod unix_socket;
+mod upstream_pool;
