@@ -59,6 +59,12 @@ enum Then {
     Close { reset: bool },
     /// Keeps the connection idle until `Notify` fires, then closes it like `Close`.
     CloseOn(Arc<Notify>, bool),
+    /// Keeps the connection idle until `Notify` fires, then closes its sending side and
+    /// waits for the proxy to close its own: how long a dead socket stays in the pool.
+    HalfCloseOn(Arc<Notify>),
+    /// Reads the request body the head announced (an answer sent before it was read),
+    /// records its length, then reads the next request on the same connection.
+    ReadBodyThenServe,
     /// Reads and throws away whatever comes until the peer closes (an answer sent before
     /// the request body was read leaves the rest of it coming); with `shutdown`, after
     /// closing its own side, as a server does that answered `Connection: close`.
@@ -115,6 +121,8 @@ struct MockState {
     ended: Mutex<Vec<Option<Ended>>>,
     /// The connection each request came on, in arrival order.
     requests: Mutex<Vec<usize>>,
+    /// Body lengths read after answering (`Then::ReadBodyThenServe`), in order.
+    read_late: Mutex<Vec<u64>>,
 }
 
 /// A raw HTTP/1.1 upstream on 127.0.0.1:0 answering each request as `script` says.
@@ -131,6 +139,7 @@ impl Mock {
             accepted: AtomicUsize::new(0),
             ended: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
+            read_late: Mutex::new(Vec::new()),
         });
         let script = Arc::new(script);
         let s = state.clone();
@@ -322,6 +331,23 @@ async fn serve_conn(
         }
         match script.then {
             Then::Serve => continue,
+            Then::HalfCloseOn(notify) => {
+                if timeout(BOUND * 2, notify.notified()).await.is_err() {
+                    return Ended::TimedOut;
+                }
+                let _ = wire.stream.shutdown().await;
+                let mut sink = [0u8; 1024];
+                return match timeout(BOUND, wire.stream.read(&mut sink)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => Ended::ByPeer,
+                    _ => Ended::TimedOut,
+                };
+            }
+            Then::ReadBodyThenServe => {
+                if !wire.body(&head).await {
+                    return wire.ended();
+                }
+                state.read_late.lock().unwrap().push(head.content_length());
+            }
             Then::Close { reset } => return close(wire.stream, reset).await,
             Then::CloseOn(notify, reset) => {
                 if timeout(BOUND * 2, notify.notified()).await.is_err() {
@@ -699,5 +725,122 @@ async fn a_chunked_answer_with_trailers_leaves_the_connection_reusable() {
         "both answers came on one connection (requests went on connections {:?})",
         mock.conn_of_each_request()
     );
+    proxy.stop().await;
+}
+
+/// The upstream answers (small, complete) as soon as it has the head, then reads the
+/// upload: the proxy must go on sending the rest of the body after the answer has ended,
+/// and a client that writes its whole upload before reading must still get the answer.
+/// Once both directions are done the connection is reusable.
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_does_not_cut_the_upload_short() {
+    const UPLOAD: usize = 16 * 1024 * 1024;
+    let mock = Mock::start(|head| {
+        if head.path != "/upload" {
+            return Script::ok("after");
+        }
+        Script {
+            read_body: false,
+            answer: b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly".to_vec(),
+            stream: 0,
+            then: Then::ReadBodyThenServe,
+        }
+    })
+    .await;
+    let proxy = proxy_to(&mock).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {UPLOAD}\r\n\r\n");
+    // The whole upload first, the answer only then.
+    let wrote = timeout(BOUND * 2, async {
+        stream.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'u'; 64 * 1024];
+        for _ in 0..UPLOAD / chunk.len() {
+            stream.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    assert!(
+        matches!(wrote, Ok(Ok(()))),
+        "the upload went through: {wrote:?}"
+    );
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = timeout(BOUND, async {
+        while !answer.ends_with(b"early") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("early"), "{answer}");
+    assert!(
+        eventually(BOUND, || !mock.state.read_late.lock().unwrap().is_empty()).await,
+        "the upstream read the whole upload"
+    );
+    assert_eq!(*mock.state.read_late.lock().unwrap(), [UPLOAD as u64]);
+    let next = get_fresh(&proxy, "/next").await;
+    assert_eq!(next.status, 200);
+    assert_eq!(next.body, "after");
+    assert_eq!(
+        mock.accepted(),
+        1,
+        "the connection came back once the upload was done"
+    );
+    proxy.stop().await;
+}
+
+/// An answer in the provider's `invalidate_on` is dropped unread for the replay; its
+/// small body is already in hyper's buffer, so the same connection carries the replay.
+#[tokio::test]
+async fn a_rejected_answer_left_unread_leaves_its_connection_to_the_replay() {
+    let issuer = Issuer::start(Dialect::OAuth2).await;
+    let stale = format!("Bearer {}", issuer.token(1));
+    let mock = Mock::start(move |head| {
+        if head.header("authorization") == Some(stale.as_str()) {
+            let mut script = Script::ok("stale");
+            script.answer = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 5\r\n\r\nstale".to_vec();
+            script
+        } else {
+            Script::ok("fresh")
+        }
+    })
+    .await;
+    let config = TestConfig::default()
+        .server(|s| s.workers(1).upstream_timeout("5s"))
+        .with_provider("p", ProviderSection::new(&issuer.url(), "c", "s"))
+        .route(RouteSection::to(&mock.url(), "p"));
+    let proxy = Proxy::start_with(&config).await;
+    proxy.token_ready(BOUND).await;
+    let ans = get_fresh(&proxy, "/api").await;
+    assert_eq!(ans.status, 200, "{}", String::from_utf8_lossy(&ans.body));
+    assert_eq!(ans.body, "fresh");
+    assert_eq!(
+        mock.conn_of_each_request(),
+        [0, 0],
+        "the replay reused the connection"
+    );
+    proxy.stop().await;
+}
+
+/// A connection stripped to its socket by the sweep, which the upstream then closes, is
+/// let go by the next sweep: the proxy closes its end instead of keeping a dead socket
+/// (in CLOSE_WAIT) in the pool until the idle timeout.
+#[tokio::test]
+async fn a_stripped_idle_connection_closed_by_the_upstream_is_let_go_by_the_sweep() {
+    let close = Arc::new(Notify::new());
+    let c = close.clone();
+    let mock = Mock::start(move |_| Script::ok("hello").then(Then::HalfCloseOn(c.clone()))).await;
+    let proxy = proxy_to(&mock).await;
+    assert_eq!(get_fresh(&proxy, "/first").await.status, 200);
+    // Past two 2 s sweeps: the connection is a bare socket by now.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    close.notify_one();
+    // The mock waits `BOUND` (more than two sweeps) for the proxy to close its end.
+    assert_eq!(mock.wait_ended(0).await, Some(Ended::ByPeer));
     proxy.stop().await;
 }

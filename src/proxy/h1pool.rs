@@ -10,6 +10,12 @@
 //! answer's body until that ends: the client connection's task does all the work, and
 //! an idle connection is polled by no one.
 //!
+//! A request whose body is still being sent when the answer's head arrives (an
+//! upstream that answers early, or streams its answer while it reads) hands its
+//! connection to a task of its own, as hyper-util would: the upload must go on whether
+//! or not the client reads the answer meanwhile, and the connection comes back to the
+//! pool once both directions are done.
+//!
 //! Since nothing polls an idle connection, it cannot notice by itself that the
 //! upstream closed it: it is polled once when it is checked out, and a request that
 //! still finds it closed before anything was written goes again on a new connection
@@ -20,6 +26,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -53,8 +60,47 @@ type Io = TokioIo<TcpStream>;
 type Conn = Box<ConnState>;
 
 struct ConnState {
-    sender: http1::SendRequest<OutBody>,
-    driver: http1::Connection<Io, OutBody>,
+    sender: http1::SendRequest<SentBody>,
+    driver: http1::Connection<Io, SentBody>,
+}
+
+/// A request body on its way out, telling whether hyper has taken all of it.
+pub struct SentBody {
+    inner: OutBody,
+    /// Set once the last frame is out; `None` for a body that was empty from the start.
+    done: Option<Arc<AtomicBool>>,
+}
+
+impl Body for SentBody {
+    type Data = Bytes;
+    type Error = <OutBody as Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let last = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.inner.is_end_stream(),
+            _ => false,
+        };
+        if last {
+            if let Some(done) = &this.done {
+                done.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// An idle connection: whole, or (idle for a sweep) the bare socket.
@@ -118,29 +164,49 @@ impl H1Pool {
             return Err("the upstream URI has no authority".into());
         };
         prepare_head(&mut request, &authority)?;
+        // Only a body with something in it can still be on its way when the answer comes.
+        let done = (!request.body().is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let mut request = request.map(|inner| SentBody {
+            inner,
+            done: done.clone(),
+        });
         let mut reused = self.checkout(&authority).await;
+        let mut fresh = reused.is_none();
         loop {
-            let fresh = reused.is_none();
-            let mut conn = match reused.take() {
+            let conn = match reused.take() {
                 Some(conn) => conn,
                 // Boxed: only a new connection takes this step, and its state would
                 // otherwise sit in every request's future.
                 None => Box::pin(self.connect(&authority)).await?,
             };
-            let (answer, usable) = exchange(&mut conn, request).await;
+            let (answer, running) = exchange(conn, request).await;
             match answer {
                 Ok(response) => {
-                    let lease = usable.then(|| Lease {
+                    let pool = Arc::downgrade(&self.inner);
+                    let Some(conn) = running else {
+                        return Ok(response.map(|inner| UpstreamBody::new(inner, None)));
+                    };
+                    let sent = done.as_ref().is_none_or(|d| d.load(Ordering::Relaxed));
+                    if !sent {
+                        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                            runtime.spawn(finish_detached(conn, pool, authority));
+                            return Ok(response.map(|inner| UpstreamBody::new(inner, None)));
+                        }
+                    }
+                    let lease = Lease {
                         conn,
-                        pool: Arc::downgrade(&self.inner),
+                        pool,
                         authority,
-                    });
-                    return Ok(response.map(|inner| UpstreamBody { inner, lease }));
+                    };
+                    return Ok(response.map(|inner| UpstreamBody::new(inner, Some(lease))));
                 }
                 // A reused connection the upstream had closed: nothing was written, so
-                // the request goes again on a new one.
+                // the request goes again, once, on a new one.
                 Err(mut e) if !fresh => match e.take_message() {
-                    Some(unsent) => request = unsent,
+                    Some(unsent) => {
+                        request = unsent;
+                        fresh = true;
+                    }
                     None => return Err(e.into_error().into()),
                 },
                 Err(e) => return Err(e.into_error().into()),
@@ -254,7 +320,11 @@ impl Inner {
                         return None;
                     }
                     let conn = match parked.conn {
-                        Idle::Bare(io) => Idle::Bare(io),
+                        // A closed socket reads its end; an open idle one would block.
+                        Idle::Bare(io) => match io.inner().try_read(&mut [0u8; 1]) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Idle::Bare(io),
+                            _ => return None,
+                        },
                         Idle::Live(mut conn) => {
                             if Pin::new(&mut conn.driver).poll(&mut cx).is_ready() {
                                 return None;
@@ -327,28 +397,44 @@ fn prepare_head(request: &mut Request<OutBody>, authority: &Authority) -> Result
     Ok(())
 }
 
-/// Sends `request` on `conn` and drives the connection until the answer's head is in.
-/// Also whether the connection is still running (and so can carry the answer's body
-/// and be reused).
+/// Sends `request` on `conn` and drives the connection until the answer's head is in;
+/// the connection too while it still runs. One that ends meanwhile is dropped at once:
+/// only then does hyper give up the queued request, handing the request itself back
+/// when none of it was written.
 async fn exchange(
-    conn: &mut Conn,
-    request: Request<OutBody>,
+    mut conn: Conn,
+    request: Request<SentBody>,
 ) -> (
-    Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<OutBody>>>,
-    bool,
+    Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<SentBody>>>,
+    Option<Conn>,
 ) {
     let mut answer = pin!(conn.sender.try_send_request(request));
-    let driver = &mut conn.driver;
-    let mut running = true;
+    let mut slot = Some(conn);
     let result = poll_fn(|cx| {
-        if running && Pin::new(&mut *driver).poll(cx).is_ready() {
-            // Closed or failed: the answer (or its error) is already with the request.
-            running = false;
+        if let Some(conn) = slot.as_mut() {
+            if Pin::new(&mut conn.driver).poll(cx).is_ready() {
+                slot = None;
+            }
         }
         answer.as_mut().poll(cx)
     })
     .await;
-    (result, running)
+    (result, slot)
+}
+
+/// Runs a connection whose request body was still going out when the answer's head
+/// came, until both are done; then it goes back to the pool.
+async fn finish_detached(mut conn: Conn, pool: Weak<Inner>, authority: Authority) {
+    let reusable = poll_fn(|cx| {
+        if Pin::new(&mut conn.driver).poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        conn.sender.poll_ready(cx).map(|r| r.is_ok())
+    })
+    .await;
+    if reusable {
+        H1Pool::release(&pool, authority, conn);
+    }
 }
 
 /// A checked-out connection carrying an answer's body.
@@ -361,14 +447,22 @@ struct Lease {
 /// An upstream answer's body; on this pool's connections it also drives the connection
 /// it arrives on, which goes back to the pool once the body has ended.
 pub struct UpstreamBody {
-    inner: Incoming,
+    /// `None` only while being dropped.
+    inner: Option<Incoming>,
     lease: Option<Lease>,
 }
 
 impl UpstreamBody {
+    fn new(inner: Incoming, lease: Option<Lease>) -> Self {
+        Self {
+            inner: Some(inner),
+            lease,
+        }
+    }
+
     /// A body from hyper-util's client, whose connection runs on its own.
     pub fn pooled(inner: Incoming) -> Self {
-        Self { inner, lease: None }
+        Self::new(inner, None)
     }
 }
 
@@ -381,16 +475,20 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
         if let Some(lease) = &mut this.lease {
             if Pin::new(&mut lease.conn.driver).poll(cx).is_ready() {
                 // The connection ended: what it read is in the body's channel.
                 this.lease = None;
             }
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         let ended = match &polled {
             Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            // hyper's servers stop polling a body once its trailers are out.
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || inner.is_end_stream(),
             Poll::Ready(Some(Err(_))) => {
                 this.lease = None;
                 false
@@ -409,23 +507,29 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        // A body the client never polled to its end (an empty one, a HEAD answer)
-        // leaves the connection reusable only when hyper has finished with it; any
-        // other connection closes here, as HTTP/1.1 requires for an unread body.
-        if let Some(lease) = self.lease.take() {
-            if self.inner.is_end_stream() {
-                H1Pool::release(&lease.pool, lease.authority, lease.conn);
-            }
+        // A body nobody read to its end (an empty one, a HEAD answer, a rejected
+        // answer before a replay): with its receiver gone, hyper skips what is left
+        // when that is already in its buffer, and the connection can carry another
+        // request; otherwise it closes here, as HTTP/1.1 requires for an unread body.
+        let Some(mut lease) = self.lease.take() else {
+            return;
+        };
+        drop(self.inner.take());
+        let mut cx = Context::from_waker(Waker::noop());
+        if Pin::new(&mut lease.conn.driver).poll(&mut cx).is_pending() {
+            H1Pool::release(&lease.pool, lease.authority, lease.conn);
         }
     }
 }
