@@ -128,6 +128,7 @@ impl ClientFactory {
         // the requests themselves.
         if self.outbound.is_none() {
             pooled.direct = Some(H1Pool::new(
+                tcp_connector(self.connect_timeout),
                 self.connect_timeout,
                 IDLE_TIMEOUT,
                 MAX_IDLE_PER_HOST,
@@ -153,10 +154,7 @@ impl ClientFactory {
     }
 
     fn build(&self, http2: bool, pin: Option<PinnedTo>) -> UpstreamClient {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(self.connect_timeout));
+        let http = tcp_connector(self.connect_timeout);
         // A pinned client's request URI names the client's Host, which must not pick
         // the proxy's destination: it tunnels to the pinned upstream instead.
         let tunnel_http = pin.is_some();
@@ -200,6 +198,16 @@ impl ClientFactory {
             direct: None,
         }
     }
+}
+
+/// The TCP dialer every upstream client starts from: no Nagle delay, each address tried
+/// for at most `connect_timeout`; any scheme, since TLS and the outbound proxy sit on top.
+fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http
 }
 
 /// How long an idle upstream connection is kept.

@@ -124,7 +124,7 @@ struct Inner {
     max_idle_per_host: usize,
     /// Whether the sweep task runs (started with the first idle connection, on the
     /// runtime the pool is used on).
-    sweeping: std::sync::atomic::AtomicBool,
+    sweeping: AtomicBool,
 }
 
 /// A pool of plain-http HTTP/1.1 upstream connections, one per worker.
@@ -134,14 +134,13 @@ pub struct H1Pool {
 }
 
 impl H1Pool {
+    /// `connector` dials the TCP connections; `connect_timeout` bounds each dial whole.
     pub fn new(
+        connector: HttpConnector,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle_per_host: usize,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
         Self {
             inner: Arc::new(Inner {
                 idle: Mutex::new(Vec::new()),
@@ -149,7 +148,7 @@ impl H1Pool {
                 connect_timeout,
                 idle_timeout,
                 max_idle_per_host,
-                sweeping: std::sync::atomic::AtomicBool::new(false),
+                sweeping: AtomicBool::new(false),
             }),
         }
     }
@@ -229,14 +228,14 @@ impl H1Pool {
                 }
                 list.pop_back()?
             };
-            let conn = match parked.conn {
+            let mut conn = match parked.conn {
                 Idle::Live(conn) => conn,
                 Idle::Bare(io) => match handshake(io).await {
                     Ok(conn) => conn,
                     Err(_) => continue,
                 },
             };
-            if let Some(conn) = ready(conn).await {
+            if until_ready(&mut conn).await {
                 return Some(conn);
             }
         }
@@ -290,7 +289,6 @@ impl H1Pool {
 
 impl Inner {
     fn start_sweeping(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
         if self.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
@@ -366,16 +364,15 @@ async fn handshake(io: Io) -> Result<Conn, hyper::Error> {
     Ok(Box::new(ConnState { sender, driver }))
 }
 
-/// The connection, once it says it can take a request; `None` when it closed.
-async fn ready(mut conn: Conn) -> Option<Conn> {
-    let ok = poll_fn(|cx| {
+/// Drives `conn` until it can take a request (true) or has ended (false).
+async fn until_ready(conn: &mut ConnState) -> bool {
+    poll_fn(|cx| {
         if Pin::new(&mut conn.driver).poll(cx).is_ready() {
             return Poll::Ready(false);
         }
         conn.sender.poll_ready(cx).map(|r| r.is_ok())
     })
-    .await;
-    ok.then_some(conn)
+    .await
 }
 
 /// Origin-form target and `Host` from the URI's authority (without the default port),
@@ -425,14 +422,7 @@ async fn exchange(
 /// Runs a connection whose request body was still going out when the answer's head
 /// came, until both are done; then it goes back to the pool.
 async fn finish_detached(mut conn: Conn, pool: Weak<Inner>, authority: Authority) {
-    let reusable = poll_fn(|cx| {
-        if Pin::new(&mut conn.driver).poll(cx).is_ready() {
-            return Poll::Ready(false);
-        }
-        conn.sender.poll_ready(cx).map(|r| r.is_ok())
-    })
-    .await;
-    if reusable {
+    if until_ready(&mut conn).await {
         H1Pool::release(&pool, authority, conn);
     }
 }

@@ -16,21 +16,13 @@ use crate::hop_by_hop::HOP_BY_HOP;
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
+        present |= bit(name);
     }
     if present == 0 {
         return;
     }
-    let has = |name: &HeaderName| {
-        HOP_BY_HOP
-            .iter()
-            .position(|h| h == name)
-            .is_some_and(|i| present & (1 << i) != 0)
-    };
     // Read before `Connection` is applied: HTTP/1.1 senders of TE list it there.
-    let te_trailers = has(&header::TE)
+    let te_trailers = present & bit(&header::TE) != 0
         && headers
             .get_all(header::TE)
             .iter()
@@ -41,28 +33,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 let name = coding.split(';').next().unwrap_or_default();
                 name.trim().eq_ignore_ascii_case("trailers")
             });
-    if has(&header::CONNECTION) {
-        // Taken out first, so the headers it names can be removed while reading it.
+    if present & bit(&header::CONNECTION) != 0 {
+        // Taken out before the headers it names are removed; one value (the usual
+        // case) without copying it.
         let mut values = headers.get_all(header::CONNECTION).iter();
-        let single = values.next().is_some() && values.next().is_none();
-        if single {
-            if let Some(value) = headers.remove(header::CONNECTION) {
-                remove_named(headers, &value);
-            }
-            // Gone already: no second lookup below.
-            if let Some(i) = HOP_BY_HOP.iter().position(|h| h == header::CONNECTION) {
-                present &= !(1 << i);
-            }
-        } else {
+        let several = values.next().is_some() && values.next().is_some();
+        if several {
             let all: Vec<HeaderValue> = headers
                 .get_all(header::CONNECTION)
                 .iter()
                 .cloned()
                 .collect();
+            headers.remove(header::CONNECTION);
             for value in &all {
                 remove_named(headers, value);
             }
+        } else if let Some(value) = headers.remove(header::CONNECTION) {
+            remove_named(headers, &value);
         }
+        present &= !bit(&header::CONNECTION);
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -72,6 +61,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// `name`'s bit in a set of [`HOP_BY_HOP`] names; 0 for any other name.
+fn bit(name: &HeaderName) -> u16 {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h == name)
+        .map_or(0, |i| 1 << i)
 }
 
 /// Removes the headers a `Connection` value names (names that are no valid header
